@@ -1,0 +1,331 @@
+#pragma once
+
+#include <styleinject/detail/torch_compat.h>
+#include <styleinject/options.h>
+
+#include <torch/nn/functional/dropout.h>
+#include <torch/nn/functional/linear.h>
+#include <torch/types.h>
+
+#include <c10/util/accumulate.h>
+
+#include <string>
+#include <vector>
+
+namespace styleinject {
+namespace functional {
+
+/// The tensors of one adapter, under the names of SPEC §5. An undefined
+/// `router_weight` means router off (every branch weighs 1/n); an undefined
+/// `gate` means gate off.
+struct AdapterTensors {
+  /// (n, r, d_in): the n down-projections.
+  torch::Tensor lora_A;
+  /// (d_out, r): the shared up-projection.
+  torch::Tensor lora_B;
+  /// (n, d_in) and (n): the router's logits are `router_weight p + bias`.
+  torch::Tensor router_weight;
+  torch::Tensor router_bias;
+  /// (n, d_out): the gate's per-branch log-gains, `g = tanh(s · gate)`.
+  torch::Tensor gate;
+};
+
+/// Options for `functional::style_inject_linear`. The module derives them
+/// from its StyleInjectOptions and its run-time controls.
+///
+/// Example:
+/// ```
+/// namespace SF = styleinject::functional;
+/// SF::style_inject_linear(x, w, b, adapter,
+///     SF::StyleInjectFuncOptions().scaling(2.0).training(true));
+/// ```
+struct StyleInjectFuncOptions {
+  /// Factor of the low-rank update, `alpha / r` or `alpha / sqrt(r)`.
+  /// Default: 1
+  TORCH_ARG(double, scaling) = 1.0;
+  /// Strength of the whole adapter: multiplies the update and the gate, so 0
+  /// gives the base layer. Default: 1
+  TORCH_ARG(double, scale) = 1.0;
+  /// Router softmax temperature. Default: 1
+  TORCH_ARG(double, temperature) = 1.0;
+  /// Dropout probability on the branches' input. Default: 0
+  TORCH_ARG(double, dropout) = 0.0;
+  /// Dropout is applied only while training. Default: false
+  TORCH_ARG(bool, training) = false;
+  /// A fixed style, (n) for every instance or (N, n) per instance, that
+  /// replaces the router's weights. Its entries must be non-negative; that is
+  /// not checked here, to keep the forward free of host reads (the modules
+  /// check it once, in set_style). Default: undefined (use the router)
+  TORCH_ARG(torch::Tensor, style) = {};
+  /// Down-projection compute path. Default: kAuto
+  TORCH_ARG(ComputePath, path) = ComputePath::kAuto;
+};
+
+} // namespace functional
+
+namespace detail {
+
+inline constexpr const char* kLinearName = "styleinject::StyleInjectLinear";
+
+/// The dtype of per-instance statistics: float32 for half types, the
+/// tensor's own dtype otherwise (SPEC: at least float32).
+inline torch::ScalarType statistics_dtype(torch::ScalarType dtype) {
+  return dtype == torch::kHalf || dtype == torch::kBFloat16 ? torch::kFloat
+                                                            : dtype;
+}
+
+/// Mixes the leading branch axis of `t` with the style weights, in the dtype
+/// of `s`.
+/// s: (n) or (N, n), t: (n, *) -> (*) or (N, *)
+inline torch::Tensor mix_branches(
+    const torch::Tensor& s,
+    const torch::Tensor& t) {
+  auto sizes = t.sizes().slice(1).vec();
+  if (s.dim() == 2) {
+    sizes.insert(sizes.begin(), s.size(0));
+  }
+  return torch::matmul(s, t.flatten(1).to(s.scalar_type())).view(sizes);
+}
+
+/// The style weights s of SPEC §1: the fixed style if one is given, 1/n per
+/// branch with the router off, else the softmax of the router's logits on the
+/// per-instance mean of x over its token dims.
+/// x: (N, d_in, ...) -> (n) shared by all instances, or (N, n)
+inline torch::Tensor style_weights(
+    const torch::Tensor& x,
+    torch::IntArrayRef token_dims,
+    const functional::AdapterTensors& adapter,
+    const functional::StyleInjectFuncOptions& options) {
+  const auto dtype = statistics_dtype(x.scalar_type());
+  if (options.style().defined()) {
+    return options.style().to(dtype);
+  }
+  const int64_t branches = adapter.lora_A.size(0);
+  if (!adapter.router_weight.defined()) {
+    return torch::full({branches}, 1.0 / branches, x.options().dtype(dtype));
+  }
+  const auto pooled = x.mean(token_dims, /*keepdim=*/false, dtype);
+  const auto logits = torch::nn::functional::linear(
+      pooled, adapter.router_weight.to(dtype), adapter.router_bias.to(dtype));
+  return torch::softmax(logits / options.temperature(), /*dim=*/-1);
+}
+
+/// The mixed down-projection `sum_i s_i A_i x` of SPEC §2 by either path.
+/// x: (N, L, d_in), lora_A: (n, r, d_in), s: (n) or (N, n) -> (N, L, r)
+inline torch::Tensor linear_down_projection(
+    const torch::Tensor& x,
+    const torch::Tensor& lora_A,
+    const torch::Tensor& s,
+    ComputePath path) {
+  const int64_t instances = x.size(0), tokens = x.size(1);
+  const int64_t branches = lora_A.size(0), rank = lora_A.size(1);
+  if (path == ComputePath::kAuto) {
+    // Merging costs n·r·d_in per instance plus L·r·d_in per token row;
+    // stacking costs L·n·r·d_in. A shared style needs one matrix in all.
+    path = s.dim() == 1 || branches + tokens < branches * tokens
+        ? ComputePath::kMerged
+        : ComputePath::kStacked;
+  }
+  if (path == ComputePath::kMerged) {
+    const auto a = mix_branches(s, lora_A).to(lora_A.scalar_type());
+    return s.dim() == 1 ? torch::nn::functional::linear(x, a)
+                        : torch::bmm(x, a.transpose(1, 2));
+  }
+  const auto z = torch::nn::functional::linear(x, lora_A.flatten(0, 1))
+                     .view({instances, tokens, branches, rank});
+  const auto w = s.to(z.scalar_type())
+                     .view({s.dim() == 2 ? instances : 1, 1, branches, 1});
+  return (z * w).sum(/*dim=*/2);
+}
+
+/// SPEC §3's variance gate: `u + g ⊙ (u - mean_tok(u))`, the statistics in
+/// g's dtype (statistics_dtype of u).
+/// u: (N, L, d_out) or (N, C, H, W), g: broadcastable to u -> u's shape
+inline torch::Tensor variance_gate(
+    const torch::Tensor& u,
+    const torch::Tensor& g,
+    torch::IntArrayRef token_dims) {
+  const auto dtype = g.scalar_type();
+  const auto centered =
+      u.to(dtype) - u.mean(token_dims, /*keepdim=*/true, dtype);
+  return u + (g * centered).to(u.scalar_type());
+}
+
+/// Checks an input, and a fixed style if given, against a Linear adapter.
+inline void check_linear_input(
+    const torch::Tensor& input,
+    const functional::AdapterTensors& adapter,
+    const functional::StyleInjectFuncOptions& options) {
+  const auto& lora_A = adapter.lora_A;
+  const int64_t in_features = lora_A.size(2), branches = lora_A.size(0);
+  TORCH_CHECK(
+      input.dim() >= 2 && input.size(-1) == in_features,
+      kLinearName,
+      ": expected input of shape (N, in_features) or (..., L, in_features) "
+      "with in_features=",
+      in_features,
+      ", but got input of shape ",
+      input.sizes());
+  TORCH_CHECK(
+      input.device() == lora_A.device(),
+      kLinearName,
+      ": expected input on device ",
+      lora_A.device(),
+      " (the layer's device), but got input on ",
+      input.device());
+  // Like torch::nn::Linear, refuse a dtype mismatch rather than cast
+  // silently; under autocast the ops cast by autocast's own rules.
+  TORCH_CHECK_TYPE(
+      input.scalar_type() == lora_A.scalar_type() ||
+          autocast_enabled(input.device().type()),
+      kLinearName,
+      ": expected input of dtype ",
+      lora_A.scalar_type(),
+      " (the layer's dtype), but got ",
+      input.scalar_type(),
+      "; convert the input with .to(), or the layer with ->to()");
+  const auto& style = options.style();
+  if (style.defined()) {
+    const int64_t instances = input.dim() == 2
+        ? input.size(0)
+        : c10::multiply_integers(input.sizes().slice(0, input.dim() - 2));
+    TORCH_CHECK_VALUE(
+        (style.dim() == 1 && style.size(0) == branches) ||
+            (style.dim() == 2 && style.size(0) == instances &&
+             style.size(1) == branches),
+        kLinearName,
+        ": expected a style of shape [",
+        branches,
+        "] or [",
+        instances,
+        ", ",
+        branches,
+        "] (instances, branches), but got ",
+        style.sizes());
+    TORCH_CHECK_VALUE(
+        style.device() == input.device(),
+        kLinearName,
+        ": expected the style on device ",
+        input.device(),
+        ", but got it on ",
+        style.device());
+  }
+}
+
+/// Checks that the adapter's tensors fit each other and the base weight.
+inline void check_linear_adapter(
+    const torch::Tensor& weight,
+    const functional::AdapterTensors& adapter) {
+  const auto& a = adapter.lora_A;
+  const auto& b = adapter.lora_B;
+  TORCH_CHECK(
+      weight.dim() == 2 && a.dim() == 3 && a.size(2) == weight.size(1) &&
+          b.dim() == 2 && b.size(0) == weight.size(0) && b.size(1) == a.size(1),
+      kLinearName,
+      ": expected weight (d_out, d_in), lora_A (n, r, d_in) and lora_B "
+      "(d_out, r), but got weight ",
+      weight.sizes(),
+      ", lora_A ",
+      a.sizes(),
+      ", lora_B ",
+      b.sizes());
+  const auto& router = adapter.router_weight;
+  const auto& router_bias = adapter.router_bias;
+  TORCH_CHECK(
+      !router.defined() ||
+          (router.dim() == 2 && router.size(0) == a.size(0) &&
+           router.size(1) == a.size(2) && router_bias.defined() &&
+           router_bias.dim() == 1 && router_bias.size(0) == a.size(0)),
+      kLinearName,
+      ": expected router weight (n, d_in) = [",
+      a.size(0),
+      ", ",
+      a.size(2),
+      "] and bias (n), but got ",
+      router.sizes(),
+      " and ",
+      router_bias.defined() ? router_bias.sizes() : torch::IntArrayRef());
+  const auto& gate = adapter.gate;
+  TORCH_CHECK(
+      !gate.defined() ||
+          (gate.dim() == 2 && gate.size(0) == a.size(0) &&
+           gate.size(1) == b.size(0)),
+      kLinearName,
+      ": expected gate (n, d_out) = [",
+      a.size(0),
+      ", ",
+      b.size(0),
+      "], but got ",
+      gate.sizes());
+}
+
+} // namespace detail
+
+namespace functional {
+
+/// The style weights that StyleInjectLinear's router gives each instance of
+/// `input` (the fixed style if `options.style()` is set; 1/n with the router
+/// off), in float32 or wider.
+/// input: (N, d_in) -> (N, n); (..., L, d_in) -> (..., n)
+inline torch::Tensor linear_style_weights(
+    const torch::Tensor& input,
+    const AdapterTensors& adapter,
+    const StyleInjectFuncOptions& options = {}) {
+  detail::check_linear_input(input, adapter, options);
+  const bool has_tokens = input.dim() >= 3;
+  const auto x = has_tokens ? input.flatten(0, -3) : input.unsqueeze(1);
+  auto sizes = input.sizes().slice(0, input.dim() - (has_tokens ? 2 : 1)).vec();
+  sizes.push_back(adapter.lora_A.size(0));
+  const auto s = detail::style_weights(x, /*token_dims=*/{1}, adapter, options);
+  return s.expand({x.size(0), s.size(-1)}).reshape(sizes);
+}
+
+/// StyleInjectLinear's forward (SPEC §1–3):
+/// `u = W0 x + b0 + scale·scaling·B (sum_i s_i A_i dropout(x))`, then
+/// `h = u + g ⊙ (u - mean_tok(u))` with `g = scale·tanh(s · gate)`. With no
+/// token axis there is nothing to take a statistic over, and the gate is
+/// skipped.
+/// input: (N, d_in) -> (N, d_out); (..., L, d_in) -> (..., L, d_out)
+///
+/// Example:
+/// ```
+/// namespace SF = styleinject::functional;
+/// auto h = SF::style_inject_linear(x, layer->weight, layer->bias,
+///     {layer->lora_A, layer->lora_B, {}, {}, {}});  // LoRA with scaling 1
+/// ```
+inline torch::Tensor style_inject_linear(
+    const torch::Tensor& input,
+    const torch::Tensor& weight,
+    const torch::Tensor& bias,
+    const AdapterTensors& adapter,
+    const StyleInjectFuncOptions& options = {}) {
+  detail::check_linear_adapter(weight, adapter);
+  detail::check_linear_input(input, adapter, options);
+  const bool has_tokens = input.dim() >= 3;
+  // x: (N, L, d_in), one instance per row of N, tokens on L.
+  const auto x = has_tokens ? input.flatten(0, -3) : input.unsqueeze(1);
+  const auto s = detail::style_weights(x, /*token_dims=*/{1}, adapter, options);
+  const auto branch_input = options.training() && options.dropout() > 0.0
+      ? torch::nn::functional::dropout(
+            x,
+            torch::nn::functional::DropoutFuncOptions()
+                .p(options.dropout())
+                .training(true))
+      : x;
+  const auto z = detail::linear_down_projection(
+      branch_input, adapter.lora_A, s, options.path());
+  auto h = torch::nn::functional::linear(x, weight, bias) +
+      torch::nn::functional::linear(
+               z, adapter.lora_B * (options.scaling() * options.scale()));
+  if (adapter.gate.defined() && has_tokens) {
+    auto g =
+        torch::tanh(detail::mix_branches(s, adapter.gate)) * options.scale();
+    h = detail::variance_gate(h, s.dim() == 2 ? g.unsqueeze(1) : g, {1});
+  }
+  auto sizes = input.sizes().vec();
+  sizes.back() = weight.size(0);
+  return h.view(sizes);
+}
+
+} // namespace functional
+} // namespace styleinject

@@ -1,0 +1,89 @@
+#pragma once
+
+#include <styleinject/functional.h>
+#include <styleinject/layer.h>
+
+#include <torch/nn/functional/linear.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/pimpl.h>
+
+#include <ostream>
+#include <vector>
+
+namespace styleinject {
+
+/// torch::nn::Linear as a StyleInject base layer.
+template <>
+struct layer_traits<torch::nn::LinearImpl> {
+  using Holder = torch::nn::Linear;
+  using Options = torch::nn::LinearOptions;
+  static constexpr const char* name = detail::kLinearName;
+
+  static int64_t in_features(const Options& options) {
+    return options.in_features();
+  }
+  static int64_t out_features(const Options& options) {
+    return options.out_features();
+  }
+  static std::vector<int64_t> lora_A_shape(
+      const Options& options,
+      int64_t branches,
+      int64_t rank) {
+    return {branches, rank, options.in_features()};
+  }
+  static std::vector<int64_t> lora_B_shape(
+      const Options& options,
+      int64_t rank) {
+    return {options.out_features(), rank};
+  }
+  static torch::Tensor base_forward(
+      const Options& /*options*/,
+      const torch::Tensor& input,
+      const torch::Tensor& weight,
+      const torch::Tensor& bias) {
+    return torch::nn::functional::linear(input, weight, bias);
+  }
+  static torch::Tensor forward(
+      const torch::Tensor& input,
+      const torch::Tensor& weight,
+      const torch::Tensor& bias,
+      const functional::AdapterTensors& adapter,
+      const functional::StyleInjectFuncOptions& options) {
+    return functional::style_inject_linear(
+        input, weight, bias, adapter, options);
+  }
+  static torch::Tensor style_weights(
+      const torch::Tensor& input,
+      const functional::AdapterTensors& adapter,
+      const functional::StyleInjectFuncOptions& options) {
+    return functional::linear_style_weights(input, adapter, options);
+  }
+  static void pretty_print(std::ostream& stream, const Options& options) {
+    stream << "in_features=" << options.in_features()
+           << ", out_features=" << options.out_features()
+           << ", bias=" << options.bias();
+  }
+};
+
+/// A torch::nn::Linear with a StyleInject adapter (SPEC §1–3). See
+/// `StyleInjectLayerImpl` for the controls, `functional::style_inject_linear`
+/// for the math.
+using StyleInjectLinearImpl = StyleInjectLayerImpl<torch::nn::LinearImpl>;
+
+/// A `ModuleHolder` subclass for `StyleInjectLinearImpl`.
+///
+/// Example:
+/// ```
+/// torch::nn::Linear proj(320, 320);             // pretrained, say
+/// styleinject::StyleInjectLinear adapted(proj,
+/// styleinject::StyleInjectOptions(4)); auto h = adapted(torch::randn({2, 64,
+/// 320})); // (N, L, d_in) -> (N, L, d_out) torch::optim::Adam
+/// opt(adapted->adapter_parameters(), 1e-3);
+///
+/// styleinject::StyleInjectLinear lora(
+///     torch::nn::LinearOptions(320, 320),
+///     styleinject::StyleInjectOptions::lora(16));
+/// ```
+TORCH_MODULE(StyleInjectLinear);
+
+} // namespace styleinject

@@ -1,0 +1,122 @@
+#pragma once
+
+#include <torch/arg.h>
+#include <torch/types.h>
+
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+namespace styleinject {
+
+/// How the n branches' down-projections are computed (SPEC §2). Both paths
+/// give the same numbers; they differ only in cost.
+enum class ComputePath {
+  /// Pick the cheaper path from the input's shape. Default.
+  kAuto,
+  /// Mix the branches first, per sample (`A_eff = s · A`), then one batched
+  /// matmul: cost close to one branch when there are many tokens.
+  kMerged,
+  /// Run all n·r rows as one matmul, then mix the branch outputs: cheaper
+  /// when each sample has a single token.
+  kStacked,
+};
+
+/// Options for a StyleInject adapter on a Linear or Conv2d layer.
+///
+/// Example:
+/// ```
+/// styleinject::StyleInjectLinear layer(
+///     torch::nn::Linear(320, 320),
+///     styleinject::StyleInjectOptions(4).branches(4).alpha(8));
+/// ```
+struct StyleInjectOptions {
+  /* implicit */ StyleInjectOptions(int64_t rank) : rank_(rank) {}
+
+  /// LoRA as the special case of StyleInject (SPEC §4): one branch, no
+  /// router, no gate, `h = W0 x + b0 + (alpha / r) B A dropout(x)`.
+  static StyleInjectOptions lora(int64_t rank) {
+    return StyleInjectOptions(rank).branches(1).router(false).gate(false);
+  }
+
+  /// The factor in front of `B (sum_i s_i A_i x)`: `alpha / r`, or
+  /// `alpha / sqrt(r)` with rslora.
+  double scaling() const {
+    const double r = static_cast<double>(rank_);
+    return alpha_.value_or(r) / (rslora_ ? std::sqrt(r) : r);
+  }
+
+  /// Rank r of every branch's down-projection and of the shared
+  /// up-projection.
+  TORCH_ARG(int64_t, rank);
+
+  /// Number n of parallel down-projections (styles). Default: 4
+  TORCH_ARG(int64_t, branches) = 4;
+
+  /// Numerator of the update's scale `alpha / r` (or `alpha / sqrt(r)` with
+  /// rslora). Default: the rank, so that the scale is 1.
+  TORCH_ARG(c10::optional<double>, alpha) = c10::nullopt;
+
+  /// Dropout probability on the branches' input, in [0, 1). Default: 0
+  TORCH_ARG(double, dropout) = 0.0;
+
+  /// Scale the update by `alpha / sqrt(r)` instead of `alpha / r` (rsLoRA,
+  /// Kalajdzievski 2023). Default: false
+  TORCH_ARG(bool, rslora) = false;
+
+  /// Softmax temperature tau of the router. Default: 1
+  TORCH_ARG(double, temperature) = 1.0;
+
+  /// Route per instance from the input (SPEC §1); off: every branch weighs
+  /// 1/n. Default: true
+  TORCH_ARG(bool, router) = true;
+
+  /// Input-conditioned variance gate (SPEC §3); off: plain multi-branch
+  /// adaptation. Default: true
+  TORCH_ARG(bool, gate) = true;
+
+  /// Down-projection compute path; both give the same numbers. Default: kAuto
+  TORCH_ARG(ComputePath, path) = ComputePath::kAuto;
+};
+
+namespace detail {
+
+/// Refuses options that cannot describe an adapter; `layer` names the module
+/// in the message.
+inline void check_options(
+    const StyleInjectOptions& options,
+    const std::string& layer) {
+  TORCH_CHECK_VALUE(
+      options.rank() >= 1,
+      layer,
+      ": expected rank >= 1, but got rank=",
+      options.rank());
+  TORCH_CHECK_VALUE(
+      options.branches() >= 1,
+      layer,
+      ": expected branches >= 1, but got branches=",
+      options.branches());
+  TORCH_CHECK_VALUE(
+      options.dropout() >= 0.0 && options.dropout() < 1.0,
+      layer,
+      ": expected dropout in [0, 1), but got dropout=",
+      options.dropout());
+  TORCH_CHECK_VALUE(
+      options.temperature() > 0.0 && std::isfinite(options.temperature()),
+      layer,
+      ": expected a finite temperature > 0, but got temperature=",
+      options.temperature());
+  TORCH_CHECK_VALUE(
+      !options.alpha().has_value() ||
+          (*options.alpha() > 0.0 && std::isfinite(*options.alpha())),
+      layer,
+      ": expected a finite alpha > 0, but got alpha=",
+      options.alpha().value_or(0.0),
+      "; use set_scale() to weaken or switch off the update");
+}
+
+} // namespace detail
+} // namespace styleinject

@@ -1,0 +1,11 @@
+#pragma once
+
+/// StyleInject: parameter-efficient fine-tuning of LibTorch models with
+/// multi-branch, style-routed low-rank adapters and a variance gate.
+/// Including this header gives the whole library.
+
+#include <styleinject/functional.h>
+#include <styleinject/layer.h>
+#include <styleinject/linear.h>
+#include <styleinject/options.h>
+#include <styleinject/version.h>

@@ -1,0 +1,400 @@
+// styleinject::functional: parity with the naive float64 reference of SPEC,
+// equality of the two compute paths, dtypes, autocast, the meta device.
+
+#include "support.h"
+
+#include <catch2/catch.hpp>
+
+namespace SF = styleinject::functional;
+using styleinject::ComputePath;
+using styleinject_test::close64;
+using styleinject_test::error_of;
+using styleinject_test::reference_forward;
+using styleinject_test::ReferenceLinear;
+
+namespace {
+
+constexpr int64_t kIn = 5, kOut = 4, kBranches = 3, kRank = 2;
+
+/// Random float64 tensors for one layer; router and gate as asked.
+ReferenceLinear random_layer(bool router, bool gate) {
+  const auto f64 = torch::kDouble;
+  ReferenceLinear p;
+  p.weight = torch::randn({kOut, kIn}, f64);
+  p.bias = torch::randn({kOut}, f64);
+  p.lora_A = torch::randn({kBranches, kRank, kIn}, f64);
+  p.lora_B = torch::randn({kOut, kRank}, f64);
+  if (router) {
+    p.router_weight = torch::randn({kBranches, kIn}, f64);
+    p.router_bias = torch::randn({kBranches}, f64);
+  }
+  if (gate) {
+    p.gate = torch::randn({kBranches, kOut}, f64);
+  }
+  return p;
+}
+
+SF::AdapterTensors adapter_of(const ReferenceLinear& p) {
+  return {p.lora_A, p.lora_B, p.router_weight, p.router_bias, p.gate};
+}
+
+SF::StyleInjectFuncOptions options_of(const ReferenceLinear& p) {
+  return SF::StyleInjectFuncOptions()
+      .scaling(p.scaling)
+      .scale(p.scale)
+      .temperature(p.temperature)
+      .style(p.style);
+}
+
+/// The reference on an input of any supported rank, shaped like the output.
+torch::Tensor reference_any_rank(
+    const ReferenceLinear& p,
+    const torch::Tensor& input) {
+  const bool has_tokens = input.dim() >= 3;
+  const auto x = has_tokens ? input.reshape({-1, input.size(-2), kIn})
+                            : input.reshape({-1, 1, kIn});
+  auto sizes = input.sizes().vec();
+  sizes.back() = kOut;
+  return reference_forward(p, x, has_tokens).reshape(sizes);
+}
+
+} // namespace
+
+TEST_CASE("style_inject_linear matches the naive reference", "[functional]") {
+  torch::manual_seed(1);
+  const bool router = GENERATE(true, false);
+  const bool gate = GENERATE(true, false);
+  const double temperature = GENERATE(1.0, 0.3);
+  const bool rslora = GENERATE(false, true);
+  const int style_kind = GENERATE(0, 1, 2); // none, shared (n), per (N, n)
+  const auto path =
+      GENERATE(ComputePath::kAuto, ComputePath::kMerged, ComputePath::kStacked);
+  const auto input_sizes = GENERATE(
+      std::vector<int64_t>{6, kIn},
+      std::vector<int64_t>{3, 7, kIn},
+      std::vector<int64_t>{2, 3, 4, kIn});
+  CAPTURE(router, gate, temperature, rslora, style_kind, input_sizes);
+  CAPTURE(static_cast<int>(path));
+
+  auto p = random_layer(router, gate);
+  p.temperature = temperature;
+  p.scaling = styleinject::StyleInjectOptions(kRank)
+                  .alpha(3.0)
+                  .rslora(rslora)
+                  .scaling();
+  p.scale = 0.7;
+  const auto input = torch::randn(input_sizes, torch::kDouble) + 0.5;
+  const int64_t instances = input.dim() == 2
+      ? input.size(0)
+      : input.numel() / input.size(-1) / input.size(-2);
+  if (style_kind == 1) {
+    p.style = torch::rand({kBranches}, torch::kDouble);
+  } else if (style_kind == 2) {
+    p.style = torch::rand({instances, kBranches}, torch::kDouble);
+  }
+
+  const auto out = SF::style_inject_linear(
+      input, p.weight, p.bias, adapter_of(p), options_of(p).path(path));
+  CHECK(out.scalar_type() == torch::kDouble);
+  CHECK(close64(out, reference_any_rank(p, input)));
+}
+
+TEST_CASE("the two compute paths give the same numbers", "[functional]") {
+  torch::manual_seed(2);
+  const int64_t in = 64, out = 48, branches = 4, rank = 8;
+  const auto tokens = GENERATE(int64_t{1}, int64_t{2}, int64_t{33});
+  const bool shared_style = GENERATE(false, true);
+  CAPTURE(tokens, shared_style);
+  const auto weight = torch::randn({out, in}) / 8;
+  const auto bias = torch::randn({out});
+  SF::AdapterTensors adapter{
+      torch::randn({branches, rank, in}) / 8,
+      torch::randn({out, rank}),
+      torch::randn({branches, in}),
+      torch::randn({branches}),
+      torch::randn({branches, out})};
+  auto options = SF::StyleInjectFuncOptions().scaling(0.5);
+  if (shared_style) {
+    options.style(torch::softmax(torch::randn({branches}), 0));
+  }
+  const auto x = torch::randn({5, tokens, in});
+  const auto merged = SF::style_inject_linear(
+      x,
+      weight,
+      bias,
+      adapter,
+      SF::StyleInjectFuncOptions(options).path(ComputePath::kMerged));
+  const auto stacked = SF::style_inject_linear(
+      x,
+      weight,
+      bias,
+      adapter,
+      SF::StyleInjectFuncOptions(options).path(ComputePath::kStacked));
+  CHECK(torch::allclose(merged, stacked, 1e-5, 1e-5));
+
+  // And the gradients of every adapter tensor agree too.
+  std::vector<torch::Tensor> grads[2];
+  for (int i = 0; i < 2; ++i) {
+    SF::AdapterTensors leaves{
+        adapter.lora_A.clone().requires_grad_(),
+        adapter.lora_B.clone().requires_grad_(),
+        adapter.router_weight.clone().requires_grad_(),
+        adapter.router_bias.clone().requires_grad_(),
+        adapter.gate.clone().requires_grad_()};
+    const auto path = i == 0 ? ComputePath::kMerged : ComputePath::kStacked;
+    SF::style_inject_linear(
+        x, weight, bias, leaves, SF::StyleInjectFuncOptions(options).path(path))
+        .pow(2)
+        .sum()
+        .backward();
+    for (const auto& t :
+         {leaves.lora_A,
+          leaves.lora_B,
+          leaves.router_weight,
+          leaves.router_bias,
+          leaves.gate}) {
+      grads[i].push_back(t.grad());
+    }
+  }
+  for (size_t k = 0; k < grads[0].size(); ++k) {
+    CAPTURE(k);
+    // With a fixed style the router is unused and gets no gradient.
+    REQUIRE(grads[0][k].defined() == (k < 2 || k == 4 || !shared_style));
+    REQUIRE(grads[1][k].defined() == grads[0][k].defined());
+    if (grads[0][k].defined()) {
+      CHECK(torch::allclose(grads[0][k], grads[1][k], 1e-4, 1e-4));
+    }
+  }
+}
+
+TEST_CASE("linear_style_weights", "[functional]") {
+  torch::manual_seed(3);
+  const auto p = random_layer(/*router=*/true, /*gate=*/true);
+  const auto x = torch::randn({2, 3, 6, kIn}, torch::kDouble);
+  const auto s = SF::linear_style_weights(x, adapter_of(p));
+  REQUIRE(s.sizes() == torch::IntArrayRef{2, 3, kBranches});
+  // softmax(R mean_tok(x) + c), written directly.
+  const auto expected = torch::softmax(
+      torch::matmul(x.mean(2), p.router_weight.t()) + p.router_bias, -1);
+  CHECK(close64(s, expected));
+  CHECK(close64(s.sum(-1), torch::ones({2, 3}, torch::kDouble)));
+
+  SECTION("router off: 1/n for every instance") {
+    const auto off = random_layer(/*router=*/false, /*gate=*/true);
+    const auto uniform = SF::linear_style_weights(x, adapter_of(off));
+    CHECK(close64(
+        uniform,
+        torch::full({2, 3, kBranches}, 1.0 / kBranches, torch::kDouble)));
+  }
+  SECTION("a fixed style replaces the router") {
+    const auto style = torch::tensor({0.0, 1.0, 0.0}, torch::kDouble);
+    const auto fixed = SF::linear_style_weights(
+        x, adapter_of(p), SF::StyleInjectFuncOptions().style(style));
+    CHECK(close64(fixed, style.expand({2, 3, kBranches})));
+  }
+  SECTION("an input without token axis is its own pooled vector") {
+    const auto x2 = torch::randn({4, kIn}, torch::kDouble);
+    const auto s2 = SF::linear_style_weights(x2, adapter_of(p));
+    CHECK(close64(
+        s2,
+        torch::softmax(
+            torch::matmul(x2, p.router_weight.t()) + p.router_bias, -1)));
+  }
+}
+
+TEST_CASE(
+    "dtypes: float64 and bfloat16 are kept, mismatches refused",
+    "[functional]") {
+  torch::manual_seed(4);
+  const auto p = random_layer(/*router=*/true, /*gate=*/true);
+  const auto x = torch::randn({3, 8, kIn}, torch::kDouble);
+  const auto reference = reference_any_rank(p, x);
+
+  SECTION("bfloat16 in, bfloat16 out, close to the float64 reference") {
+    const auto bf = [](const torch::Tensor& t) {
+      return t.to(torch::kBFloat16);
+    };
+    const SF::AdapterTensors adapter{
+        bf(p.lora_A),
+        bf(p.lora_B),
+        bf(p.router_weight),
+        bf(p.router_bias),
+        bf(p.gate)};
+    const auto out =
+        SF::style_inject_linear(bf(x), bf(p.weight), bf(p.bias), adapter);
+    CHECK(out.scalar_type() == torch::kBFloat16);
+    // bfloat16 keeps 8 bits of mantissa: a few percent of the output's scale.
+    const double scale = reference.abs().max().item<double>();
+    CHECK(
+        (out.to(torch::kDouble) - reference).abs().max().item<double>() <
+        0.05 * scale);
+  }
+  SECTION("an input whose dtype differs from the layer's is refused") {
+    const auto message = error_of([&] {
+      SF::style_inject_linear(
+          x.to(torch::kFloat), p.weight, p.bias, adapter_of(p));
+    });
+    CHECK(
+        message ==
+        "styleinject::StyleInjectLinear: expected input of dtype Double (the "
+        "layer's dtype), but got Float; convert the input with .to(), or the "
+        "layer with ->to()");
+  }
+}
+
+TEST_CASE(
+    "the functional runs on the meta device, forward and backward",
+    "[functional][meta]") {
+  // Meta tensors have no data: anything that reads values or makes a tensor
+  // on another device fails here, which proves that the forward never copies
+  // to the host.
+  const bool router = GENERATE(true, false);
+  const bool gate = GENERATE(true, false);
+  const auto path = GENERATE(ComputePath::kMerged, ComputePath::kStacked);
+  const auto input_sizes = GENERATE(
+      std::vector<int64_t>{6, kIn}, std::vector<int64_t>{2, 3, 7, kIn});
+  CAPTURE(router, gate, static_cast<int>(path), input_sizes);
+  const auto meta = [](std::vector<int64_t> sizes) {
+    return torch::empty(sizes, torch::TensorOptions().device(torch::kMeta))
+        .requires_grad_();
+  };
+  SF::AdapterTensors adapter{
+      meta({kBranches, kRank, kIn}), meta({kOut, kRank})};
+  if (router) {
+    adapter.router_weight = meta({kBranches, kIn});
+    adapter.router_bias = meta({kBranches});
+  }
+  if (gate) {
+    adapter.gate = meta({kBranches, kOut});
+  }
+  const auto weight = meta({kOut, kIn}).requires_grad_(false);
+  const auto bias = meta({kOut}).requires_grad_(false);
+  const auto x = meta(input_sizes).requires_grad_(false);
+  const auto out = SF::style_inject_linear(
+      x,
+      weight,
+      bias,
+      adapter,
+      SF::StyleInjectFuncOptions().path(path).dropout(0.1).training(true));
+  CHECK(out.is_meta());
+  auto expected_sizes = input_sizes;
+  expected_sizes.back() = kOut;
+  CHECK(out.sizes() == torch::IntArrayRef(expected_sizes));
+  out.sum().backward();
+  for (const auto& t :
+       {adapter.lora_A,
+        adapter.lora_B,
+        adapter.router_weight,
+        adapter.router_bias,
+        adapter.gate}) {
+    // Without a token axis the gate is a no-op, and gets no gradient.
+    const bool used =
+        t.defined() && !(t.is_same(adapter.gate) && input_sizes.size() == 2);
+    if (used) {
+      REQUIRE(t.grad().defined());
+      CHECK(t.grad().is_meta());
+      CHECK(t.grad().sizes() == t.sizes());
+    }
+  }
+  CHECK(SF::linear_style_weights(x, adapter).is_meta());
+}
+
+TEST_CASE(
+    "functional errors name what was expected and what arrived",
+    "[functional]") {
+  torch::manual_seed(5);
+  const auto p = random_layer(/*router=*/true, /*gate=*/true);
+  const auto call = [&](const torch::Tensor& x,
+                        const SF::StyleInjectFuncOptions& options = {}) {
+    return error_of([&] {
+      SF::style_inject_linear(x, p.weight, p.bias, adapter_of(p), options);
+    });
+  };
+  CHECK(
+      call(torch::randn({2, 3, 7}, torch::kDouble)) ==
+      "styleinject::StyleInjectLinear: expected input of shape (N, in_features) "
+      "or (..., L, in_features) with in_features=5, but got input of shape [2, 3, 7]");
+  CHECK(
+      call(torch::randn({kIn}, torch::kDouble)) ==
+      "styleinject::StyleInjectLinear: expected input of shape (N, in_features) "
+      "or (..., L, in_features) with in_features=5, but got input of shape [5]");
+  const auto x = torch::randn({2, 3, kIn}, torch::kDouble);
+  CHECK(
+      call(
+          x,
+          SF::StyleInjectFuncOptions().style(
+              torch::ones({4}, torch::kDouble))) ==
+      "styleinject::StyleInjectLinear: expected a style of shape [3] or [2, 3] "
+      "(instances, branches), but got [4]");
+  CHECK(
+      call(
+          x,
+          SF::StyleInjectFuncOptions().style(
+              torch::ones({3, 3}, torch::kDouble))) ==
+      "styleinject::StyleInjectLinear: expected a style of shape [3] or [2, 3] "
+      "(instances, branches), but got [3, 3]");
+  CHECK(
+      call(x.to(torch::kMeta)) ==
+      "styleinject::StyleInjectLinear: expected input on device cpu (the "
+      "layer's device), but got input on meta");
+  const auto bad_gate = error_of([&] {
+    auto adapter = adapter_of(p);
+    adapter.gate = torch::zeros({kBranches, kOut + 1}, torch::kDouble);
+    SF::style_inject_linear(x, p.weight, p.bias, adapter);
+  });
+  CHECK(
+      bad_gate ==
+      "styleinject::StyleInjectLinear: expected gate (n, d_out) = [3, 4], but got [3, 5]");
+}
+
+namespace {
+
+/// Turns CPU autocast on for its lifetime (the call differs between LibTorch
+/// 1.13 and 2.x).
+struct CpuAutocast {
+  CpuAutocast() {
+    set(true);
+  }
+  ~CpuAutocast() {
+    set(false);
+    at::autocast::clear_cache();
+  }
+  static void set(bool enabled) {
+#if TORCH_VERSION_MAJOR > 2 || \
+    (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+    at::autocast::set_autocast_enabled(at::kCPU, enabled);
+#else
+    at::autocast::set_cpu_enabled(enabled);
+#endif
+  }
+};
+
+} // namespace
+
+TEST_CASE(
+    "under autocast a bfloat16 input runs through a float32 layer",
+    "[functional]") {
+  torch::manual_seed(6);
+  const auto p = random_layer(/*router=*/true, /*gate=*/true);
+  const auto f32 = [](const torch::Tensor& t) { return t.to(torch::kFloat); };
+  const SF::AdapterTensors adapter{
+      f32(p.lora_A),
+      f32(p.lora_B),
+      f32(p.router_weight),
+      f32(p.router_bias),
+      f32(p.gate)};
+  const auto x = torch::randn({3, 8, kIn}, torch::kDouble);
+  const auto reference = reference_any_rank(p, x);
+  torch::Tensor out;
+  {
+    CpuAutocast autocast;
+    out = SF::style_inject_linear(
+        x.to(torch::kBFloat16), f32(p.weight), f32(p.bias), adapter);
+  }
+  // Autocast ran the matmuls in bfloat16, the statistics in float32.
+  CHECK(out.scalar_type() == torch::kBFloat16);
+  const double scale = reference.abs().max().item<double>();
+  CHECK(
+      (out.to(torch::kDouble) - reference).abs().max().item<double>() <
+      0.05 * scale);
+}

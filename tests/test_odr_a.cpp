@@ -1,0 +1,32 @@
+// One of two translation units that include every public header: linking
+// them into one program proves the headers define nothing twice (ODR).
+
+#include <styleinject/detail/torch_compat.h>
+#include <styleinject/functional.h>
+#include <styleinject/layer.h>
+#include <styleinject/linear.h>
+#include <styleinject/options.h>
+#include <styleinject/styleinject.h>
+#include <styleinject/version.h>
+
+#include <catch2/catch.hpp>
+#include <sstream>
+#include <string>
+
+std::string odr_a() {
+  torch::manual_seed(7);
+  styleinject::StyleInjectLinear layer(
+      torch::nn::LinearOptions(4, 3), styleinject::StyleInjectOptions(2));
+  std::ostringstream stream;
+  layer->pretty_print(stream);
+  stream << ' ' << styleinject::version << ' '
+         << layer(torch::ones({1, 2, 4})).sum().item<float>();
+  return stream.str();
+}
+
+std::string odr_b();
+
+TEST_CASE("every header in two translation units links and agrees", "[odr]") {
+  CHECK(odr_a() == odr_b());
+  CHECK(odr_a().find("styleinject::StyleInjectLinear(in_features=4") == 0);
+}
