@@ -1,0 +1,53 @@
+# Shared by .ci/demo and .ci/test: installs what is missing on a Debian 12
+# machine and builds the project against one of the two LibTorch sources.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${STYLEINJECT_VENV:-$repo/.venv}
+jobs=$(nproc)
+
+# Debian's packages: the compiler, CMake, LibTorch 1.13, fmt, Catch2 2, and
+# venv for the PyPI side.
+install_missing() {
+  local wanted=(ca-certificates cmake g++ make libtorch-dev libfmt-dev catch2
+    python3-venv)
+  local missing=() package
+  for package in "${wanted[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null |
+      grep -q 'install ok installed' || missing+=("$package")
+  done
+  if ((${#missing[@]})); then
+    echo "== installing from Debian: ${missing[*]}"
+    local sudo=
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
+      --no-install-recommends "${missing[@]}"
+  fi
+}
+
+# PyPI's torch 2.x (a CUDA build; its LibTorch runs on the CPU too), in a
+# virtual environment of its own.
+install_pypi_torch() {
+  if ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
+    echo "== installing torch 2.x from PyPI into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet 'torch>=2,<3'
+  fi
+}
+
+pypi_torch_prefix() {
+  "$venv/bin/python" -c 'import torch; print(torch.utils.cmake_prefix_path)' 2>/dev/null
+}
+
+# configure_and_build NAME [CMAKE ARGS...] [-- TARGET...]: into build/NAME.
+configure_and_build() {
+  local name=$1
+  shift
+  local args=() targets=()
+  while (($#)) && [ "$1" != -- ]; do args+=("$1"); shift; done
+  (($#)) && shift && targets=(--target "$@")
+  echo "== build/$name"
+  cmake -S "$repo" -B "$repo/build/$name" -DCMAKE_BUILD_TYPE=Release "${args[@]}"
+  cmake --build "$repo/build/$name" -j "$jobs" "${targets[@]}"
+}
