@@ -36,6 +36,19 @@ install_pypi_torch() {
   fi
 }
 
+# PyPI's torch is a CUDA build: its CMake config (Caffe2Config) refuses to
+# configure without a CUDA toolkit, even to run on the CPU. Machines of this
+# project's kind have one in /usr/local/cuda.
+require_cuda_toolkit() {
+  if ! command -v nvcc >/dev/null && [ ! -x /usr/local/cuda/bin/nvcc ]; then
+    echo "error: building against PyPI's torch (a CUDA build) needs a CUDA" \
+      "toolkit, but found no nvcc on PATH or in /usr/local/cuda." >&2
+    echo "Install the CUDA toolkit (https://developer.nvidia.com/cuda-downloads)," \
+      "then run this again." >&2
+    exit 1
+  fi
+}
+
 pypi_torch_prefix() {
   "$venv/bin/python" -c 'import torch; print(torch.utils.cmake_prefix_path)' 2>/dev/null
 }

@@ -34,8 +34,29 @@ ReferenceLinear random_layer(bool router, bool gate) {
   return p;
 }
 
-SF::AdapterTensors adapter_of(const ReferenceLinear& p) {
-  return {p.lora_A, p.lora_B, p.router_weight, p.router_bias, p.gate};
+/// The reference's adapter tensors in `dtype` (undefined ones stay so).
+SF::AdapterTensors adapter_of(
+    const ReferenceLinear& p,
+    torch::Dtype dtype = torch::kDouble) {
+  const auto to = [&](const torch::Tensor& t) {
+    return t.defined() ? t.to(dtype) : t;
+  };
+  return {
+      to(p.lora_A),
+      to(p.lora_B),
+      to(p.router_weight),
+      to(p.router_bias),
+      to(p.gate)};
+}
+
+/// Whether `out` is within `fraction` of the reference's largest magnitude.
+bool near_reference(
+    const torch::Tensor& out,
+    const torch::Tensor& reference,
+    double fraction) {
+  const double scale = reference.abs().max().item<double>();
+  return (out.to(torch::kDouble) - reference).abs().max().item<double>() <
+      fraction * scale;
 }
 
 SF::StyleInjectFuncOptions options_of(const ReferenceLinear& p) {
@@ -214,20 +235,11 @@ TEST_CASE(
     const auto bf = [](const torch::Tensor& t) {
       return t.to(torch::kBFloat16);
     };
-    const SF::AdapterTensors adapter{
-        bf(p.lora_A),
-        bf(p.lora_B),
-        bf(p.router_weight),
-        bf(p.router_bias),
-        bf(p.gate)};
-    const auto out =
-        SF::style_inject_linear(bf(x), bf(p.weight), bf(p.bias), adapter);
+    const auto out = SF::style_inject_linear(
+        bf(x), bf(p.weight), bf(p.bias), adapter_of(p, torch::kBFloat16));
     CHECK(out.scalar_type() == torch::kBFloat16);
     // bfloat16 keeps 8 bits of mantissa: a few percent of the output's scale.
-    const double scale = reference.abs().max().item<double>();
-    CHECK(
-        (out.to(torch::kDouble) - reference).abs().max().item<double>() <
-        0.05 * scale);
+    CHECK(near_reference(out, reference, 0.05));
   }
   SECTION("an input whose dtype differs from the layer's is refused") {
     const auto message = error_of([&] {
@@ -376,25 +388,19 @@ TEST_CASE(
     "[functional]") {
   torch::manual_seed(6);
   const auto p = random_layer(/*router=*/true, /*gate=*/true);
-  const auto f32 = [](const torch::Tensor& t) { return t.to(torch::kFloat); };
-  const SF::AdapterTensors adapter{
-      f32(p.lora_A),
-      f32(p.lora_B),
-      f32(p.router_weight),
-      f32(p.router_bias),
-      f32(p.gate)};
   const auto x = torch::randn({3, 8, kIn}, torch::kDouble);
   const auto reference = reference_any_rank(p, x);
   torch::Tensor out;
   {
     CpuAutocast autocast;
     out = SF::style_inject_linear(
-        x.to(torch::kBFloat16), f32(p.weight), f32(p.bias), adapter);
+        x.to(torch::kBFloat16),
+        p.weight.to(torch::kFloat),
+        p.bias.to(torch::kFloat),
+        adapter_of(p, torch::kFloat));
   }
   // Autocast ran the matmuls in bfloat16, the statistics in float32.
   CHECK(out.scalar_type() == torch::kBFloat16);
-  const double scale = reference.abs().max().item<double>();
-  CHECK(
-      (out.to(torch::kDouble) - reference).abs().max().item<double>() <
-      0.05 * scale);
+  // bfloat16 keeps 8 bits of mantissa: a few percent of the output's scale.
+  CHECK(near_reference(out, reference, 0.05));
 }

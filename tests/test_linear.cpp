@@ -461,6 +461,28 @@ TEST_CASE(
       CHECK(torch::equal(fresh->named_parameters()[p.key()], p.value()));
     }
   }
+  SECTION("a layer without bias round-trips") {
+    TempFile file("no_bias.pt");
+    StyleInjectLinear saved(
+        torch::nn::LinearOptions(8, 4).bias(false), StyleInjectOptions(2));
+    randomize_adapter(*saved);
+    torch::save(saved, file.path);
+    StyleInjectLinear loaded(
+        torch::nn::LinearOptions(8, 4).bias(false), StyleInjectOptions(2));
+    torch::load(loaded, file.path);
+    const auto x = torch::randn({2, 5, 8});
+    CHECK(torch::equal(loaded(x), saved(x)));
+  }
+  SECTION("a checkpoint without the base weight is refused") {
+    TempFile file("no_weight.pt");
+    StyleInjectLinear layer(
+        torch::nn::LinearOptions(8, 4), StyleInjectOptions(2));
+    torch::serialize::OutputArchive empty;
+    empty.save_to(file.path);
+    CHECK(
+        error_of([&] { torch::load(layer, file.path); }) ==
+        "styleinject::StyleInjectLinear: the checkpoint has no 'weight'");
+  }
   SECTION("the adapter tensors alone round-trip through torch::save") {
     TempFile file("adapter.pt");
     StyleInjectLinear layer(

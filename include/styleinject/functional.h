@@ -110,6 +110,13 @@ inline torch::Tensor style_weights(
   return torch::softmax(logits / options.temperature(), /*dim=*/-1);
 }
 
+/// A Linear input as instances and tokens; with no token axis, each row is
+/// an instance of one token.
+/// input: (N, d_in) -> (N, 1, d_in); (..., L, d_in) -> (prod(...), L, d_in)
+inline torch::Tensor linear_instances(const torch::Tensor& input) {
+  return input.dim() >= 3 ? input.flatten(0, -3) : input.unsqueeze(1);
+}
+
 /// The mixed down-projection `sum_i s_i A_i x` of SPEC §2 by either path.
 /// x: (N, L, d_in), lora_A: (n, r, d_in), s: (n) or (N, n) -> (N, L, r)
 inline torch::Tensor linear_down_projection(
@@ -272,9 +279,9 @@ inline torch::Tensor linear_style_weights(
     const AdapterTensors& adapter,
     const StyleInjectFuncOptions& options = {}) {
   detail::check_linear_input(input, adapter, options);
-  const bool has_tokens = input.dim() >= 3;
-  const auto x = has_tokens ? input.flatten(0, -3) : input.unsqueeze(1);
-  auto sizes = input.sizes().slice(0, input.dim() - (has_tokens ? 2 : 1)).vec();
+  const auto x = detail::linear_instances(input);
+  auto sizes =
+      input.sizes().slice(0, input.dim() - (input.dim() >= 3 ? 2 : 1)).vec();
   sizes.push_back(adapter.lora_A.size(0));
   const auto s = detail::style_weights(x, /*token_dims=*/{1}, adapter, options);
   return s.expand({x.size(0), s.size(-1)}).reshape(sizes);
@@ -302,8 +309,7 @@ inline torch::Tensor style_inject_linear(
   detail::check_linear_adapter(weight, adapter);
   detail::check_linear_input(input, adapter, options);
   const bool has_tokens = input.dim() >= 3;
-  // x: (N, L, d_in), one instance per row of N, tokens on L.
-  const auto x = has_tokens ? input.flatten(0, -3) : input.unsqueeze(1);
+  const auto x = detail::linear_instances(input); // (N, L, d_in)
   const auto s = detail::style_weights(x, /*token_dims=*/{1}, adapter, options);
   const auto branch_input = options.training() && options.dropout() > 0.0
       ? torch::nn::functional::dropout(

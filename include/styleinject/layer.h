@@ -215,15 +215,14 @@ class StyleInjectLayerImpl
       updates.emplace_back(parameter, value);
       return true;
     };
-    for (const char* key : {"weight", "bias"}) {
-      const auto& parameter = this->named_parameters(/*recurse=*/false)[key];
-      TORCH_CHECK(
-          !parameter.defined() || read(archive, key, key, parameter),
-          Traits::name,
-          ": the checkpoint has no '",
-          key,
-          "'");
-    }
+    TORCH_CHECK(
+        read(archive, "weight", "weight", weight),
+        Traits::name,
+        ": the checkpoint has no 'weight'");
+    TORCH_CHECK(
+        !bias.defined() || read(archive, "bias", "bias", bias),
+        Traits::name,
+        ": the checkpoint has no 'bias'");
     int found = 0, expected = 0;
     for (const auto& parameter : this->named_parameters(/*recurse=*/false)) {
       if (parameter.key() != "weight" && parameter.key() != "bias") {
