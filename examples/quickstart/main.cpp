@@ -214,7 +214,8 @@ int main() {
         r.seconds);
   }
   fmt::print(
-      "\nStyleInject's final error is {:.1f}x lower than LoRA's, with {} vs {} trainable parameters.\n",
+      "\nFinal error, LoRA over StyleInject: {:.1f}x, with {} vs {} trainable "
+      "parameters.\n",
       results[1].final / results[0].final,
       results[0].trainable,
       results[1].trainable);
