@@ -37,10 +37,14 @@ install_pypi_torch() {
 }
 
 # PyPI's torch is a CUDA build: its CMake config (Caffe2Config) refuses to
-# configure without a CUDA toolkit, even to run on the CPU. Machines of this
-# project's kind have one in /usr/local/cuda.
+# configure without a CUDA toolkit, even to run on the CPU, and CMake's CUDA
+# detection wants nvcc on PATH. Machines of this project's kind have the
+# toolkit in /usr/local/cuda.
 require_cuda_toolkit() {
-  if ! command -v nvcc >/dev/null && [ ! -x /usr/local/cuda/bin/nvcc ]; then
+  if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
+    export PATH=/usr/local/cuda/bin:$PATH
+  fi
+  if ! command -v nvcc >/dev/null; then
     echo "error: building against PyPI's torch (a CUDA build) needs a CUDA" \
       "toolkit, but found no nvcc on PATH or in /usr/local/cuda." >&2
     echo "Install the CUDA toolkit (https://developer.nvidia.com/cuda-downloads)," \
