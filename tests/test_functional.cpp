@@ -251,6 +251,10 @@ TEST_CASE(
         "styleinject::StyleInjectLinear: expected input of dtype Double (the "
         "layer's dtype), but got Float; convert the input with .to(), or the "
         "layer with ->to()");
+    CHECK_THROWS_AS(
+        SF::style_inject_linear(
+            x.to(torch::kFloat), p.weight, p.bias, adapter_of(p)),
+        c10::TypeError);
   }
 }
 

@@ -229,7 +229,14 @@ TEST_CASE("set_style and set_scale refuse bad values", "[linear]") {
       error_of([&] {
         layer->set_style(torch::tensor({0.5, -0.25, 0.75}));
       }) ==
-      "styleinject::StyleInjectLinear: expected non-negative style weights, but got a minimum of -0.25");
+      "styleinject::StyleInjectLinear: expected finite, non-negative style "
+      "weights, but got values from -0.25 to 0.75");
+  CHECK(
+      error_of([&] {
+        layer->set_style(torch::tensor({0.5f, INFINITY, 0.5f}));
+      }) ==
+      "styleinject::StyleInjectLinear: expected finite, non-negative style "
+      "weights, but got values from 0.5 to inf");
   CHECK_FALSE(
       layer->style().defined()); // a refused style leaves the layer as it was
   CHECK(

@@ -122,8 +122,8 @@ class StyleInjectLayerImpl
 
   /// Replaces the router's weights with a fixed style: (n) for every
   /// instance (one-hot = one style), or (N, n) per instance. Entries must be
-  /// non-negative; that is checked here, once (a host read), so that forward
-  /// never reads from the device.
+  /// finite and non-negative; that is checked here, once (a host read), so
+  /// that forward never reads from the device.
   void set_style(const torch::Tensor& style) {
     const int64_t branches = options.branches();
     TORCH_CHECK_VALUE(
@@ -141,10 +141,12 @@ class StyleInjectLayerImpl
         style.defined() ? style.sizes() : torch::IntArrayRef{});
     if (!style.is_meta()) {
       TORCH_CHECK_VALUE(
-          !(style < 0).any().template item<bool>(),
+          (torch::isfinite(style) & (style >= 0)).all().template item<bool>(),
           Traits::name,
-          ": expected non-negative style weights, but got a minimum of ",
-          style.min().template item<double>());
+          ": expected finite, non-negative style weights, but got values from ",
+          style.min().template item<double>(),
+          " to ",
+          style.max().template item<double>());
     }
     style_ = style.detach().to(weight.device());
   }
