@@ -141,7 +141,8 @@ inline torch::Tensor reference_forward(
 
 /// Gives every adapter tensor of `layer` random, non-zero values, so that no
 /// term of the forward is trivially zero.
-inline void randomize_adapter(styleinject::StyleInjectLinearImpl& layer) {
+template <typename Layer>
+void randomize_adapter(Layer& layer) {
   torch::NoGradGuard no_grad;
   for (auto& parameter : layer.adapter_parameters()) {
     parameter.copy_(torch::randn_like(parameter) * 0.5);
@@ -149,9 +150,8 @@ inline void randomize_adapter(styleinject::StyleInjectLinearImpl& layer) {
 }
 
 /// The reference's view of a module, with its run-time controls.
-inline ReferenceLinear reference_of(
-    const styleinject::StyleInjectLinearImpl& layer,
-    double scale = 1.0) {
+template <typename Layer>
+ReferenceLinear reference_of(const Layer& layer, double scale = 1.0) {
   ReferenceLinear p;
   p.weight = layer.weight;
   p.bias = layer.bias;
@@ -163,9 +163,9 @@ inline ReferenceLinear reference_of(
   }
   p.gate = layer.gate;
   p.style = layer.style();
-  p.scaling = layer.options.scaling();
+  p.scaling = layer.options->scaling();
   p.scale = scale;
-  p.temperature = layer.options.temperature();
+  p.temperature = layer.options->temperature();
   return p;
 }
 
@@ -173,6 +173,142 @@ inline ReferenceLinear reference_of(
 inline bool close64(const torch::Tensor& a, const torch::Tensor& b) {
   return a.sizes() == b.sizes() &&
       torch::allclose(a.to(torch::kDouble), b.to(torch::kDouble), 1e-10, 1e-10);
+}
+
+/// The geometry of a convolution, for the Conv2d reference.
+struct ConvGeometry {
+  int64_t stride = 1, padding = 0, dilation = 1;
+};
+
+/// SPEC §1-3 for Conv2d, written out naively in float64: the convolutions as
+/// explicit loops over output positions, channels and kernel taps; the
+/// router on the spatial mean of the input; the gate's statistics over the
+/// output's H×W. Tensors of `p` have the Conv2d layout of SPEC §5.
+/// x: (N, C_in, H, W) -> (N, C_out, H', W')
+inline torch::Tensor reference_conv2d_forward(
+    const ReferenceLinear& p,
+    const ConvGeometry& geometry,
+    const torch::Tensor& x_in) {
+  const auto f64 = [](const torch::Tensor& t) {
+    return t.defined() ? t.detach().to(torch::kCPU, torch::kDouble).contiguous()
+                       : t;
+  };
+  const auto x = f64(x_in), W = f64(p.weight), b = f64(p.bias);
+  const auto A = f64(p.lora_A), B = f64(p.lora_B), G = f64(p.gate);
+  const auto R = f64(p.router_weight), c = f64(p.router_bias);
+  const auto style = f64(p.style);
+  const int64_t N = x.size(0), C_in = x.size(1), H = x.size(2), Wd = x.size(3);
+  const int64_t C_out = W.size(0), kH = W.size(2), kW = W.size(3);
+  const int64_t n = A.size(0), r = A.size(1);
+  const int64_t st = geometry.stride, pad = geometry.padding;
+  const int64_t dil = geometry.dilation;
+  const int64_t Ho = (H + 2 * pad - dil * (kH - 1) - 1) / st + 1;
+  const int64_t Wo = (Wd + 2 * pad - dil * (kW - 1) - 1) / st + 1;
+  auto xa = x.accessor<double, 4>();
+  auto Wa = W.accessor<double, 4>();
+  auto Aa = A.accessor<double, 5>();
+  auto Ba = B.accessor<double, 4>();
+  // The input at an output position's kernel tap; zero in the padding.
+  const auto tap = [&](int64_t i,
+                       int64_t ch,
+                       int64_t y,
+                       int64_t xo,
+                       int64_t ky,
+                       int64_t kx) {
+    const int64_t iy = y * st - pad + ky * dil, ix = xo * st - pad + kx * dil;
+    return iy < 0 || iy >= H || ix < 0 || ix >= Wd ? 0.0 : xa[i][ch][iy][ix];
+  };
+  auto out = torch::zeros({N, C_out, Ho, Wo}, torch::kDouble);
+  auto oa = out.accessor<double, 4>();
+  for (int64_t i = 0; i < N; ++i) {
+    // §1: style weights of instance i, from the spatial mean of x.
+    std::vector<double> s(n, 1.0 / n);
+    if (style.defined()) {
+      for (int64_t j = 0; j < n; ++j) {
+        s[j] = style.dim() == 1 ? style[j].item<double>()
+                                : style[i][j].item<double>();
+      }
+    } else if (R.defined()) {
+      std::vector<double> logits(n);
+      double largest = -INFINITY, total = 0.0;
+      for (int64_t j = 0; j < n; ++j) {
+        logits[j] = c[j].item<double>();
+        for (int64_t ch = 0; ch < C_in; ++ch) {
+          double pooled = 0.0;
+          for (int64_t y = 0; y < H; ++y) {
+            for (int64_t xo = 0; xo < Wd; ++xo) {
+              pooled += xa[i][ch][y][xo] / (H * Wd);
+            }
+          }
+          logits[j] += R[j][ch].item<double>() * pooled;
+        }
+        logits[j] /= p.temperature;
+        largest = std::max(largest, logits[j]);
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        s[j] = std::exp(logits[j] - largest);
+        total += s[j];
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        s[j] /= total;
+      }
+    }
+    // §2: u = W0 * x + b0 + scale * scaling * B (sum_j s_j A_j * x).
+    for (int64_t y = 0; y < Ho; ++y) {
+      for (int64_t xo = 0; xo < Wo; ++xo) {
+        std::vector<double> z(r, 0.0);
+        for (int64_t j = 0; j < n; ++j) {
+          for (int64_t q = 0; q < r; ++q) {
+            double a_x = 0.0;
+            for (int64_t ch = 0; ch < C_in; ++ch) {
+              for (int64_t ky = 0; ky < kH; ++ky) {
+                for (int64_t kx = 0; kx < kW; ++kx) {
+                  a_x += Aa[j][q][ch][ky][kx] * tap(i, ch, y, xo, ky, kx);
+                }
+              }
+            }
+            z[q] += s[j] * a_x;
+          }
+        }
+        for (int64_t o = 0; o < C_out; ++o) {
+          double u = b.defined() ? b[o].item<double>() : 0.0;
+          for (int64_t ch = 0; ch < C_in; ++ch) {
+            for (int64_t ky = 0; ky < kH; ++ky) {
+              for (int64_t kx = 0; kx < kW; ++kx) {
+                u += Wa[o][ch][ky][kx] * tap(i, ch, y, xo, ky, kx);
+              }
+            }
+          }
+          double update = 0.0;
+          for (int64_t q = 0; q < r; ++q) {
+            update += Ba[o][q][0][0] * z[q];
+          }
+          oa[i][o][y][xo] = u + p.scale * p.scaling * update;
+        }
+      }
+    }
+    // §3: h = u + g (u - mean_hw(u)), g = scale * tanh(s · G).
+    if (G.defined()) {
+      for (int64_t o = 0; o < C_out; ++o) {
+        double mean = 0.0, mixed = 0.0;
+        for (int64_t y = 0; y < Ho; ++y) {
+          for (int64_t xo = 0; xo < Wo; ++xo) {
+            mean += oa[i][o][y][xo] / (Ho * Wo);
+          }
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          mixed += s[j] * G[j][o].item<double>();
+        }
+        const double g = p.scale * std::tanh(mixed);
+        for (int64_t y = 0; y < Ho; ++y) {
+          for (int64_t xo = 0; xo < Wo; ++xo) {
+            oa[i][o][y][xo] += g * (oa[i][o][y][xo] - mean);
+          }
+        }
+      }
+    }
+  }
+  return out;
 }
 
 } // namespace styleinject_test

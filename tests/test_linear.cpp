@@ -117,6 +117,67 @@ TEST_CASE(
       "styleinject::StyleInjectLinear: expected a base layer to wrap, but got an empty holder (nullptr)");
 }
 
+TEST_CASE(
+    "without an adapter the layer is torch::nn::Linear: values, training, "
+    "checkpoints",
+    "[linear]") {
+  torch::manual_seed(14);
+  torch::manual_seed(3);
+  torch::nn::Linear plain(8, 4);
+  torch::manual_seed(3);
+  StyleInjectLinear declared(8, 4); // initialised as torch::nn::Linear is
+  CHECK(torch::equal(declared->weight, plain->weight));
+  CHECK(torch::equal(declared->bias, plain->bias));
+  CHECK_FALSE(declared->has_adapter());
+  CHECK(declared->adapter_parameters().empty());
+  CHECK(declared->weight.requires_grad()); // trains, e.g. in pretraining
+  CHECK(declared->bias.requires_grad());
+  CHECK(
+      declared->named_parameters().keys() == plain->named_parameters().keys());
+  const auto x = torch::randn({2, 5, 8});
+  CHECK(torch::equal(declared(x), plain(x)));
+
+  SECTION("checkpoints interchange with torch::nn::Linear's") {
+    TempFile file("declared.pt");
+    torch::save(plain, file.path);
+    StyleInjectLinear other(8, 4);
+    torch::load(other, file.path);
+    CHECK(torch::equal(other(x), plain(x)));
+    torch::save(other, file.path);
+    torch::nn::Linear back(8, 4);
+    torch::load(back, file.path);
+    CHECK(torch::equal(back->weight, plain->weight));
+  }
+  SECTION("add_adapter freezes the base; remove_adapter gives it back") {
+    declared->add_adapter(StyleInjectOptions(2).branches(3));
+    CHECK(declared->has_adapter());
+    CHECK_FALSE(declared->weight.requires_grad());
+    CHECK(declared->named_parameters().size() == 7);
+    CHECK(torch::equal(declared(x), plain(x)));
+    randomize_adapter(*declared);
+    CHECK_FALSE(torch::allclose(declared(x), plain(x)));
+    CHECK(
+        error_of([&] { declared->add_adapter(StyleInjectOptions(2)); }) ==
+        "styleinject::StyleInjectLinear: the layer has an adapter already; "
+        "call remove_adapter() first");
+    declared->remove_adapter();
+    CHECK_FALSE(declared->has_adapter());
+    CHECK(
+        declared->named_parameters().keys() ==
+        plain->named_parameters().keys());
+    CHECK(declared->children().empty());
+    CHECK(torch::equal(declared(x), plain(x)));
+    declared->add_adapter(StyleInjectOptions::lora(4)); // a different one
+    CHECK(declared->lora_A.sizes() == torch::IntArrayRef({1, 4, 8}));
+  }
+  SECTION("adapter-only methods say that there is none") {
+    CHECK(
+        error_of([&] { declared->set_style(torch::ones({4})); }) ==
+        "styleinject::StyleInjectLinear: set_style() needs an adapter, but the "
+        "layer has none; add one with add_adapter() or styleinject::inject()");
+  }
+}
+
 TEST_CASE("identity at initialisation and when disabled", "[linear]") {
   torch::manual_seed(12);
   torch::nn::Linear base(8, 4);
@@ -649,7 +710,7 @@ TEST_CASE(
   for (const auto path :
        {styleinject::ComputePath::kMerged,
         styleinject::ComputePath::kStacked}) {
-    on_gpu->options.path(path);
+    on_gpu->options->path(path);
     on_gpu->forward(x_gpu).pow(2).sum().backward();
     on_gpu->forward(x_gpu.select(1, 0)).sum().backward(); // no token axis
   }

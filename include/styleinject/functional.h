@@ -3,6 +3,7 @@
 #include <styleinject/detail/torch_compat.h>
 #include <styleinject/options.h>
 
+#include <torch/nn/functional/conv.h>
 #include <torch/nn/functional/dropout.h>
 #include <torch/nn/functional/linear.h>
 #include <torch/types.h>
@@ -66,6 +67,7 @@ struct StyleInjectFuncOptions {
 namespace detail {
 
 inline constexpr const char* kLinearName = "styleinject::StyleInjectLinear";
+inline constexpr const char* kConv2dName = "styleinject::StyleInjectConv2d";
 
 /// The dtype of per-instance statistics: float32 for half types, the
 /// tensor's own dtype otherwise (SPEC: at least float32).
@@ -158,24 +160,18 @@ inline torch::Tensor variance_gate(
   return u + (g * centered).to(u.scalar_type());
 }
 
-/// Checks an input, and a fixed style if given, against a Linear adapter.
-inline void check_linear_input(
+/// Checks the device and dtype of an input, and a fixed style if given,
+/// against an adapter; `instances` is the input's number of instances.
+inline void check_input_against_adapter(
+    const char* layer,
     const torch::Tensor& input,
+    int64_t instances,
     const functional::AdapterTensors& adapter,
     const functional::StyleInjectFuncOptions& options) {
   const auto& lora_A = adapter.lora_A;
-  const int64_t in_features = lora_A.size(2), branches = lora_A.size(0);
-  TORCH_CHECK(
-      input.dim() >= 2 && input.size(-1) == in_features,
-      kLinearName,
-      ": expected input of shape (N, in_features) or (..., L, in_features) "
-      "with in_features=",
-      in_features,
-      ", but got input of shape ",
-      input.sizes());
   TORCH_CHECK(
       input.device() == lora_A.device(),
-      kLinearName,
+      layer,
       ": expected input on device ",
       lora_A.device(),
       " (the layer's device), but got input on ",
@@ -185,7 +181,7 @@ inline void check_linear_input(
   TORCH_CHECK_TYPE(
       input.scalar_type() == lora_A.scalar_type() ||
           autocast_enabled(input.device().type()),
-      kLinearName,
+      layer,
       ": expected input of dtype ",
       lora_A.scalar_type(),
       " (the layer's dtype), but got ",
@@ -193,14 +189,12 @@ inline void check_linear_input(
       "; convert the input with .to(), or the layer with ->to()");
   const auto& style = options.style();
   if (style.defined()) {
-    const int64_t instances = input.dim() == 2
-        ? input.size(0)
-        : c10::multiply_integers(input.sizes().slice(0, input.dim() - 2));
+    const int64_t branches = lora_A.size(0);
     TORCH_CHECK_VALUE(
         (style.dim() == 1 && style.size(0) == branches) ||
             (style.dim() == 2 && style.size(0) == instances &&
              style.size(1) == branches),
-        kLinearName,
+        layer,
         ": expected a style of shape [",
         branches,
         "] or [",
@@ -211,7 +205,7 @@ inline void check_linear_input(
         style.sizes());
     TORCH_CHECK_VALUE(
         style.device() == input.device(),
-        kLinearName,
+        layer,
         ": expected the style on device ",
         input.device(),
         ", but got it on ",
@@ -219,7 +213,89 @@ inline void check_linear_input(
   }
 }
 
-/// Checks that the adapter's tensors fit each other and the base weight.
+/// Checks an input, and a fixed style if given, against a Linear adapter.
+inline void check_linear_input(
+    const torch::Tensor& input,
+    const functional::AdapterTensors& adapter,
+    const functional::StyleInjectFuncOptions& options) {
+  const int64_t in_features = adapter.lora_A.size(2);
+  TORCH_CHECK(
+      input.dim() >= 2 && input.size(-1) == in_features,
+      kLinearName,
+      ": expected input of shape (N, in_features) or (..., L, in_features) "
+      "with in_features=",
+      in_features,
+      ", but got input of shape ",
+      input.sizes());
+  const int64_t instances = input.dim() == 2
+      ? input.size(0)
+      : c10::multiply_integers(input.sizes().slice(0, input.dim() - 2));
+  check_input_against_adapter(kLinearName, input, instances, adapter, options);
+}
+
+/// Checks an input, and a fixed style if given, against a Conv2d adapter.
+inline void check_conv2d_input(
+    const torch::Tensor& input,
+    const functional::AdapterTensors& adapter,
+    const functional::StyleInjectFuncOptions& options) {
+  const int64_t in_channels = adapter.lora_A.size(2);
+  TORCH_CHECK(
+      input.dim() == 4 && input.size(1) == in_channels,
+      kConv2dName,
+      ": expected input of shape (N, in_channels, H, W) with in_channels=",
+      in_channels,
+      ", but got input of shape ",
+      input.sizes());
+  check_input_against_adapter(
+      kConv2dName, input, input.size(0), adapter, options);
+}
+
+/// Checks the router and gate of an adapter with `branches` down-projections
+/// from `in` features to `out` outputs, named `in_name` and `out_name` in
+/// the messages.
+inline void check_router_and_gate(
+    const char* layer,
+    const functional::AdapterTensors& adapter,
+    int64_t branches,
+    int64_t in,
+    int64_t out,
+    const char* in_name,
+    const char* out_name) {
+  const auto& router = adapter.router_weight;
+  const auto& router_bias = adapter.router_bias;
+  TORCH_CHECK(
+      !router.defined() ||
+          (router.dim() == 2 && router.size(0) == branches &&
+           router.size(1) == in && router_bias.defined() &&
+           router_bias.dim() == 1 && router_bias.size(0) == branches),
+      layer,
+      ": expected router weight (n, ",
+      in_name,
+      ") = [",
+      branches,
+      ", ",
+      in,
+      "] and bias (n), but got ",
+      router.sizes(),
+      " and ",
+      router_bias.defined() ? router_bias.sizes() : torch::IntArrayRef());
+  const auto& gate = adapter.gate;
+  TORCH_CHECK(
+      !gate.defined() ||
+          (gate.dim() == 2 && gate.size(0) == branches && gate.size(1) == out),
+      layer,
+      ": expected gate (n, ",
+      out_name,
+      ") = [",
+      branches,
+      ", ",
+      out,
+      "], but got ",
+      gate.sizes());
+}
+
+/// Checks that a Linear adapter's tensors fit each other and the base
+/// weight.
 inline void check_linear_adapter(
     const torch::Tensor& weight,
     const functional::AdapterTensors& adapter) {
@@ -236,34 +312,114 @@ inline void check_linear_adapter(
       a.sizes(),
       ", lora_B ",
       b.sizes());
-  const auto& router = adapter.router_weight;
-  const auto& router_bias = adapter.router_bias;
+  check_router_and_gate(
+      kLinearName, adapter, a.size(0), a.size(2), b.size(0), "d_in", "d_out");
+}
+
+/// Checks that a Conv2d adapter's tensors fit each other and the base
+/// weight, and that the convolution is one the adapter supports.
+inline void check_conv2d_adapter(
+    const torch::Tensor& weight,
+    const functional::AdapterTensors& adapter,
+    const torch::nn::functional::Conv2dFuncOptions& conv) {
+  const auto& a = adapter.lora_A;
+  const auto& b = adapter.lora_B;
   TORCH_CHECK(
-      !router.defined() ||
-          (router.dim() == 2 && router.size(0) == a.size(0) &&
-           router.size(1) == a.size(2) && router_bias.defined() &&
-           router_bias.dim() == 1 && router_bias.size(0) == a.size(0)),
-      kLinearName,
-      ": expected router weight (n, d_in) = [",
-      a.size(0),
-      ", ",
-      a.size(2),
-      "] and bias (n), but got ",
-      router.sizes(),
-      " and ",
-      router_bias.defined() ? router_bias.sizes() : torch::IntArrayRef());
-  const auto& gate = adapter.gate;
-  TORCH_CHECK(
-      !gate.defined() ||
-          (gate.dim() == 2 && gate.size(0) == a.size(0) &&
-           gate.size(1) == b.size(0)),
-      kLinearName,
-      ": expected gate (n, d_out) = [",
-      a.size(0),
-      ", ",
-      b.size(0),
-      "], but got ",
-      gate.sizes());
+      weight.dim() == 4 && a.dim() == 5 && a.size(2) == weight.size(1) &&
+          a.size(3) == weight.size(2) && a.size(4) == weight.size(3) &&
+          b.dim() == 4 && b.size(0) == weight.size(0) &&
+          b.size(1) == a.size(1) && b.size(2) == 1 && b.size(3) == 1,
+      kConv2dName,
+      ": expected weight (C_out, C_in, kH, kW), lora_A (n, r, C_in, kH, kW) "
+      "and lora_B (C_out, r, 1, 1), but got weight ",
+      weight.sizes(),
+      ", lora_A ",
+      a.sizes(),
+      ", lora_B ",
+      b.sizes());
+  TORCH_CHECK_VALUE(
+      conv.groups() == 1,
+      kConv2dName,
+      ": expected groups=1 (an adapter on a grouped convolution is not "
+      "supported), but got groups=",
+      conv.groups());
+  check_router_and_gate(
+      kConv2dName, adapter, a.size(0), a.size(2), b.size(0), "C_in", "C_out");
+}
+
+/// The convolution `conv` describes, with another weight, no bias and
+/// `groups` groups.
+inline torch::nn::functional::Conv2dFuncOptions conv2d_geometry(
+    const torch::nn::functional::Conv2dFuncOptions& conv,
+    int64_t groups) {
+  return torch::nn::functional::Conv2dFuncOptions()
+      .stride(conv.stride())
+      .padding(conv.padding())
+      .dilation(conv.dilation())
+      .groups(groups);
+}
+
+/// The mixed down-projection `sum_i s_i A_i * x` of SPEC §2 for Conv2d, by
+/// either path: merged kernels per instance through one grouped convolution,
+/// or all n·r kernels as one convolution, then mixing.
+/// x: (N, C_in, H, W), lora_A: (n, r, C_in, kH, kW), s: (n) or (N, n)
+///   -> (N, r, H', W')
+inline torch::Tensor conv2d_down_projection(
+    const torch::Tensor& x,
+    const torch::Tensor& lora_A,
+    const torch::Tensor& s,
+    const torch::nn::functional::Conv2dFuncOptions& conv,
+    ComputePath path) {
+  namespace F = torch::nn::functional;
+  const int64_t instances = x.size(0), channels = x.size(1);
+  const int64_t branches = lora_A.size(0), rank = lora_A.size(1);
+  if (path == ComputePath::kAuto) {
+    // As for Linear, with the positions of the map as tokens.
+    const int64_t tokens = x.size(2) * x.size(3);
+    path = s.dim() == 1 || branches + tokens < branches * tokens
+        ? ComputePath::kMerged
+        : ComputePath::kStacked;
+  }
+  if (path == ComputePath::kMerged) {
+    const auto a = mix_branches(s, lora_A).to(lora_A.scalar_type());
+    if (s.dim() == 1) {
+      return F::conv2d(x, a, conv2d_geometry(conv, 1));
+    }
+    // Instance i is group i: its channels meet only its own kernels.
+    const auto z = F::conv2d(
+        x.reshape({1, instances * channels, x.size(2), x.size(3)}),
+        a.flatten(0, 1),
+        conv2d_geometry(conv, instances));
+    return z.view({instances, rank, z.size(2), z.size(3)});
+  }
+  const auto z = F::conv2d(x, lora_A.flatten(0, 1), conv2d_geometry(conv, 1));
+  const auto w = s.to(z.scalar_type())
+                     .view({s.dim() == 2 ? instances : 1, branches, 1, 1, 1});
+  return (z.view({instances, branches, rank, z.size(2), z.size(3)}) * w)
+      .sum(/*dim=*/1);
+}
+
+/// Dropout on the branches' input while training, as LoRA applies it.
+inline torch::Tensor branch_input(
+    const torch::Tensor& x,
+    const functional::StyleInjectFuncOptions& options) {
+  if (!options.training() || options.dropout() == 0.0) {
+    return x;
+  }
+  return torch::nn::functional::dropout(
+      x,
+      torch::nn::functional::DropoutFuncOptions()
+          .p(options.dropout())
+          .training(true));
+}
+
+/// The gate factor of SPEC §3, `g = scale·tanh(s · gate)`, in s's dtype.
+/// s: (n) or (N, n), gate: (n, d_out) -> (d_out) or (N, d_out)
+inline torch::Tensor gate_factor(
+    const torch::Tensor& s,
+    const torch::Tensor& gate,
+    double scale) {
+  return torch::tanh(mix_branches(s, gate)) * scale;
 }
 
 } // namespace detail
@@ -311,26 +467,77 @@ inline torch::Tensor style_inject_linear(
   const bool has_tokens = input.dim() >= 3;
   const auto x = detail::linear_instances(input); // (N, L, d_in)
   const auto s = detail::style_weights(x, /*token_dims=*/{1}, adapter, options);
-  const auto branch_input = options.training() && options.dropout() > 0.0
-      ? torch::nn::functional::dropout(
-            x,
-            torch::nn::functional::DropoutFuncOptions()
-                .p(options.dropout())
-                .training(true))
-      : x;
   const auto z = detail::linear_down_projection(
-      branch_input, adapter.lora_A, s, options.path());
+      detail::branch_input(x, options), adapter.lora_A, s, options.path());
   auto h = torch::nn::functional::linear(x, weight, bias) +
       torch::nn::functional::linear(
                z, adapter.lora_B * (options.scaling() * options.scale()));
   if (adapter.gate.defined() && has_tokens) {
-    auto g =
-        torch::tanh(detail::mix_branches(s, adapter.gate)) * options.scale();
+    const auto g = detail::gate_factor(s, adapter.gate, options.scale());
     h = detail::variance_gate(h, s.dim() == 2 ? g.unsqueeze(1) : g, {1});
   }
   auto sizes = input.sizes().vec();
   sizes.back() = weight.size(0);
   return h.view(sizes);
+}
+
+/// The style weights that StyleInjectConv2d's router gives each instance
+/// of `input`: the softmax of the router on the spatially pooled input (the
+/// fixed style if `options.style()` is set; 1/n with the router off), in
+/// float32 or wider.
+/// input: (N, C_in, H, W) -> (N, n)
+inline torch::Tensor conv2d_style_weights(
+    const torch::Tensor& input,
+    const AdapterTensors& adapter,
+    const StyleInjectFuncOptions& options = {}) {
+  detail::check_conv2d_input(input, adapter, options);
+  const auto s =
+      detail::style_weights(input, /*token_dims=*/{2, 3}, adapter, options);
+  return s.expand({input.size(0), s.size(-1)});
+}
+
+/// StyleInjectConv2d's forward (SPEC §1–3), with the convolution of
+/// F::conv2d: `conv` gives the base's bias, stride, padding and dilation
+/// (groups must be 1). Each branch's down-projection is a convolution like
+/// the base's, the shared up-projection a 1×1 convolution, the router reads
+/// the spatially pooled input, and the gate's statistics are over H'×W':
+/// `u = conv(x, W0) + b0 + scale·scaling·B * (sum_i s_i A_i * dropout(x))`,
+/// `h = u + g ⊙ (u - mean_hw(u))` with `g = scale·tanh(s · gate)`.
+/// input: (N, C_in, H, W) -> (N, C_out, H', W')
+///
+/// Example:
+/// ```
+/// namespace F = torch::nn::functional;
+/// namespace SF = styleinject::functional;
+/// auto h = SF::style_inject_conv2d(x, layer->weight,
+///     {layer->lora_A, layer->lora_B, {}, {}, {}},
+///     F::Conv2dFuncOptions().bias(layer->bias).padding(1));
+/// ```
+inline torch::Tensor style_inject_conv2d(
+    const torch::Tensor& input,
+    const torch::Tensor& weight,
+    const AdapterTensors& adapter,
+    const torch::nn::functional::Conv2dFuncOptions& conv = {},
+    const StyleInjectFuncOptions& options = {}) {
+  namespace F = torch::nn::functional;
+  detail::check_conv2d_adapter(weight, adapter, conv);
+  detail::check_conv2d_input(input, adapter, options);
+  const auto s =
+      detail::style_weights(input, /*token_dims=*/{2, 3}, adapter, options);
+  const auto z = detail::conv2d_down_projection(
+      detail::branch_input(input, options),
+      adapter.lora_A,
+      s,
+      conv,
+      options.path());
+  auto h = F::conv2d(input, weight, conv) +
+      F::conv2d(z, adapter.lora_B * (options.scaling() * options.scale()));
+  if (adapter.gate.defined()) {
+    const auto g = detail::gate_factor(s, adapter.gate, options.scale());
+    h = detail::variance_gate(
+        h, g.view({s.dim() == 2 ? input.size(0) : 1, -1, 1, 1}), {2, 3});
+  }
+  return h;
 }
 
 } // namespace functional

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <ostream>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -40,29 +41,95 @@ class StyleInjectLayerImpl
   using BaseHolder = typename Traits::Holder;
   using BaseOptions = typename Traits::Options;
 
-  /// Wraps `base`: the layer shares base's weight and bias (and freezes
-  /// them: `requires_grad` becomes false on both).
-  StyleInjectLayerImpl(BaseHolder base, StyleInjectOptions options)
-      : base_options(checked(base)->options), options(std::move(options)) {
-    register_all(base->weight, base->bias);
+  /// Wraps `base` without an adapter: the layer shares base's weight and bias
+  /// and computes exactly what base computes, until `add_adapter`.
+  explicit StyleInjectLayerImpl(BaseHolder base)
+      : base_options(Traits::options_of(*checked(base))) {
+    register_base(base->weight, base->bias);
   }
 
-  /// Builds a new base layer from `base_options`, initialised as the base
-  /// layer type initialises itself, with an adapter on it.
-  StyleInjectLayerImpl(BaseOptions base_options, StyleInjectOptions options)
-      : base_options(std::move(base_options)), options(std::move(options)) {
+  /// Wraps `base` with an adapter: the layer shares base's weight and bias
+  /// and freezes them (`requires_grad` becomes false on both).
+  StyleInjectLayerImpl(BaseHolder base, StyleInjectOptions options)
+      : StyleInjectLayerImpl(std::move(base)) {
+    add_adapter(std::move(options));
+  }
+
+  /// A new base layer from `base_options`, initialised as the base layer type
+  /// initialises itself, with no adapter: it trains, computes and saves
+  /// exactly as the base layer type does, until `add_adapter`.
+  explicit StyleInjectLayerImpl(BaseOptions base_options)
+      : base_options(std::move(base_options)) {
     reset();
   }
 
-  /// Registers a new base layer and adapter (clone() relies on it).
+  /// A new base layer from `base_options` with an adapter on it (the base
+  /// frozen).
+  StyleInjectLayerImpl(BaseOptions base_options, StyleInjectOptions options)
+      : base_options(std::move(base_options)),
+        options(checked(std::move(options))) {
+    reset();
+  }
+
+  /// The base layer type's own short constructors, e.g.
+  /// `StyleInjectLinear(320, 640)` or `StyleInjectConv2d(320, 320, 3)`.
+  template <
+      typename... Args,
+      typename = std::enable_if_t<
+          std::is_constructible<BaseOptions, int64_t, int64_t, Args...>::value>>
+  StyleInjectLayerImpl(int64_t in, int64_t out, Args&&... args)
+      : StyleInjectLayerImpl(
+            BaseOptions(in, out, std::forward<Args>(args)...)) {}
+
+  /// Registers a new base layer, and an adapter if `options` has one
+  /// (clone() relies on it).
   void reset() override {
     BaseHolder fresh(base_options);
-    register_all(fresh->weight, fresh->bias);
+    register_base(fresh->weight, fresh->bias);
+    if (options) {
+      register_adapter();
+    }
+  }
+
+  /// Attaches an adapter to the layer and freezes the base's weight and
+  /// bias. The adapter starts as the identity: the output does not change.
+  void add_adapter(StyleInjectOptions adapter_options) {
+    TORCH_CHECK(
+        !options,
+        Traits::name,
+        ": the layer has an adapter already; call remove_adapter() first");
+    options = checked(std::move(adapter_options));
+    register_adapter();
+  }
+
+  /// Removes the adapter, which leaves the base layer (still frozen).
+  void remove_adapter() {
+    if (!options) {
+      return;
+    }
+    for (const char* name : {"lora_A", "lora_B", "gate"}) {
+      this->parameters_.erase(name);
+    }
+    if (router) {
+      this->unregister_module("router");
+    }
+    lora_A = lora_B = gate = torch::Tensor();
+    router = nullptr;
+    style_ = torch::Tensor();
+    options = c10::nullopt;
+  }
+
+  /// Whether an adapter is attached.
+  bool has_adapter() const {
+    return options.has_value();
   }
 
   /// Re-initialises the adapter only, which makes the layer equal to its base
   /// again: A Kaiming-uniform, B, router and gate zero.
   void reset_parameters() {
+    if (!options) {
+      return;
+    }
     torch::NoGradGuard no_grad;
     for (int64_t i = 0; i < lora_A.size(0); ++i) {
       // Branch by branch, so that the fan-in is that of one LoRA A: the
@@ -81,11 +148,12 @@ class StyleInjectLayerImpl
     }
   }
 
-  /// The base layer's output with the adapter's update and gate; with the
-  /// adapter disabled, exactly the base layer's output.
+  /// The base layer's output with the adapter's update and gate; without an
+  /// adapter, or with it disabled, exactly the base layer's output.
   torch::Tensor forward(const torch::Tensor& input) {
-    return enabled_
-        ? Traits::forward(input, weight, bias, adapter(), func_options())
+    return options && enabled_
+        ? Traits::forward(
+              base_options, input, weight, bias, adapter(), func_options())
         : Traits::base_forward(base_options, input, weight, bias);
   }
 
@@ -94,6 +162,7 @@ class StyleInjectLayerImpl
   /// an input is routed to. For Linear: (N, d_in) -> (N, n),
   /// (..., L, d_in) -> (..., n).
   torch::Tensor style_weights(const torch::Tensor& input) {
+    check_has_adapter("style_weights");
     return Traits::style_weights(input, adapter(), func_options());
   }
 
@@ -125,7 +194,8 @@ class StyleInjectLayerImpl
   /// finite and non-negative; that is checked here, once (a host read), so
   /// that forward never reads from the device.
   void set_style(const torch::Tensor& style) {
-    const int64_t branches = options.branches();
+    check_has_adapter("set_style");
+    const int64_t branches = options->branches();
     TORCH_CHECK_VALUE(
         style.defined() && style.is_floating_point() &&
             (style.dim() == 1 || style.dim() == 2) &&
@@ -158,7 +228,8 @@ class StyleInjectLayerImpl
     return style_;
   }
 
-  /// The adapter's tensors, for the optimizer (the base is frozen).
+  /// The adapter's tensors, for the optimizer (the base is frozen); empty
+  /// without an adapter.
   std::vector<torch::Tensor> adapter_parameters() const {
     std::vector<torch::Tensor> result;
     for (const auto& parameter : this->named_parameters()) {
@@ -175,19 +246,23 @@ class StyleInjectLayerImpl
   void pretty_print(std::ostream& stream) const override {
     stream << std::boolalpha << Traits::name << "(";
     Traits::pretty_print(stream, base_options);
-    stream << ", rank=" << options.rank() << ", branches=" << options.branches()
-           << ", alpha=" << options.alpha().value_or(options.rank());
-    if (options.dropout() > 0.0) {
-      stream << ", dropout=" << options.dropout();
+    if (options) {
+      stream << ", rank=" << options->rank()
+             << ", branches=" << options->branches()
+             << ", alpha=" << options->alpha().value_or(options->rank());
+      if (options->dropout() > 0.0) {
+        stream << ", dropout=" << options->dropout();
+      }
+      if (options->rslora()) {
+        stream << ", rslora=true";
+      }
+      if (options->temperature() != 1.0) {
+        stream << ", temperature=" << options->temperature();
+      }
+      stream << ", router=" << options->router()
+             << ", gate=" << options->gate();
     }
-    if (options.rslora()) {
-      stream << ", rslora=true";
-    }
-    if (options.temperature() != 1.0) {
-      stream << ", temperature=" << options.temperature();
-    }
-    stream << ", router=" << options.router() << ", gate=" << options.gate()
-           << ")";
+    stream << ")";
   }
 
   /// Loads a checkpoint of this layer, or of its plain base layer (which has
@@ -258,13 +333,15 @@ class StyleInjectLayerImpl
 
   /// Options of the base layer (e.g. torch::nn::LinearOptions).
   BaseOptions base_options;
-  /// Options of the adapter.
-  StyleInjectOptions options;
+  /// Options of the adapter; empty without one.
+  c10::optional<StyleInjectOptions> options;
   /// The base layer's parameters, frozen; `bias` is undefined without bias.
   torch::Tensor weight, bias;
-  /// (n, r, d_in) for Linear: the n down-projections.
+  /// The n down-projections: (n, r, d_in) for Linear, (n, r, C_in, k, k)
+  /// for Conv2d. Undefined without an adapter, as are the three below.
   torch::Tensor lora_A;
-  /// (d_out, r) for Linear: the shared up-projection.
+  /// The shared up-projection: (d_out, r) for Linear, (C_out, r, 1, 1) for
+  /// Conv2d.
   torch::Tensor lora_B;
   /// (n, d_out): the variance gate; undefined with the gate off.
   torch::Tensor gate;
@@ -280,14 +357,29 @@ class StyleInjectLayerImpl
     return base;
   }
 
-  void register_all(torch::Tensor base_weight, torch::Tensor base_bias) {
+  static StyleInjectOptions checked(StyleInjectOptions options) {
     detail::check_options(options, Traits::name);
-    weight = this->register_parameter(
-        "weight", std::move(base_weight), /*requires_grad=*/false);
-    bias = this->register_parameter(
-        "bias", std::move(base_bias), /*requires_grad=*/false);
+    return options;
+  }
+
+  // The base's tensors keep their own requires_grad: a layer without an
+  // adapter trains like the base layer type.
+  void register_base(torch::Tensor base_weight, torch::Tensor base_bias) {
+    Traits::check_base(base_options);
+    const bool weight_grad = base_weight.requires_grad();
+    const bool bias_grad = base_bias.defined() && base_bias.requires_grad();
+    weight =
+        this->register_parameter("weight", std::move(base_weight), weight_grad);
+    bias = this->register_parameter("bias", std::move(base_bias), bias_grad);
+  }
+
+  void register_adapter() {
+    weight.set_requires_grad(false);
+    if (bias.defined()) {
+      bias.set_requires_grad(false);
+    }
     const auto on_base = weight.options().requires_grad(false);
-    const int64_t branches = options.branches(), rank = options.rank();
+    const int64_t branches = options->branches(), rank = options->rank();
     const int64_t in = Traits::in_features(base_options);
     const int64_t out = Traits::out_features(base_options);
     lora_A = this->register_parameter(
@@ -298,14 +390,24 @@ class StyleInjectLayerImpl
         "lora_B",
         torch::empty(Traits::lora_B_shape(base_options, rank), on_base));
     router = nullptr;
-    if (options.router()) {
+    if (options->router()) {
       router = this->register_module("router", torch::nn::Linear(in, branches));
       router->to(weight.device(), weight.scalar_type());
     }
-    gate = options.gate() ? this->register_parameter(
-                                "gate", torch::empty({branches, out}, on_base))
-                          : torch::Tensor();
+    gate = options->gate() ? this->register_parameter(
+                                 "gate", torch::empty({branches, out}, on_base))
+                           : torch::Tensor();
     reset_parameters();
+  }
+
+  void check_has_adapter(const char* method) const {
+    TORCH_CHECK(
+        options.has_value(),
+        Traits::name,
+        ": ",
+        method,
+        "() needs an adapter, but the layer has none; add one with "
+        "add_adapter() or styleinject::inject()");
   }
 
   functional::AdapterTensors adapter() const {
@@ -324,13 +426,13 @@ class StyleInjectLayerImpl
       style_ = style_.to(weight.device());
     }
     return functional::StyleInjectFuncOptions()
-        .scaling(options.scaling())
+        .scaling(options->scaling())
         .scale(scale_)
-        .temperature(options.temperature())
-        .dropout(options.dropout())
+        .temperature(options->temperature())
+        .dropout(options->dropout())
         .training(this->is_training())
         .style(style_)
-        .path(options.path());
+        .path(options->path());
   }
 
   bool enabled_ = true;

@@ -19,6 +19,9 @@ struct layer_traits<torch::nn::LinearImpl> {
   using Options = torch::nn::LinearOptions;
   static constexpr const char* name = detail::kLinearName;
 
+  static Options options_of(const torch::nn::LinearImpl& base) {
+    return base.options;
+  }
   static int64_t in_features(const Options& options) {
     return options.in_features();
   }
@@ -36,6 +39,8 @@ struct layer_traits<torch::nn::LinearImpl> {
       int64_t rank) {
     return {options.out_features(), rank};
   }
+  /// Every Linear can carry an adapter.
+  static void check_base(const Options& /*options*/) {}
   static torch::Tensor base_forward(
       const Options& /*options*/,
       const torch::Tensor& input,
@@ -44,6 +49,7 @@ struct layer_traits<torch::nn::LinearImpl> {
     return torch::nn::functional::linear(input, weight, bias);
   }
   static torch::Tensor forward(
+      const Options& /*options*/,
       const torch::Tensor& input,
       const torch::Tensor& weight,
       const torch::Tensor& bias,
@@ -65,24 +71,27 @@ struct layer_traits<torch::nn::LinearImpl> {
   }
 };
 
-/// A torch::nn::Linear with a StyleInject adapter (SPEC §1–3). See
-/// `StyleInjectLayerImpl` for the controls, `functional::style_inject_linear`
-/// for the math.
+/// A torch::nn::Linear that can carry a StyleInject adapter (SPEC §1–3).
+/// Without one it trains, computes and saves exactly as torch::nn::Linear
+/// does, so a model declares it where it wants adaptability and
+/// `styleinject::inject` attaches adapters later. See `StyleInjectLayerImpl`
+/// for the controls, `functional::style_inject_linear` for the math.
 using StyleInjectLinearImpl = StyleInjectLayerImpl<torch::nn::LinearImpl>;
 
 /// A `ModuleHolder` subclass for `StyleInjectLinearImpl`.
 ///
 /// Example:
 /// ```
-/// torch::nn::Linear proj(320, 320);             // pretrained, say
-/// styleinject::StyleInjectLinear adapted(proj,
-/// styleinject::StyleInjectOptions(4)); auto h = adapted(torch::randn({2, 64,
-/// 320})); // (N, L, d_in) -> (N, L, d_out) torch::optim::Adam
-/// opt(adapted->adapter_parameters(), 1e-3);
+/// // In a model: declared as torch::nn::Linear would be.
+/// styleinject::StyleInjectLinear to_q(320, 320);
+/// to_q->add_adapter(styleinject::StyleInjectOptions(4));
+/// auto h = to_q(torch::randn({2, 64, 320})); // (N, L, 320) -> (N, L, 320)
+/// torch::optim::Adam adam(to_q->adapter_parameters(), 1e-3);
 ///
+/// // Or around a layer that exists, here as LoRA of rank 16.
+/// torch::nn::Linear proj(320, 320);
 /// styleinject::StyleInjectLinear lora(
-///     torch::nn::LinearOptions(320, 320),
-///     styleinject::StyleInjectOptions::lora(16));
+///     proj, styleinject::StyleInjectOptions::lora(16));
 /// ```
 TORCH_MODULE(StyleInjectLinear);
 

@@ -4,6 +4,7 @@
 /// multi-branch, style-routed low-rank adapters and a variance gate.
 /// Including this header gives the whole library.
 
+#include <styleinject/conv2d.h>
 #include <styleinject/functional.h>
 #include <styleinject/layer.h>
 #include <styleinject/linear.h>

@@ -4,7 +4,10 @@
 
 #include <ATen/autocast_mode.h>
 #include <c10/core/DeviceType.h>
+#include <torch/nn/options/conv.h>
 #include <torch/version.h>
+
+#include <variant>
 
 namespace styleinject {
 namespace detail {
@@ -20,6 +23,17 @@ inline bool autocast_enabled(c10::DeviceType device) {
 #else
   return device == c10::kCUDA ? at::autocast::is_enabled()
                               : at::autocast::is_cpu_enabled();
+#endif
+}
+
+/// Whether a variant of LibTorch's options holds a `T`: c10::variant in
+/// 1.13, std::variant since c10's own was retired.
+template <typename T, typename Variant>
+bool holds(const Variant& variant) {
+#ifdef C10_UTIL_VARIANT_H_
+  return c10::get_if<T>(&variant) != nullptr;
+#else
+  return std::get_if<T>(&variant) != nullptr;
 #endif
 }
 
