@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -310,5 +311,120 @@ inline torch::Tensor reference_conv2d_forward(
   }
   return out;
 }
+
+/// Attention with q, k, v, out projections as StyleInject layers, and
+/// cross-attention to a context when one is given.
+struct AttentionImpl : torch::nn::Module {
+  AttentionImpl(int64_t dim, int64_t context_dim) {
+    to_q = register_module("to_q", styleinject::StyleInjectLinear(dim, dim));
+    to_k = register_module(
+        "to_k", styleinject::StyleInjectLinear(context_dim, dim));
+    to_v = register_module(
+        "to_v", styleinject::StyleInjectLinear(context_dim, dim));
+    to_out =
+        register_module("to_out", styleinject::StyleInjectLinear(dim, dim));
+  }
+  /// x: (N, L, dim), context: (N, M, context_dim) -> (N, L, dim)
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& context) {
+    const auto q = to_q(x), k = to_k(context), v = to_v(context);
+    const auto weights = torch::softmax(
+        torch::matmul(q, k.transpose(1, 2)) / std::sqrt(double(q.size(-1))),
+        -1);
+    return to_out(torch::matmul(weights, v));
+  }
+  styleinject::StyleInjectLinear to_q{nullptr}, to_k{nullptr}, to_v{nullptr},
+      to_out{nullptr};
+};
+TORCH_MODULE(Attention);
+
+/// A residual block whose body is a Sequential of plain torch::nn layers,
+/// the one container where LibTorch lets inject swap layers for real.
+struct ResBlockImpl : torch::nn::Module {
+  explicit ResBlockImpl(int64_t channels) {
+    body = register_module(
+        "body",
+        torch::nn::Sequential(
+            torch::nn::Conv2d(
+                torch::nn::Conv2dOptions(channels, channels, 3).padding(1)),
+            torch::nn::GroupNorm(2, channels),
+            torch::nn::SiLU(),
+            torch::nn::Conv2d(
+                torch::nn::Conv2dOptions(channels, channels, 3).padding(1))));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    return x + body->forward(x);
+  }
+  torch::nn::Sequential body{nullptr};
+};
+TORCH_MODULE(ResBlock);
+
+/// A miniature UNet-like model: ResBlocks in a ModuleList, a declared
+/// StyleInjectConv2d, an attention block over the map's positions with
+/// cross-attention to a context, and a plain Linear head.
+struct TinyNetImpl : torch::nn::Module {
+  static constexpr int64_t kChannels = 4, kContext = 6;
+  TinyNetImpl() {
+    blocks = register_module(
+        "blocks",
+        torch::nn::ModuleList(ResBlock(kChannels), ResBlock(kChannels)));
+    mix = register_module(
+        "mix", styleinject::StyleInjectConv2d(kChannels, kChannels, 1));
+    attn = register_module("attn", Attention(kChannels, kContext));
+    head = register_module("head", torch::nn::Linear(kChannels, 3));
+  }
+  /// x: (N, 4, H, W), context: (N, M, 6) -> (N, H·W, 3)
+  torch::Tensor forward(torch::Tensor x, const torch::Tensor& context) {
+    for (const auto& block : *blocks) {
+      x = block->as<ResBlockImpl>()->forward(x);
+    }
+    const auto tokens = mix(x).flatten(2).transpose(1, 2);
+    return head(tokens + attn(tokens, context));
+  }
+  torch::nn::ModuleList blocks{nullptr};
+  styleinject::StyleInjectConv2d mix{nullptr};
+  Attention attn{nullptr};
+  torch::nn::Linear head{nullptr};
+};
+TORCH_MODULE(TinyNet);
+
+/// Every parameter's value, by name, to see later what changed.
+inline std::map<std::string, torch::Tensor> snapshot(
+    const torch::nn::Module& model) {
+  std::map<std::string, torch::Tensor> values;
+  for (const auto& p : model.named_parameters()) {
+    values[p.key()] = p.value().detach().clone();
+  }
+  return values;
+}
+
+#if TORCH_VERSION_MAJOR < 2
+namespace warning_utils = c10::Warning;
+#else
+namespace warning_utils = c10::WarningUtils;
+#endif
+
+/// Collects LibTorch warnings while alive.
+struct WarningCapture : c10::WarningHandler {
+  WarningCapture() : previous(warning_utils::get_warning_handler()) {
+    warning_utils::set_warning_handler(this);
+  }
+  ~WarningCapture() override {
+    warning_utils::set_warning_handler(previous);
+  }
+#if TORCH_VERSION_MAJOR < 2
+  void process(
+      const c10::SourceLocation& /*location*/,
+      const std::string& message,
+      const bool /*verbatim*/) override {
+    messages.push_back(message);
+  }
+#else
+  void process(const c10::Warning& warning) override {
+    messages.push_back(warning.msg());
+  }
+#endif
+  c10::WarningHandler* previous;
+  std::vector<std::string> messages;
+};
 
 } // namespace styleinject_test

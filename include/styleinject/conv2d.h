@@ -10,6 +10,7 @@
 #include <torch/nn/pimpl.h>
 
 #include <ostream>
+#include <string>
 #include <vector>
 
 namespace styleinject {
@@ -23,6 +24,7 @@ struct layer_traits<torch::nn::Conv2dImpl> {
   using Holder = torch::nn::Conv2d;
   using Options = torch::nn::Conv2dOptions;
   static constexpr const char* name = detail::kConv2dName;
+  static constexpr const char* type = "Conv2d";
 
   static Options options_of(const torch::nn::Conv2dImpl& base) {
     // Conv2dImpl keeps the options of any N-d convolution; take ours back.
@@ -100,6 +102,13 @@ struct layer_traits<torch::nn::Conv2dImpl> {
       const functional::AdapterTensors& adapter,
       const functional::StyleInjectFuncOptions& options) {
     return functional::conv2d_style_weights(input, adapter, options);
+  }
+  /// The layer in short, for reports: "320 -> 320, 3x3".
+  static std::string shape(const Options& options) {
+    const auto kernel = *options.kernel_size();
+    return std::to_string(options.in_channels()) + " -> " +
+        std::to_string(options.out_channels()) + ", " +
+        std::to_string(kernel[0]) + "x" + std::to_string(kernel[1]);
   }
   static void pretty_print(std::ostream& stream, const Options& options) {
     stream << "in_channels=" << options.in_channels()

@@ -8,6 +8,7 @@
 #include <torch/nn/pimpl.h>
 
 #include <ostream>
+#include <string>
 #include <vector>
 
 namespace styleinject {
@@ -18,6 +19,7 @@ struct layer_traits<torch::nn::LinearImpl> {
   using Holder = torch::nn::Linear;
   using Options = torch::nn::LinearOptions;
   static constexpr const char* name = detail::kLinearName;
+  static constexpr const char* type = "Linear";
 
   static Options options_of(const torch::nn::LinearImpl& base) {
     return base.options;
@@ -63,6 +65,11 @@ struct layer_traits<torch::nn::LinearImpl> {
       const functional::AdapterTensors& adapter,
       const functional::StyleInjectFuncOptions& options) {
     return functional::linear_style_weights(input, adapter, options);
+  }
+  /// The layer in short, for reports: "320 -> 640".
+  static std::string shape(const Options& options) {
+    return std::to_string(options.in_features()) + " -> " +
+        std::to_string(options.out_features());
   }
   static void pretty_print(std::ostream& stream, const Options& options) {
     stream << "in_features=" << options.in_features()

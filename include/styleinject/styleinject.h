@@ -6,6 +6,7 @@
 
 #include <styleinject/conv2d.h>
 #include <styleinject/functional.h>
+#include <styleinject/inject.h>
 #include <styleinject/layer.h>
 #include <styleinject/linear.h>
 #include <styleinject/options.h>
