@@ -6,11 +6,11 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${STYLEINJECT_VENV:-$repo/.venv}
 jobs=$(nproc)
 
-# Debian's packages: the compiler, CMake, LibTorch 1.13, fmt, Catch2 2, and
-# venv for the PyPI side.
+# Debian's packages: the compilers (clang for libFuzzer), CMake, LibTorch
+# 1.13, nlohmann-json, fmt, Catch2 2, and venv for the PyPI side.
 install_missing() {
-  local wanted=(ca-certificates cmake g++ make libtorch-dev libfmt-dev catch2
-    python3-venv)
+  local wanted=(ca-certificates cmake g++ make clang libclang-rt-dev
+    libtorch-dev nlohmann-json3-dev libfmt-dev catch2 python3-venv)
   local missing=() package
   for package in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null |
@@ -26,13 +26,13 @@ install_missing() {
   fi
 }
 
-# PyPI's torch 2.x (a CUDA build; its LibTorch runs on the CPU too), in a
-# virtual environment of its own.
+# PyPI's torch 2.x (a CUDA build; its LibTorch runs on the CPU too), and
+# safetensors with numpy for the interop test, in a virtual environment.
 install_pypi_torch() {
-  if ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
-    echo "== installing torch 2.x from PyPI into $venv"
+  if ! "$venv/bin/python" -c 'import torch, safetensors, numpy' 2>/dev/null; then
+    echo "== installing torch 2.x, safetensors and numpy from PyPI into $venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet 'torch>=2,<3'
+    "$venv/bin/pip" install --quiet 'torch>=2,<3' safetensors numpy
   fi
 }
 

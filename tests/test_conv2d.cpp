@@ -316,3 +316,31 @@ TEST_CASE(
     CHECK(p.grad().is_cuda());
   }
 }
+
+TEST_CASE(
+    "adapter_shapes names the parameters an adapter registers",
+    "[conv2d][linear]") {
+  // load_adapters validates files against adapter_shapes before anything is
+  // attached, so it must agree with what add_adapter registers.
+  const bool router = GENERATE(true, false);
+  const bool gate = GENERATE(true, false);
+  const auto options =
+      StyleInjectOptions(3).branches(2).router(router).gate(gate);
+  const auto check = [&](const auto& layer, const auto& base_options) {
+    using Layer = std::decay_t<decltype(*layer)>;
+    std::map<std::string, std::vector<int64_t>> registered, predicted;
+    for (const auto& p : layer->named_parameters()) {
+      if (p.key() != "weight" && p.key() != "bias") {
+        registered[p.key()] = p.value().sizes().vec();
+      }
+    }
+    for (const auto& shape : Layer::adapter_shapes(base_options, options)) {
+      predicted[shape.first] = shape.second;
+    }
+    CHECK(registered == predicted);
+  };
+  const auto conv = torch::nn::Conv2dOptions(4, 5, 3);
+  check(StyleInjectConv2d(conv, options), conv);
+  const auto linear = torch::nn::LinearOptions(4, 5);
+  check(styleinject::StyleInjectLinear(linear, options), linear);
+}

@@ -267,7 +267,13 @@ struct Candidate {
   int64_t in = 0, out = 0;
   /// Why the layer cannot carry an adapter; empty if it can.
   std::string refusal;
-  bool has_adapter = false;
+  /// The adapter's options, if the layer has one.
+  c10::optional<StyleInjectOptions> options;
+  /// The names and shapes of the parameters an adapter with these options
+  /// would have on this layer.
+  std::function<std::vector<std::pair<std::string, std::vector<int64_t>>>(
+      const StyleInjectOptions&)>
+      adapter_shapes;
   /// Attaches an adapter, swapping the layer in first where it is plain.
   std::function<void(const StyleInjectOptions&)> attach;
 };
@@ -297,7 +303,11 @@ bool collect_layer(
     candidate.shape = Traits::shape(layer->base_options);
     candidate.in = Traits::in_features(layer->base_options);
     candidate.out = Traits::out_features(layer->base_options);
-    candidate.has_adapter = layer->has_adapter();
+    candidate.options = layer->options;
+    candidate.adapter_shapes =
+        [options = layer->base_options](const StyleInjectOptions& o) {
+          return Layer::adapter_shapes(options, o);
+        };
     candidate.attach = [layer](const StyleInjectOptions& options) {
       layer->add_adapter(options);
     };
@@ -310,6 +320,9 @@ bool collect_layer(
   }
   const auto options = Traits::options_of(*plain);
   candidate.shape = Traits::shape(options);
+  candidate.adapter_shapes = [options](const StyleInjectOptions& o) {
+    return Layer::adapter_shapes(options, o);
+  };
   candidate.in = Traits::in_features(options);
   candidate.out = Traits::out_features(options);
   auto* sequential = parent ? parent->as<torch::nn::SequentialImpl>() : nullptr;
@@ -523,7 +536,7 @@ inline AdapterReport inject(
         " cannot carry an adapter: ",
         candidate.refusal);
     TORCH_CHECK(
-        !candidate.has_adapter,
+        !candidate.options,
         layer,
         " has an adapter already; inject each layer once (remove_adapter() "
         "takes one off)");

@@ -119,6 +119,28 @@ class StyleInjectLayerImpl
     options = c10::nullopt;
   }
 
+  /// The names and shapes of the parameters that an adapter with `options`
+  /// has on a base layer with `base_options` (SPEC §5).
+  static std::vector<std::pair<std::string, std::vector<int64_t>>>
+  adapter_shapes(
+      const BaseOptions& base_options,
+      const StyleInjectOptions& options) {
+    const int64_t branches = options.branches(), rank = options.rank();
+    std::vector<std::pair<std::string, std::vector<int64_t>>> shapes{
+        {"lora_A", Traits::lora_A_shape(base_options, branches, rank)},
+        {"lora_B", Traits::lora_B_shape(base_options, rank)}};
+    if (options.gate()) {
+      shapes.push_back(
+          {"gate", {branches, Traits::out_features(base_options)}});
+    }
+    if (options.router()) {
+      shapes.push_back(
+          {"router.weight", {branches, Traits::in_features(base_options)}});
+      shapes.push_back({"router.bias", {branches}});
+    }
+    return shapes;
+  }
+
   /// Whether an adapter is attached.
   bool has_adapter() const {
     return options.has_value();

@@ -10,4 +10,5 @@
 #include <styleinject/layer.h>
 #include <styleinject/linear.h>
 #include <styleinject/options.h>
+#include <styleinject/serialize.h>
 #include <styleinject/version.h>

@@ -1,19 +1,46 @@
-// Wraps a Linear, runs it, and checks what a user would check first.
+// Uses StyleInject as a user's project would: declares an adaptable layer,
+// injects an adapter, saves it to a file and loads it into a fresh model.
 
 #include <styleinject/styleinject.h>
 
+#include <cstdio>
 #include <iostream>
+#include <string>
+
+struct NetImpl : torch::nn::Module {
+  NetImpl()
+      : proj(register_module("proj", styleinject::StyleInjectLinear(8, 4))) {}
+  torch::Tensor forward(const torch::Tensor& x) {
+    return proj(x);
+  }
+  styleinject::StyleInjectLinear proj;
+};
+TORCH_MODULE(Net);
 
 int main() {
   torch::manual_seed(0);
-  torch::nn::Linear base(8, 4);
-  styleinject::StyleInjectLinear layer(
-      base, styleinject::StyleInjectOptions(2));
+  Net trained;
   const auto x = torch::randn({3, 5, 8});
-  const auto h = layer(x);
-  layer->set_enabled(false);
-  const bool ok = h.sizes() == torch::IntArrayRef{3, 5, 4} &&
-      torch::equal(layer(x), base(x)) && torch::allclose(h, base(x));
+  const auto base = trained(x);
+  styleinject::inject(
+      *trained,
+      styleinject::Targets::all(),
+      styleinject::StyleInjectOptions(2));
+  bool ok = torch::equal(trained(x), base); // a fresh adapter is the identity
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : styleinject::adapter_parameters(*trained)) {
+      p.add_(0.5);
+    }
+  }
+  const std::string path = "consumer_adapter.safetensors";
+  styleinject::save_adapters(*trained, path);
+  torch::manual_seed(0);
+  Net loaded; // the same base weights, no adapter yet
+  styleinject::load_adapters(*loaded, path);
+  std::remove(path.c_str());
+  ok = ok && torch::equal(loaded(x), trained(x)) &&
+      !torch::allclose(loaded(x), base);
   std::cout << "styleinject " << styleinject::version << ": "
             << (ok ? "ok" : "FAILED") << '\n';
   return ok ? 0 : 1;

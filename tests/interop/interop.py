@@ -1,0 +1,99 @@
+"""Adapter files between StyleInject and Python's safetensors package.
+
+Run by CTest as: python interop.py STYLEINJECT_TESTS WORK_DIR
+
+1. The library saves the adapters of a small model (the hidden Catch test
+   [interop-write]); Python opens the file with safetensors and checks every
+   tensor's name, shape, dtype and values, and the metadata.
+2. Python writes an adapter file with safetensors; the library loads it into a
+   fresh model (the hidden Catch test [interop-read]) and checks the values.
+
+Both sides fill tensor i of a name with the same formula, written separately
+in Python (here) and in C++ (test_serialize.cpp), exact in float16.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+# SPEC §5 shapes of the two adapted layers of the test model (n = 3, r = 2):
+# attn.to_v is a Linear 6 -> 4, blocks.0.body.0 a 3x3 Conv2d 4 -> 4.
+SHAPES = {
+    "attn.to_v.lora_A": (3, 2, 6),
+    "attn.to_v.lora_B": (4, 2),
+    "attn.to_v.gate": (3, 4),
+    "attn.to_v.router.weight": (3, 6),
+    "attn.to_v.router.bias": (3,),
+    "blocks.0.body.0.lora_A": (3, 2, 4, 3, 3),
+    "blocks.0.body.0.lora_B": (4, 2, 1, 1),
+    "blocks.0.body.0.gate": (3, 4),
+    "blocks.0.body.0.router.weight": (3, 4),
+    "blocks.0.body.0.router.bias": (3,),
+}
+OPTIONS = {
+    "rank": 2, "branches": 3, "alpha": None, "dropout": 0.0, "rslora": False,
+    "temperature": 1.0, "router": True, "gate": True,
+}
+
+
+def values(name, shape, period, offset):
+    """((i mod period) - period // 2) / 4 + offset(name): exact in float16."""
+    count = int(np.prod(shape))
+    base = (np.arange(count) % period - period // 2) / 4.0
+    return (base + len(name) % 5 * offset).reshape(shape)
+
+
+def run(exe, tag, folder):
+    env = dict(os.environ, STYLEINJECT_INTEROP_DIR=folder)
+    done = subprocess.run([exe, tag], env=env)
+    if done.returncode != 0:
+        sys.exit(f"{exe} {tag} failed with exit code {done.returncode}")
+
+
+def main():
+    exe, folder = sys.argv[1], sys.argv[2]
+    os.makedirs(folder, exist_ok=True)
+
+    # 1. C++ writes, Python reads.
+    run(exe, "[interop-write]", folder)
+    path = os.path.join(folder, "from_cpp.safetensors")
+    with safe_open(path, framework="numpy") as f:
+        assert sorted(f.keys()) == sorted(SHAPES), f.keys()
+        for name, shape in SHAPES.items():
+            tensor = f.get_tensor(name)
+            assert tensor.dtype == np.float32, (name, tensor.dtype)
+            assert tensor.shape == shape, (name, tensor.shape, shape)
+            expected = values(name, shape, 17, 1.0)
+            assert np.array_equal(tensor, expected), name
+        metadata = f.metadata()
+    assert metadata["format"] == "styleinject", metadata
+    assert metadata["styleinject.version"].count(".") == 2, metadata
+    layers = json.loads(metadata["styleinject.layers"])
+    assert layers == {
+        "blocks.0.body.0": {"type": "Conv2d", **OPTIONS},
+        "attn.to_v": {"type": "Linear", **OPTIONS},
+    }, layers
+    print(f"python read {len(SHAPES)} tensors written by the library")
+
+    # 2. Python writes (float16 and float32), C++ reads.
+    tensors = {
+        name: values(name, shape, 13, -0.5).astype(
+            np.float16 if "lora_A" in name else np.float32)
+        for name, shape in SHAPES.items()
+    }
+    save_file(
+        tensors,
+        os.path.join(folder, "from_python.safetensors"),
+        metadata={"styleinject.layers": json.dumps(layers)},
+    )
+    run(exe, "[interop-read]", folder)
+    print("the library loaded the file written by python")
+
+
+if __name__ == "__main__":
+    main()

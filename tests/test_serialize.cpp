@@ -1,0 +1,606 @@
+// Adapter files: save_adapters / load_adapters round trips, what they refuse,
+// the safetensors reader against hostile files, and atomic writes.
+
+#include "support.h"
+
+#include <catch2/catch.hpp>
+
+#include <dirent.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+using styleinject::inject;
+using styleinject::load_adapters;
+using styleinject::save_adapters;
+using styleinject::StyleInjectOptions;
+using styleinject::Targets;
+using styleinject_test::error_of;
+using styleinject_test::snapshot;
+using styleinject_test::TinyNet;
+
+namespace {
+
+/// A fresh folder in the temporary directory, removed with its files.
+struct TempDir {
+  TempDir() {
+    std::string pattern = std::string(P_tmpdir) + "/styleinject_XXXXXX";
+    REQUIRE(::mkdtemp(&pattern[0]) != nullptr);
+    path = pattern;
+  }
+  ~TempDir() {
+    for (const auto& name : files()) {
+      std::remove((path + "/" + name).c_str());
+    }
+    ::rmdir(path.c_str());
+  }
+  std::vector<std::string> files() const {
+    std::vector<std::string> names;
+    if (DIR* dir = ::opendir(path.c_str())) {
+      while (const dirent* entry = ::readdir(dir)) {
+        const std::string name = entry->d_name;
+        if (name != "." && name != "..") {
+          names.push_back(name);
+        }
+      }
+      ::closedir(dir);
+    }
+    return names;
+  }
+  std::string path;
+};
+
+std::string read_bytes(const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  return {
+      std::istreambuf_iterator<char>(file), std::istreambuf_iterator<char>()};
+}
+
+void write_bytes(const std::string& path, const std::string& bytes) {
+  std::ofstream(path, std::ios::binary) << bytes;
+}
+
+/// A safetensors file with this header text and data, written by hand.
+std::string file_with(const std::string& header, const std::string& data) {
+  std::string bytes(8, '\0');
+  const uint64_t length = header.size();
+  std::memcpy(&bytes[0], &length, 8);
+  return bytes + header + data;
+}
+
+/// A model with seeded base weights, and adapters on the attention only.
+TinyNet adapted_net(int64_t seed = 51) {
+  torch::manual_seed(seed);
+  TinyNet model;
+  inject(
+      *model,
+      Targets::suffixes({"to_q", "to_v", "body.0"}),
+      StyleInjectOptions(2).branches(3));
+  torch::NoGradGuard no_grad;
+  for (auto& p : styleinject::adapter_parameters(*model)) {
+    p.copy_(torch::randn_like(p));
+  }
+  return model;
+}
+
+/// A model with the same base weights as adapted_net(seed), no adapters.
+TinyNet base_net(int64_t seed = 51) {
+  torch::manual_seed(seed);
+  return TinyNet();
+}
+
+/// Checks that `model` has no adapters and every parameter as at `before`.
+void check_untouched(
+    const torch::nn::Module& model,
+    const std::map<std::string, torch::Tensor>& before) {
+  CHECK(styleinject::report(model).layers.empty());
+  const auto now = snapshot(model);
+  REQUIRE(now.size() == before.size());
+  for (const auto& p : before) {
+    CHECK(torch::equal(now.at(p.first), p.second));
+  }
+}
+
+} // namespace
+
+TEST_CASE(
+    "save -> load into a fresh model gives identical outputs",
+    "[serialize]") {
+  TempDir dir;
+  const auto path = dir.path + "/style.safetensors";
+  auto trained = adapted_net();
+  save_adapters(*trained, path);
+  const auto x = torch::randn({2, 4, 5, 5});
+  const auto context = torch::randn({2, 3, 6});
+
+  SECTION("into a model without adapters: attached from the file's options") {
+    auto fresh = base_net();
+    load_adapters(*fresh, path);
+    CHECK(torch::equal(fresh(x, context), trained(x, context)));
+    const auto loaded = styleinject::report(*fresh);
+    const auto saved = styleinject::report(*trained);
+    REQUIRE(loaded.layers.size() == 4); // to_q, to_v, two body.0 convs
+    for (size_t i = 0; i < loaded.layers.size(); ++i) {
+      CHECK(loaded.layers[i].name == saved.layers[i].name);
+      CHECK(loaded.layers[i].options.rank() == 2);
+      CHECK(loaded.layers[i].options.branches() == 3);
+    }
+    CHECK(loaded.trainable_parameters == saved.trainable_parameters);
+  }
+  SECTION("into a model with the same adapters, in another dtype") {
+    auto fresh = base_net();
+    inject(
+        *fresh,
+        Targets::suffixes({"to_q", "to_v", "body.0"}),
+        StyleInjectOptions(2).branches(3));
+    fresh->to(torch::kDouble);
+    load_adapters(*fresh, path);
+    CHECK(fresh->attn->to_q->lora_A.scalar_type() == torch::kDouble);
+    CHECK(torch::allclose(
+        fresh(x.to(torch::kDouble), context.to(torch::kDouble))
+            .to(torch::kFloat),
+        trained(x, context),
+        1e-5,
+        1e-5));
+  }
+  SECTION("the file holds the adapter tensors, options and version only") {
+    const auto bytes = read_bytes(path);
+    const auto contents = styleinject::detail::safetensors::parse(
+        reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), "test");
+    std::set<std::string> names;
+    for (const auto& t : contents.tensors) {
+      names.insert(t.first);
+    }
+    std::set<std::string> expected;
+    for (const auto& p : trained->named_parameters()) {
+      if (p.value().requires_grad()) {
+        expected.insert(p.key());
+        CHECK(torch::equal(
+            std::find_if(
+                contents.tensors.begin(),
+                contents.tensors.end(),
+                [&](const auto& t) { return t.first == p.key(); })
+                ->second,
+            p.value()));
+      }
+    }
+    CHECK(names == expected);
+    CHECK(names.count("attn.to_q.router.weight"));
+    CHECK(names.count("blocks.0.body.0.lora_A"));
+    CHECK(contents.metadata.at("format") == "styleinject");
+    CHECK(contents.metadata.at("styleinject.version") == styleinject::version);
+    const auto layers = nlohmann::ordered_json::parse(
+        contents.metadata.at("styleinject.layers"));
+    CHECK(
+        layers["attn.to_v"].dump() ==
+        R"({"type":"Linear","rank":2,"branches":3,"alpha":null,"dropout":0.0,)"
+        R"("rslora":false,"temperature":1.0,"router":true,"gate":true})");
+    CHECK(layers["blocks.0.body.0"]["type"] == "Conv2d");
+  }
+}
+
+TEST_CASE(
+    "load_adapters refuses a file that does not fit, and changes nothing",
+    "[serialize]") {
+  TempDir dir;
+  const auto path = dir.path + "/style.safetensors";
+  const auto context = "styleinject::load_adapters: '" + path + "'";
+  auto trained = adapted_net();
+  save_adapters(*trained, path);
+  const auto bytes = read_bytes(path);
+  const auto contents = styleinject::detail::safetensors::parse(
+      reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), "test");
+  auto metadata = contents.metadata;
+  auto tensors = contents.tensors;
+  const auto rewrite = [&] {
+    write_bytes(
+        path,
+        styleinject::detail::safetensors::serialize(tensors, metadata, "test"));
+  };
+  auto fresh = base_net();
+  const auto before = snapshot(*fresh);
+
+  SECTION("a tensor of the wrong shape") {
+    tensors[0].second = torch::zeros({1});
+    rewrite();
+    CHECK(
+        error_of([&] { load_adapters(*fresh, path); }) ==
+        context + ": expected '" + tensors[0].first +
+            "' of shape [3, 2, 4, 3, 3], but the file has [1]");
+  }
+  SECTION("a missing tensor") {
+    const auto name = tensors.back().first;
+    tensors.pop_back();
+    rewrite();
+    CHECK(error_of([&] {
+            load_adapters(*fresh, path);
+          }) == context + ": the file has no tensor '" + name + "'");
+  }
+  SECTION("a tensor the adapters do not have") {
+    tensors.emplace_back("head.lora_A", torch::zeros({2}));
+    rewrite();
+    CHECK(
+        error_of([&] { load_adapters(*fresh, path); }) ==
+        context +
+            ": the file has the tensor 'head.lora_A', which is not a "
+            "parameter of the model's adapters");
+  }
+  SECTION("an integer tensor") {
+    tensors[0].second = tensors[0].second.to(torch::kInt);
+    rewrite();
+    CHECK(
+        error_of([&] { load_adapters(*fresh, path); }) ==
+        context + ": expected '" + tensors[0].first +
+            "' of a floating-point dtype, but the file has Int");
+  }
+  // The error of loading the file with its layers' metadata edited.
+  const auto error_with_layers =
+      [&](const std::function<void(nlohmann::json&)>& edit) {
+        auto layers =
+            nlohmann::json::parse(contents.metadata.at("styleinject.layers"));
+        edit(layers);
+        metadata["styleinject.layers"] = layers.dump();
+        rewrite();
+        return error_of([&] { load_adapters(*fresh, path); });
+      };
+  SECTION("a layer the model does not have") {
+    CHECK(
+        error_with_layers([](nlohmann::json& layers) {
+          layers["attn.to_z"] = layers["attn.to_q"];
+        }) ==
+        context +
+            ": the file has an adapter for layer 'attn.to_z', but the model "
+            "has no Linear or Conv2d layer of that name");
+  }
+  SECTION("a layer of another type") {
+    CHECK(
+        error_with_layers([](nlohmann::json& layers) {
+          layers["attn.to_q"]["type"] = "Conv2d";
+        }) ==
+        context +
+            ": layer 'attn.to_q' is a Linear in the model, but a Conv2d in "
+            "the file");
+  }
+  SECTION("options that are not valid, or not there") {
+    CHECK(
+        error_with_layers(
+            [](nlohmann::json& layers) { layers["attn.to_q"]["rank"] = -1; }) ==
+        context +
+            ": layer 'attn.to_q': expected 'rank' to be a non-negative "
+            "integer below 2^30, but got -1");
+    CHECK(
+        error_with_layers(
+            [](nlohmann::json& layers) { layers["attn.to_q"]["rank"] = 0; }) ==
+        context + ": layer 'attn.to_q': expected rank >= 1, but got rank=0");
+    CHECK(
+        error_with_layers([](nlohmann::json& layers) {
+          layers["attn.to_q"].erase("rank");
+        }) ==
+        context +
+            ": layer 'attn.to_q': expected 'rank' to be an integer in the "
+            "file's metadata");
+    CHECK(
+        error_with_layers([](nlohmann::json& layers) {
+          layers = {1, 2};
+        }) ==
+        context +
+            ": expected the metadata 'styleinject.layers' to be a JSON object "
+            "of layers, but it is not");
+  }
+  SECTION("a model whose adapters differ from the file's") {
+    inject(
+        *fresh,
+        Targets::suffixes({"to_q", "to_v", "body.0"}),
+        StyleInjectOptions(3).branches(3));
+    const auto adapted = snapshot(*fresh);
+    CHECK(
+        error_of([&] { load_adapters(*fresh, path); }) ==
+        context +
+            ": layer 'attn.to_q' has an adapter with other options than the "
+            "file's: "
+            R"({"type":"Linear","rank":3,"branches":3,"alpha":null,)"
+            R"("dropout":0.0,"rslora":false,"temperature":1.0,"router":true,)"
+            R"("gate":true} in the model, {"type":"Linear","rank":2,)"
+            R"("branches":3,"alpha":null,"dropout":0.0,"rslora":false,)"
+            R"("temperature":1.0,"router":true,"gate":true} in the file)");
+    for (const auto& p : adapted) {
+      CHECK(torch::equal(fresh->named_parameters()[p.first], p.second));
+    }
+    return;
+  }
+  SECTION("a model with an adapter that the file lacks") {
+    inject(*fresh, Targets::suffixes({"to_k"}), StyleInjectOptions(2));
+    CHECK(
+        error_of([&] { load_adapters(*fresh, path); }) ==
+        context +
+            ": the model's layer 'attn.to_k' has an adapter, but the file has "
+            "none for it");
+    return;
+  }
+  SECTION(
+      "a file without StyleInject metadata, into a model without adapters") {
+    metadata.clear();
+    rewrite();
+    CHECK(
+        error_of([&] { load_adapters(*fresh, path); }) ==
+        context +
+            ": the file has no StyleInject metadata ('styleinject.layers'), so "
+            "it can only fill adapters that the model has already, and the "
+            "model has none; attach them first with styleinject::inject()");
+  }
+  SECTION("a file that is not there") {
+    CHECK(
+        error_of([&] { load_adapters(*fresh, path + ".missing"); }) ==
+        "styleinject::load_adapters: '" + path + ".missing': cannot open '" +
+            path + ".missing' for reading: No such file or directory");
+  }
+  check_untouched(*fresh, before);
+}
+
+TEST_CASE(
+    "a file without metadata loads into adapters attached already",
+    "[serialize]") {
+  // As another tool would write it: the tensors under their names only.
+  TempDir dir;
+  const auto path = dir.path + "/bare.safetensors";
+  auto trained = adapted_net();
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
+  for (const auto& p : trained->named_parameters()) {
+    if (p.value().requires_grad()) {
+      tensors.emplace_back(p.key(), p.value());
+    }
+  }
+  write_bytes(
+      path, styleinject::detail::safetensors::serialize(tensors, {}, "test"));
+  auto fresh = base_net();
+  inject(
+      *fresh,
+      Targets::suffixes({"to_q", "to_v", "body.0"}),
+      StyleInjectOptions(2).branches(3));
+  load_adapters(*fresh, path);
+  const auto x = torch::randn({1, 4, 5, 5});
+  const auto context = torch::randn({1, 2, 6});
+  CHECK(torch::equal(fresh(x, context), trained(x, context)));
+}
+
+TEST_CASE(
+    "the reader refuses hostile files with a clear error",
+    "[serialize]") {
+  TempDir dir;
+  const auto path = dir.path + "/hostile.safetensors";
+  const auto context = "styleinject::load_adapters: '" + path + "'";
+  auto model = base_net();
+  const auto before = snapshot(*model);
+  const auto error_for = [&](const std::string& bytes) {
+    write_bytes(path, bytes);
+    auto message = error_of([&] { load_adapters(*model, path); });
+    const auto prefix = context + ": ";
+    return message.rfind(prefix, 0) == 0 ? message.substr(prefix.size())
+                                         : message;
+  };
+  const std::string eight_floats(32, '\0');
+  const auto entry = [](const std::string& fields) {
+    return "{\"a\":{" + fields + "}}";
+  };
+
+  CHECK(
+      error_for(std::string("\x05\0\0\0", 4)) ==
+      "the file is truncated: expected at least 8 bytes (the header length), "
+      "but it has 4");
+  CHECK(
+      error_for(file_with("{}", "").substr(0, 9)) ==
+      "the header length 2 runs past the end of the file (1 bytes follow it)");
+  std::string huge(8, '\0');
+  const uint64_t too_long = 200'000'000;
+  std::memcpy(&huge[0], &too_long, 8);
+  CHECK(
+      error_for(huge + "{}") ==
+      "expected a header of at most 100000000 bytes, but the file declares "
+      "200000000");
+  std::string past_end(8, '\0');
+  const uint64_t max_length = ~uint64_t{0};
+  std::memcpy(&past_end[0], &max_length, 8);
+  CHECK(
+      error_for(past_end + "{}") ==
+      "expected a header of at most 100000000 bytes, but the file declares "
+      "18446744073709551615");
+  CHECK(
+      error_for(file_with("{\"a\": [1, 2", "")) ==
+      "the header is not valid JSON (11 bytes)");
+  CHECK(
+      error_for(file_with("[1, 2]", "")) ==
+      "expected the header to be a JSON object, but got a JSON array");
+  CHECK(
+      error_for(file_with(
+          R"({"a":{"dtype":"F32","shape":[8],"data_offsets":[0,32]},)"
+          R"("a":{"dtype":"F32","shape":[8],"data_offsets":[0,32]}})",
+          eight_floats)) == "the header has the key 'a' twice");
+  CHECK(
+      error_for(file_with(
+          entry(R"("dtype":"F32","dtype":"F16","shape":[8],)"
+                R"("data_offsets":[0,32])"),
+          eight_floats)) == "the header has the key 'dtype' twice");
+  CHECK(
+      error_for(file_with(
+          entry(R"("dtype":"F7","shape":[8],"data_offsets":[0,32])"),
+          eight_floats)) ==
+      "tensor 'a' has the unknown dtype 'F7'; expected one of F64, F32, F16, "
+      "BF16, I64, I32, I16, I8, U8, BOOL");
+  CHECK(
+      error_for(file_with(
+          entry(R"("dtype":"F32","shape":[-8],"data_offsets":[0,32])"),
+          eight_floats)) ==
+      "expected the sizes of tensor 'a' to be non-negative integers, but got "
+      "[-8]");
+  CHECK(
+      error_for(file_with(
+          entry(R"("dtype":"F32","shape":[4294967296,4294967296],)"
+                R"("data_offsets":[0,32])"),
+          eight_floats)) ==
+      "the shape of tensor 'a' is too large: [4294967296,4294967296]");
+  CHECK(
+      error_for(file_with(
+          entry(R"("dtype":"F32","shape":[8],"data_offsets":[0,64])"),
+          eight_floats)) ==
+      "the data_offsets [0, 64] of tensor 'a' run past the end of the data "
+      "(32 bytes)");
+  CHECK(
+      error_for(file_with(
+          entry(R"("dtype":"F32","shape":[8],"data_offsets":[32,0])"),
+          eight_floats)) ==
+      "expected the data_offsets of tensor 'a' to be [begin, end] with 0 <= "
+      "begin <= end, but got [32,0]");
+  CHECK(
+      error_for(file_with(
+          entry(R"("dtype":"F32","shape":[4],"data_offsets":[0,32])"),
+          eight_floats)) ==
+      "tensor 'a' of dtype F32 and shape [4] needs 16 bytes, but its "
+      "data_offsets span 32");
+  CHECK(
+      error_for(file_with(
+          R"({"a":{"dtype":"F32","shape":[6],"data_offsets":[0,24]},)"
+          R"("b":{"dtype":"F32","shape":[2],"data_offsets":[16,24]}})",
+          std::string(24, '\0'))) ==
+      "the data_offsets of tensor 'b' begin at 16, but the data before ends "
+      "at 24; tensors must not overlap or leave gaps");
+  CHECK(
+      error_for(file_with(
+          entry(R"("dtype":"F32","shape":[4],"data_offsets":[0,16])"),
+          eight_floats)) ==
+      "the tensors' data ends at 16, but the file has 32 bytes of data");
+  CHECK(
+      error_for(
+          file_with(entry(R"("dtype":"F32","shape":[8])"), eight_floats)) ==
+      "expected tensor 'a' to be an object with dtype, shape and "
+      "data_offsets, but got {\"dtype\":\"F32\",\"shape\":[8]}");
+  CHECK(
+      error_for(file_with(R"({"__metadata__":{"k":1}})", "")) ==
+      "expected __metadata__ values to be strings, but 'k' is a JSON number");
+  CHECK(
+      error_for(file_with(std::string("{\"\xff\":1}"), "")) ==
+      "the header is not valid JSON (7 bytes)");
+  check_untouched(*model, before);
+}
+
+TEST_CASE(
+    "writes are atomic: a failed write leaves the previous file",
+    "[serialize]") {
+  TempDir dir;
+  const auto path = dir.path + "/style.safetensors";
+  auto first = adapted_net(61);
+  save_adapters(*first, path);
+  const auto previous = read_bytes(path);
+  auto second = adapted_net(62);
+
+  SECTION("a successful save replaces the file, leaving nothing else") {
+    save_adapters(*second, path);
+    CHECK(read_bytes(path) != previous);
+    CHECK(dir.files() == std::vector<std::string>{"style.safetensors"});
+  }
+  SECTION("a write that fails midway (file size limit) changes nothing") {
+    // RLIMIT_FSIZE makes write() fail with EFBIG past 1 KiB, in the middle
+    // of the file, like a full disk would.
+    rlimit old_limit{};
+    REQUIRE(::getrlimit(RLIMIT_FSIZE, &old_limit) == 0);
+    const auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
+    rlimit small = old_limit;
+    small.rlim_cur = 1024;
+    REQUIRE(::setrlimit(RLIMIT_FSIZE, &small) == 0);
+    const auto message = error_of([&] { save_adapters(*second, path); });
+    ::setrlimit(RLIMIT_FSIZE, &old_limit);
+    std::signal(SIGXFSZ, old_handler);
+    CHECK(
+        message ==
+        "styleinject::save_adapters: '" + path + "': writing '" + path +
+            "' failed: File too large; the file is as it was");
+    CHECK(read_bytes(path) == previous);
+    CHECK(dir.files() == std::vector<std::string>{"style.safetensors"});
+  }
+  SECTION("a folder that does not exist") {
+    const auto missing = dir.path + "/no/style.safetensors";
+    CHECK_THAT(
+        error_of([&] { save_adapters(*second, missing); }),
+        Catch::StartsWith(
+            "styleinject::save_adapters: '" + missing + "': cannot create '" +
+            missing + ".tmp."));
+  }
+  SECTION("a model without adapters") {
+    CHECK(
+        error_of([&] { save_adapters(*base_net(), path); }) ==
+        "styleinject::save_adapters: '" + path +
+            "': the model has no adapters to save; attach them with "
+            "styleinject::inject()");
+    CHECK(read_bytes(path) == previous);
+  }
+}
+
+// The C++ half of tests/interop/interop.py, which runs these two hidden
+// cases with STYLEINJECT_INTEROP_DIR set.
+namespace {
+
+/// interop.py's formula: ((i mod period) - period / 2) / 4 plus
+/// (length of name mod 5) · offset; exact in float16.
+torch::Tensor interop_values(
+    const std::string& name,
+    torch::IntArrayRef shape,
+    int64_t period,
+    double offset) {
+  const auto count = c10::multiply_integers(shape);
+  const auto base =
+      (torch::arange(count, torch::kDouble).fmod(period) - period / 2) / 4.0;
+  return (base + static_cast<double>(name.size() % 5) * offset).reshape(shape);
+}
+
+std::string interop_dir() {
+  const char* dir = std::getenv("STYLEINJECT_INTEROP_DIR");
+  REQUIRE(dir != nullptr);
+  return dir;
+}
+
+} // namespace
+
+TEST_CASE(
+    "interop: the library writes a file for Python",
+    "[.interop][interop-write]") {
+  auto model = base_net(71);
+  inject(
+      *model,
+      Targets::suffixes({"attn.to_v", "blocks.0.body.0"}),
+      StyleInjectOptions(2).branches(3));
+  torch::NoGradGuard no_grad;
+  for (const auto& p : model->named_parameters()) {
+    if (p.value().requires_grad()) {
+      p.value().copy_(interop_values(p.key(), p.value().sizes(), 17, 1.0));
+    }
+  }
+  save_adapters(*model, interop_dir() + "/from_cpp.safetensors");
+}
+
+TEST_CASE(
+    "interop: the library reads a file from Python",
+    "[.interop][interop-read]") {
+  auto model = base_net(71); // no adapters: the file's metadata attaches them
+  load_adapters(*model, interop_dir() + "/from_python.safetensors");
+  int adapter_tensors = 0;
+  for (const auto& p : model->named_parameters()) {
+    if (p.value().requires_grad()) {
+      CAPTURE(p.key());
+      CHECK(torch::equal(
+          p.value(),
+          interop_values(p.key(), p.value().sizes(), 13, -0.5)
+              .to(torch::kFloat)));
+      ++adapter_tensors;
+    }
+  }
+  CHECK(adapter_tensors == 10);
+}
