@@ -164,6 +164,45 @@ TEST_CASE("Conv2d gradients reach the adapter only", "[conv2d]") {
   }
 }
 
+TEST_CASE(
+    "Conv2d: the two compute paths agree in values and gradients",
+    "[conv2d]") {
+  torch::manual_seed(37);
+  const bool fixed_style = GENERATE(false, true);
+  CAPTURE(fixed_style);
+  StyleInjectConv2d layer(
+      torch::nn::Conv2dOptions(3, 4, 3).stride(2).padding(1),
+      StyleInjectOptions(2).branches(3));
+  layer->to(torch::kDouble);
+  randomize_adapter(*layer);
+  if (fixed_style) {
+    layer->set_style(torch::rand({3}, torch::kDouble));
+  }
+  const auto x = torch::randn({3, 3, 8, 7}, torch::kDouble);
+  std::vector<std::vector<torch::Tensor>> grads;
+  std::vector<torch::Tensor> outputs;
+  for (const auto path : {ComputePath::kMerged, ComputePath::kStacked}) {
+    layer->options->path(path);
+    layer->zero_grad();
+    const auto out = layer(x);
+    out.pow(2).sum().backward();
+    outputs.push_back(out.detach());
+    grads.emplace_back();
+    for (const auto& p : layer->adapter_parameters()) {
+      // With a fixed style the router is unused and gets no gradient.
+      grads.back().push_back(
+          p.grad().defined() ? p.grad().clone() : torch::Tensor());
+    }
+  }
+  CHECK(close64(outputs[0], outputs[1]));
+  for (size_t i = 0; i < grads[0].size(); ++i) {
+    REQUIRE(grads[0][i].defined() == grads[1][i].defined());
+    if (grads[0][i].defined()) {
+      CHECK(close64(grads[0][i], grads[1][i]));
+    }
+  }
+}
+
 TEST_CASE("Conv2d refuses what it does not support", "[conv2d]") {
   CHECK(
       error_of([] {

@@ -126,19 +126,21 @@ TEST_CASE("the two compute paths give the same numbers", "[functional]") {
   const auto tokens = GENERATE(int64_t{1}, int64_t{2}, int64_t{33});
   const bool shared_style = GENERATE(false, true);
   CAPTURE(tokens, shared_style);
-  const auto weight = torch::randn({out, in}) / 8;
-  const auto bias = torch::randn({out});
+  // float64: the paths' math is compared, not float32's rounding.
+  const auto f64 = torch::TensorOptions().dtype(torch::kDouble);
+  const auto weight = torch::randn({out, in}, f64) / 8;
+  const auto bias = torch::randn({out}, f64);
   SF::AdapterTensors adapter{
-      torch::randn({branches, rank, in}) / 8,
-      torch::randn({out, rank}),
-      torch::randn({branches, in}),
-      torch::randn({branches}),
-      torch::randn({branches, out})};
+      torch::randn({branches, rank, in}, f64) / 8,
+      torch::randn({out, rank}, f64),
+      torch::randn({branches, in}, f64),
+      torch::randn({branches}, f64),
+      torch::randn({branches, out}, f64)};
   auto options = SF::StyleInjectFuncOptions().scaling(0.5);
   if (shared_style) {
-    options.style(torch::softmax(torch::randn({branches}), 0));
+    options.style(torch::softmax(torch::randn({branches}, f64), 0));
   }
-  const auto x = torch::randn({5, tokens, in});
+  const auto x = torch::randn({5, tokens, in}, f64);
   const auto merged = SF::style_inject_linear(
       x,
       weight,
@@ -151,7 +153,7 @@ TEST_CASE("the two compute paths give the same numbers", "[functional]") {
       bias,
       adapter,
       SF::StyleInjectFuncOptions(options).path(ComputePath::kStacked));
-  CHECK(torch::allclose(merged, stacked, 1e-5, 1e-5));
+  CHECK(close64(merged, stacked));
 
   // And the gradients of every adapter tensor agree too.
   std::vector<torch::Tensor> grads[2];
@@ -183,7 +185,7 @@ TEST_CASE("the two compute paths give the same numbers", "[functional]") {
     REQUIRE(grads[0][k].defined() == (k < 2 || k == 4 || !shared_style));
     REQUIRE(grads[1][k].defined() == grads[0][k].defined());
     if (grads[0][k].defined()) {
-      CHECK(torch::allclose(grads[0][k], grads[1][k], 1e-4, 1e-4));
+      CHECK(close64(grads[0][k], grads[1][k]));
     }
   }
 }
@@ -407,4 +409,34 @@ TEST_CASE(
   CHECK(out.scalar_type() == torch::kBFloat16);
   // bfloat16 keeps 8 bits of mantissa: a few percent of the output's scale.
   CHECK(near_reference(out, reference, 0.05));
+}
+
+TEST_CASE(
+    "the gate's backward: exact against autograd, finite where 1 + g is 0",
+    "[functional]") {
+  // VarianceGate keeps only its output for backward and recovers
+  // u - mean(u) as (h - mean) / (1 + g); compare with autograd through the
+  // plain formula, in float64.
+  torch::manual_seed(7);
+  const auto f64 = torch::TensorOptions().dtype(torch::kDouble);
+  const auto u = torch::randn({3, 5, 4}, f64).requires_grad_();
+  const auto g = (torch::rand({3, 1, 4}, f64) * 1.8 - 0.9).requires_grad_();
+  const auto weights = torch::randn({3, 5, 4}, f64);
+  const auto plain = u + g * (u - u.mean({1}, /*keepdim=*/true));
+  const auto plain_grads =
+      torch::autograd::grad({(plain * weights).sum()}, {u, g});
+  const auto gated = styleinject::detail::variance_gate(u, g, {1});
+  CHECK(close64(gated, plain));
+  const auto grads = torch::autograd::grad({(gated * weights).sum()}, {u, g});
+  CHECK(close64(grads[0], plain_grads[0]));
+  CHECK(close64(grads[1], plain_grads[1]));
+
+  // A saturated gate (tanh = -1 exactly) leaves nothing of u's variation in
+  // the output: g's gradient there is 0, never NaN.
+  const auto saturated = torch::full({3, 1, 4}, -1.0, f64).requires_grad_();
+  const auto flat = styleinject::detail::variance_gate(u, saturated, {1});
+  const auto flat_grads =
+      torch::autograd::grad({(flat * weights).sum()}, {u, saturated});
+  CHECK(torch::isfinite(flat_grads[0]).all().item<bool>());
+  CHECK(torch::equal(flat_grads[1], torch::zeros_like(saturated)));
 }

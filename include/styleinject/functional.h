@@ -3,6 +3,7 @@
 #include <styleinject/detail/torch_compat.h>
 #include <styleinject/options.h>
 
+#include <torch/autograd.h>
 #include <torch/nn/functional/conv.h>
 #include <torch/nn/functional/dropout.h>
 #include <torch/nn/functional/linear.h>
@@ -147,17 +148,64 @@ inline torch::Tensor linear_down_projection(
   return (z * w).sum(/*dim=*/2);
 }
 
-/// SPEC §3's variance gate: `u + g ⊙ (u - mean_tok(u))`, the statistics in
-/// g's dtype (statistics_dtype of u).
-/// u: (N, L, d_out) or (N, C, H, W), g: broadcastable to u -> u's shape
+/// SPEC §3's variance gate, `h = u + g ⊙ (u - mean_tok(u))`, as one autograd
+/// node. The forward is one fused pass, `u ⊙ (1 + g) - g ⊙ mean_tok(u)`, with
+/// the statistics in g's dtype. For backward it keeps h (the output, which
+/// the next layer keeps anyway), g and the mean, but not u: since mean_tok(h)
+/// = mean_tok(u), `u - mean = (h - mean) / (1 + g)`. So the gate adds no
+/// activation memory to LoRA's. Where 1 + g is exactly 0 (the gate removed a
+/// channel's variation, and with it what g's gradient needs), g's gradient
+/// there is 0.
+struct VarianceGate : torch::autograd::Function<VarianceGate> {
+  static torch::Tensor forward(
+      torch::autograd::AutogradContext* ctx,
+      const torch::Tensor& u,
+      const torch::Tensor& g,
+      std::vector<int64_t> token_dims) {
+    const auto dtype = g.scalar_type();
+    const auto mean = u.mean(token_dims, /*keepdim=*/true, dtype);
+    // At g = 0 this is u exactly: -0 + u·1.
+    auto h =
+        torch::addcmul(-(g * mean), u.to(dtype), 1 + g).to(u.scalar_type());
+    ctx->save_for_backward({h, g, mean});
+    ctx->saved_data["token_dims"] = std::move(token_dims);
+    return h;
+  }
+
+  static torch::autograd::variable_list backward(
+      torch::autograd::AutogradContext* ctx,
+      torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &h = saved[0], &g = saved[1], &mean = saved[2];
+    const auto dims = ctx->saved_data["token_dims"].toIntVector();
+    const auto grad_h = grads[0].to(g.scalar_type());
+    const auto one_plus_g = 1 + g;
+    torch::Tensor grad_u, grad_g;
+    if (ctx->needs_input_grad(0)) {
+      // dh_t/du_s = (1 + g) δ_ts - g / L.
+      grad_u = (grad_h * one_plus_g - g * grad_h.mean(dims, /*keepdim=*/true))
+                   .to(h.scalar_type());
+    }
+    if (ctx->needs_input_grad(1)) {
+      const auto safe =
+          one_plus_g + (one_plus_g == 0).to(one_plus_g.scalar_type());
+      const auto centered = (h.to(g.scalar_type()) - mean) / safe;
+      grad_g = (grad_h * centered)
+                   .sum(dims, /*keepdim=*/true)
+                   .sum_to_size(g.sizes());
+    }
+    return {grad_u, grad_g, torch::Tensor()};
+  }
+};
+
+/// Applies the variance gate; see VarianceGate.
+/// u: (N, L, d_out) or (N, C, H, W), g: broadcastable to u's statistics
+///   -> u's shape
 inline torch::Tensor variance_gate(
     const torch::Tensor& u,
     const torch::Tensor& g,
     torch::IntArrayRef token_dims) {
-  const auto dtype = g.scalar_type();
-  const auto centered =
-      u.to(dtype) - u.mean(token_dims, /*keepdim=*/true, dtype);
-  return u + (g * centered).to(u.scalar_type());
+  return VarianceGate::apply(u, g, token_dims.vec());
 }
 
 /// Checks the device and dtype of an input, and a fixed style if given,
@@ -469,9 +517,16 @@ inline torch::Tensor style_inject_linear(
   const auto s = detail::style_weights(x, /*token_dims=*/{1}, adapter, options);
   const auto z = detail::linear_down_projection(
       detail::branch_input(x, options), adapter.lora_A, s, options.path());
-  auto h = torch::nn::functional::linear(x, weight, bias) +
-      torch::nn::functional::linear(
-               z, adapter.lora_B * (options.scaling() * options.scale()));
+  const auto base = torch::nn::functional::linear(x, weight, bias);
+  // The up-projection accumulates onto the base output inside its GEMM
+  // (beta = 1): no temporary of the output's size.
+  auto h = torch::addmm(
+               base.view({-1, base.size(-1)}),
+               z.reshape({-1, z.size(-1)}),
+               adapter.lora_B.t(),
+               /*beta=*/1,
+               /*alpha=*/options.scaling() * options.scale())
+               .view(base.sizes());
   if (adapter.gate.defined() && has_tokens) {
     const auto g = detail::gate_factor(s, adapter.gate, options.scale());
     h = detail::variance_gate(h, s.dim() == 2 ? g.unsqueeze(1) : g, {1});
@@ -530,8 +585,19 @@ inline torch::Tensor style_inject_conv2d(
       s,
       conv,
       options.path());
-  auto h = F::conv2d(input, weight, conv) +
-      F::conv2d(z, adapter.lora_B * (options.scaling() * options.scale()));
+  const auto base = F::conv2d(input, weight, conv);
+  // The 1×1 up-projection accumulates onto the base output inside a batched
+  // GEMM (beta = 1): no temporary of the output's size.
+  const int64_t instances = base.size(0), channels = base.size(1);
+  auto h = torch::baddbmm(
+               base.view({instances, channels, -1}),
+               adapter.lora_B.view({channels, -1})
+                   .unsqueeze(0)
+                   .expand({instances, -1, -1}),
+               z.reshape({instances, z.size(1), -1}),
+               /*beta=*/1,
+               /*alpha=*/options.scaling() * options.scale())
+               .view(base.sizes());
   if (adapter.gate.defined()) {
     const auto g = detail::gate_factor(s, adapter.gate, options.scale());
     h = detail::variance_gate(

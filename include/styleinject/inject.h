@@ -444,13 +444,17 @@ inline void freeze_all_but_adapters(torch::nn::Module& model) {
   });
 }
 
-/// Thousands separated by commas, for the report.
+/// Thousands separated by commas, for the report: 12345 -> "12,345".
 inline std::string grouped(int64_t value) {
-  auto digits = std::to_string(value);
-  for (int64_t i = static_cast<int64_t>(digits.size()) - 3; i > 0; i -= 3) {
-    digits.insert(static_cast<size_t>(i), ",");
+  const auto digits = std::to_string(value);
+  std::string text;
+  for (size_t i = 0; i < digits.size(); ++i) {
+    if (i > 0 && digits[i - 1] != '-' && (digits.size() - i) % 3 == 0) {
+      text += ',';
+    }
+    text += digits[i];
   }
-  return digits;
+  return text;
 }
 
 } // namespace detail

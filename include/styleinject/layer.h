@@ -20,16 +20,18 @@
 namespace styleinject {
 
 /// What StyleInject needs to know about a base layer type: its holder and
-/// options types, the adapter's shapes, and which functional computes it.
-/// Specialised for torch::nn::LinearImpl in <styleinject/linear.h>.
+/// options types, the adapter's shapes, and which functionals compute it.
+/// Specialised for torch::nn::LinearImpl in <styleinject/linear.h> and
+/// torch::nn::Conv2dImpl in <styleinject/conv2d.h>.
 template <typename Base>
 struct layer_traits;
 
-/// A frozen base layer (`weight`, `bias`) with a StyleInject adapter
+/// A base layer (`weight`, `bias`) that can carry a StyleInject adapter
 /// (`lora_A`, `lora_B`, `router.weight`, `router.bias`, `gate`, as in SPEC §5)
-/// registered beside them, so that a base checkpoint loads unchanged. The
-/// adapter lives on the base weight's device and dtype. See
-/// `StyleInjectLinear` for the layer users declare.
+/// registered beside them, so that a base checkpoint loads unchanged. Without
+/// an adapter it is the base layer type in all but name; with one, the base
+/// is frozen and the adapter lives on the base weight's device and dtype.
+/// Users declare `StyleInjectLinear` or `StyleInjectConv2d`.
 ///
 /// The math is in `styleinject::functional`; this module holds parameters,
 /// options and the run-time controls: enable/disable, scale, fixed style.
