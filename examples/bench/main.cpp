@@ -6,6 +6,7 @@
 //
 //   styleinject_bench [--quick] [--json PATH] [--repeats N]
 //                     [--device cpu|cuda] [--dtype float32|bfloat16|float16]
+//                     [--path auto|merged|stacked]
 //
 // Every method runs forward (no autograd) and forward+backward (base frozen,
 // adapter trainable, input requiring grad as inside a network). Times are
@@ -263,9 +264,11 @@ Runner make(
     Method method,
     const Shape& shape,
     const torch::Device& device,
-    torch::ScalarType dtype) {
+    torch::ScalarType dtype,
+    styleinject::ComputePath path) {
   const auto options = [&]() -> c10::optional<StyleInjectOptions> {
-    const auto styleinject = StyleInjectOptions(kRank).branches(kBranches);
+    const auto styleinject =
+        StyleInjectOptions(kRank).branches(kBranches).path(path);
     switch (method) {
       case Method::kBase:
         return c10::nullopt;
@@ -365,9 +368,10 @@ Result measure(
     const Shape& shape,
     const torch::Device& device,
     torch::ScalarType dtype,
+    styleinject::ComputePath path,
     int repeats) {
   torch::manual_seed(0);
-  auto runner = make(method, shape, device, dtype);
+  auto runner = make(method, shape, device, dtype, path);
   const auto tensor_options =
       torch::TensorOptions().device(device).dtype(dtype);
   const auto x = shape.conv
@@ -424,7 +428,8 @@ std::string machine() {
   std::cerr << "styleinject_bench: " << problem << "\n"
             << "usage: styleinject_bench [--quick] [--json PATH] "
                "[--repeats N] [--device cpu|cuda] "
-               "[--dtype float32|bfloat16|float16]\n";
+               "[--dtype float32|bfloat16|float16] "
+               "[--path auto|merged|stacked]\n";
   std::exit(2);
 }
 
@@ -433,6 +438,7 @@ std::string machine() {
 int main(int argc, char** argv) {
   bool quick = false;
   std::string json_path, device_name = "cpu", dtype_name = "float32";
+  std::string path_name = "auto";
   int repeats = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -456,6 +462,8 @@ int main(int argc, char** argv) {
       device_name = value();
     } else if (arg == "--dtype") {
       dtype_name = value();
+    } else if (arg == "--path") {
+      path_name = value();
     } else {
       usage("unknown argument '" + arg + "'");
     }
@@ -479,6 +487,18 @@ int main(int argc, char** argv) {
         "expected --dtype float32, bfloat16 or float16, but got '" +
         dtype_name + "'");
   }
+  const std::vector<std::pair<std::string, styleinject::ComputePath>> paths{
+      {"auto", styleinject::ComputePath::kAuto},
+      {"merged", styleinject::ComputePath::kMerged},
+      {"stacked", styleinject::ComputePath::kStacked}};
+  const auto path =
+      std::find_if(paths.begin(), paths.end(), [&](const auto& p) {
+        return p.first == path_name;
+      });
+  if (path == paths.end()) {
+    usage(
+        "expected --path auto, merged or stacked, but got '" + path_name + "'");
+  }
   if (repeats == 0) {
     repeats = quick ? 5 : 9;
   }
@@ -488,10 +508,11 @@ int main(int argc, char** argv) {
   c10::SetCPUAllocator(&counting, /*priority=*/255);
 
   const auto title = fmt::format(
-      "StyleInject n={} r={}; {} on {} ({} cores, {} threads), LibTorch {}.{}, "
-      "{}, median of {}",
+      "StyleInject n={} r={} path {}; {} on {} ({} cores, {} threads), "
+      "LibTorch {}.{}, {}, median of {}",
       kBranches,
       kRank,
+      path_name,
       dtype_name,
       device.is_cuda() ? "CUDA" : machine(),
       std::thread::hardware_concurrency(),
@@ -523,7 +544,8 @@ int main(int argc, char** argv) {
           Method::kLoraNr,
           Method::kNaive,
           Method::kStyleInject}) {
-      results.push_back(measure(method, shape, device, dtype->second, repeats));
+      results.push_back(
+          measure(method, shape, device, dtype->second, path->second, repeats));
     }
     const auto& base = results[0];
     const auto& lora = results[1];
@@ -582,6 +604,7 @@ int main(int argc, char** argv) {
              std::to_string(TORCH_VERSION_MINOR)},
         {"device", device_name},
         {"dtype", dtype_name},
+        {"path", path_name},
         {"repeats", repeats},
         {"branches", kBranches},
         {"rank", kRank},
