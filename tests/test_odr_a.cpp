@@ -1,11 +1,14 @@
 // One of two translation units that include every public header: linking
 // them into one program proves the headers define nothing twice (ODR).
 
+#include <styleinject/conv2d.h>
 #include <styleinject/detail/torch_compat.h>
 #include <styleinject/functional.h>
+#include <styleinject/inject.h>
 #include <styleinject/layer.h>
 #include <styleinject/linear.h>
 #include <styleinject/options.h>
+#include <styleinject/serialize.h>
 #include <styleinject/styleinject.h>
 #include <styleinject/version.h>
 
