@@ -17,7 +17,8 @@
 namespace styleinject {
 namespace functional {
 
-/// The tensors of one adapter, under the names of SPEC §5. An undefined
+/// The tensors of one adapter, under the names of SPEC §5 (shapes here for
+/// Linear; Conv2d's are in StyleInjectConv2d). An undefined
 /// `router_weight` means router off (every branch weighs 1/n); an undefined
 /// `gate` means gate off.
 struct AdapterTensors {
@@ -32,8 +33,9 @@ struct AdapterTensors {
   torch::Tensor gate;
 };
 
-/// Options for `functional::style_inject_linear`. The module derives them
-/// from its StyleInjectOptions and its run-time controls.
+/// Options for `functional::style_inject_linear` and `style_inject_conv2d`.
+/// The modules derive them from their StyleInjectOptions and run-time
+/// controls.
 ///
 /// Example:
 /// ```
