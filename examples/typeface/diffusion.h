@@ -1,0 +1,96 @@
+#pragma once
+// DDPM training (noise prediction, Ho et al. 2020) and DDIM sampling (Song
+// et al. 2021, eta = 0) with classifier-free guidance (Ho & Salimans 2022).
+
+#include "model.h"
+
+#include <torch/torch.h>
+
+#include <vector>
+
+namespace typeface {
+
+/// The forward process: a linear beta schedule over `steps` timesteps.
+struct NoiseSchedule {
+  explicit NoiseSchedule(int64_t steps = 1000) : steps(steps) {
+    const auto betas =
+        torch::linspace(1e-4, 0.02, steps, torch::dtype(torch::kDouble));
+    alpha_bar = torch::cumprod(1 - betas, 0).to(torch::kFloat);
+  }
+  int64_t steps;
+  torch::Tensor alpha_bar; // (steps,) float32, on the CPU
+};
+
+/// The DDPM loss: MSE between the true and the predicted noise at random
+/// timesteps. images: (N, 1, S, S) in [-1, 1], ids: (N, L).
+inline torch::Tensor diffusion_loss(
+    TextToImage& model,
+    const NoiseSchedule& schedule,
+    const torch::Tensor& images,
+    const torch::Tensor& ids) {
+  const auto n = images.size(0);
+  const auto t = torch::randint(schedule.steps, {n}, torch::kLong);
+  const auto noise = torch::randn_like(images);
+  const auto a = schedule.alpha_bar.index_select(0, t)
+                     .to(images.device())
+                     .view({n, 1, 1, 1});
+  const auto noisy = a.sqrt() * images + (1 - a).sqrt() * noise;
+  return torch::mse_loss(
+      model(noisy, t.to(images.device()), ids).to(torch::kFloat), noise);
+}
+
+/// Options of the sampler.
+struct SamplerOptions {
+  int64_t steps = 20; // DDIM steps
+  double guidance = 3.0; // classifier-free guidance scale
+  uint64_t seed = 0; // of the initial noise
+};
+
+/// Generates one image per caption by DDIM with classifier-free guidance.
+/// The initial noise comes from a CPU generator seeded with `options.seed`,
+/// so a seed gives the same images on every device.
+/// ids: (N, L) -> images (N, 1, S, S) in [0, 1], on ids' device.
+inline torch::Tensor sample(
+    TextToImage& model,
+    const NoiseSchedule& schedule,
+    const torch::Tensor& ids,
+    const SamplerOptions& options) {
+  torch::NoGradGuard no_grad;
+  const bool was_training = model->is_training();
+  model->eval();
+  const auto n = ids.size(0), size = model->config.image_size;
+  const auto device = ids.device();
+  auto generator = at::detail::createCPUGenerator(options.seed);
+  auto x = torch::randn({n, 1, size, size}, generator).to(device);
+  // One text encoding for the captions and one for the empty prompt,
+  // batched so that each step is one UNet call.
+  const auto context = model->text(torch::cat({ids, torch::zeros_like(ids)}));
+  std::vector<int64_t> times;
+  for (int64_t i = 0; i < options.steps; ++i) {
+    times.push_back(
+        (schedule.steps - 1) - i * (schedule.steps - 1) / options.steps);
+  }
+  for (size_t i = 0; i < times.size(); ++i) {
+    const auto t = times[i];
+    const double a = schedule.alpha_bar[t].item<double>();
+    const double a_next = i + 1 < times.size()
+        ? schedule.alpha_bar[times[i + 1]].item<double>()
+        : 1.0;
+    const auto tt =
+        torch::full({2 * n}, t, torch::dtype(torch::kLong).device(device));
+    const auto eps_both =
+        model->denoise(torch::cat({x, x}), tt, context).to(torch::kFloat);
+    const auto eps_text = eps_both.slice(0, 0, n);
+    const auto eps_empty = eps_both.slice(0, n);
+    const auto eps = eps_empty + options.guidance * (eps_text - eps_empty);
+    const auto x0 = ((x - std::sqrt(1 - a) * eps) / std::sqrt(a)).clamp(-1, 1);
+    // The noise that the clamped x0 implies, so that the step stays on the
+    // deterministic DDIM path.
+    const auto eps_clamped = (x - std::sqrt(a) * x0) / std::sqrt(1 - a);
+    x = std::sqrt(a_next) * x0 + std::sqrt(1 - a_next) * eps_clamped;
+  }
+  model->train(was_training);
+  return (x.clamp(-1, 1) + 1) / 2;
+}
+
+} // namespace typeface

@@ -1,0 +1,330 @@
+// typeface: text-to-image fine-tuning on real typefaces, StyleInject against
+// LoRA. See README.md ("The typeface example") for what each command does.
+//
+//   typeface pretrain                 # the base model on the base fonts
+//   typeface finetune --method styleinject --style lobster --out runs/si
+//   typeface sample --adapter runs/si/adapters.safetensors \
+//       --prompt "the letter g in lobster style" --out g.png
+//   typeface eval --adapter runs/si/adapters.safetensors --style lobster
+//   typeface demo                     # all of it, into results/
+
+#include "demo.h"
+
+#include <CLI/CLI.hpp>
+
+#include <cstdlib>
+#include <iostream>
+
+namespace {
+
+using namespace typeface;
+
+/// The default cache of the base model and the classifier:
+/// $XDG_CACHE_HOME/styleinject/typeface, or ~/.cache/styleinject/typeface.
+std::string default_cache() {
+  if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg && *xdg) {
+    return (fs::path(xdg) / "styleinject" / "typeface").string();
+  }
+  const char* home = std::getenv("HOME");
+  return (fs::path(home && *home ? home : ".") / ".cache" / "styleinject" /
+          "typeface")
+      .string();
+}
+
+Runtime runtime_of(const std::string& device, const std::string& dtype) {
+  Runtime runtime;
+  if (device == "cuda") {
+    if (!torch::cuda::is_available()) {
+      throw std::runtime_error(
+          "--device cuda: this LibTorch sees no CUDA device (a CPU build, or no "
+          "GPU); use --device cpu");
+    }
+    runtime.device = torch::kCUDA;
+  }
+  runtime.bfloat16 = dtype == "bfloat16";
+  return runtime;
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{
+      "typeface: fine-tune a small text-to-image model on real typefaces with "
+      "StyleInject or LoRA"};
+  app.require_subcommand(1);
+
+  // Options every command shares.
+  std::string device = "cpu", dtype = "float32", cache = default_cache();
+  std::string model_size = "small";
+  uint64_t seed = 0;
+  std::vector<std::string> font_files;
+  const auto shared = [&](CLI::App* command) {
+    command->add_option("--device", device, "cpu or cuda")
+        ->check(CLI::IsMember({"cpu", "cuda"}))
+        ->capture_default_str();
+    command
+        ->add_option(
+            "--dtype",
+            dtype,
+            "float32, or bfloat16 (autocast; weights stay float32)")
+        ->check(CLI::IsMember({"float32", "bfloat16"}))
+        ->capture_default_str();
+    command->add_option("--seed", seed, "random seed")->capture_default_str();
+    command
+        ->add_option(
+            "--cache", cache, "folder of the cached base model and classifier")
+        ->capture_default_str();
+    command
+        ->add_option(
+            "--model",
+            model_size,
+            "model size: small (default) or tiny (tests)")
+        ->check(CLI::IsMember({"small", "tiny"}))
+        ->capture_default_str();
+    command->add_option(
+        "--font",
+        font_files,
+        "NAME=PATH: a font file to use instead of fontconfig's, e.g. "
+        "lobster=/usr/share/fonts/opentype/lobster/lobster.otf");
+  };
+  const auto font_paths = [&] {
+    std::map<std::string, std::string> paths;
+    for (const auto& entry : font_files) {
+      const auto eq = entry.find('=');
+      if (eq == std::string::npos || eq == 0 || eq + 1 == entry.size()) {
+        throw std::invalid_argument(
+            "--font expects NAME=PATH, but got '" + entry + "'");
+      }
+      if (!fs::exists(entry.substr(eq + 1))) {
+        throw std::invalid_argument(
+            "--font " + entry + ": no such file " + entry.substr(eq + 1));
+      }
+      paths[entry.substr(0, eq)] = entry.substr(eq + 1);
+    }
+    return paths;
+  };
+  const auto config = [&] {
+    return model_size == "tiny" ? ModelConfig::tiny() : ModelConfig::small();
+  };
+
+  // pretrain
+  PretrainOptions pre;
+  std::string base_dir;
+  auto* pretrain_cmd = app.add_subcommand(
+      "pretrain", "train the base model on the base fonts (cached)");
+  shared(pretrain_cmd);
+  pretrain_cmd->add_option("--steps", pre.steps, "training steps")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  pretrain_cmd->add_option("--batch", pre.batch)
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  pretrain_cmd->add_option("--lr", pre.lr)
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  pretrain_cmd->add_option("--checkpoint-every", pre.checkpoint_every)
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  pretrain_cmd->add_flag(
+      "--resume", pre.resume, "go on from the checkpoint in --out");
+  pretrain_cmd->add_option(
+      "--out",
+      base_dir,
+      "folder of the base model (default: <cache>/base-<model>)");
+
+  // finetune
+  FinetuneOptions tune;
+  std::string run_dir;
+  auto* finetune_cmd = app.add_subcommand(
+      "finetune", "fine-tune an adapter on a few characters of a new style");
+  shared(finetune_cmd);
+  finetune_cmd->add_option("--method", tune.method)
+      ->check(CLI::IsMember({"styleinject", "lora"}))
+      ->capture_default_str();
+  finetune_cmd
+      ->add_option("--style", tune.style, "a new style (not a base font)")
+      ->capture_default_str();
+  finetune_cmd
+      ->add_option("--shots", tune.shots, "characters of the style to train on")
+      ->capture_default_str();
+  finetune_cmd->add_option("--steps", tune.steps)
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  finetune_cmd->add_option("--batch", tune.batch)
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  finetune_cmd->add_option("--lr", tune.lr)
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  finetune_cmd->add_option("--rank", tune.rank)
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  finetune_cmd->add_option("--branches", tune.branches, "StyleInject branches")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  finetune_cmd->add_option("--checkpoint-every", tune.checkpoint_every)
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  finetune_cmd->add_flag(
+      "--resume", tune.resume, "go on from the checkpoint in --out");
+  finetune_cmd->add_option(
+      "--base", base_dir, "base model folder (default: the cache's)");
+  finetune_cmd
+      ->add_option(
+          "--out", run_dir, "folder for the adapter and its checkpoint")
+      ->required();
+
+  // sample
+  std::vector<std::string> prompts;
+  std::string adapter_file, out_file;
+  SamplerOptions sampler;
+  auto* sample_cmd =
+      app.add_subcommand("sample", "generate a PNG row of prompts");
+  shared(sample_cmd);
+  sample_cmd
+      ->add_option(
+          "--prompt",
+          prompts,
+          "a caption, e.g. \"the letter g in lobster style\"")
+      ->required();
+  sample_cmd->add_option(
+      "--adapter", adapter_file, "adapters.safetensors from finetune");
+  sample_cmd->add_option(
+      "--base", base_dir, "base model folder (default: the cache's)");
+  sample_cmd->add_option("--steps", sampler.steps, "DDIM steps")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  sample_cmd
+      ->add_option(
+          "--guidance", sampler.guidance, "classifier-free guidance scale")
+      ->capture_default_str();
+  sample_cmd->add_option("--out", out_file, "PNG file")->required();
+
+  // eval
+  std::string style = "lobster", metrics_file;
+  int64_t shots = tune.shots;
+  auto* eval_cmd = app.add_subcommand(
+      "eval", "alignment, style fit and base retention, as JSON");
+  shared(eval_cmd);
+  eval_cmd->add_option(
+      "--adapter", adapter_file, "adapters.safetensors (none: the base model)");
+  eval_cmd->add_option(
+      "--base", base_dir, "base model folder (default: the cache's)");
+  eval_cmd->add_option("--style", style)->capture_default_str();
+  eval_cmd
+      ->add_option(
+          "--shots", shots, "the fine-tune's --shots (to hold out the rest)")
+      ->capture_default_str();
+  eval_cmd->add_option("--out", metrics_file, "JSON file (default: stdout)");
+
+  // demo
+  DemoOptions demo;
+  auto* demo_cmd = app.add_subcommand(
+      "demo",
+      "pretrain or load the base, fine-tune StyleInject and LoRA, evaluate, write results/");
+  shared(demo_cmd);
+  demo_cmd->add_option("--style", demo.style)->capture_default_str();
+  demo_cmd->add_option("--shots", demo.shots)->capture_default_str();
+  demo_cmd->add_option("--seeds", demo.seeds, "seeds per method")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  demo_cmd->add_option("--steps", demo.steps, "fine-tune steps per run")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  demo_cmd->add_option("--pretrain-steps", demo.pretrain_steps)
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  demo_cmd->add_option("--classifier-steps", demo.classifier_steps)
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  demo_cmd
+      ->add_option(
+          "--lrs",
+          demo.lrs,
+          "learning rates to search per method, comma-separated (best by "
+          "validation loss)")
+      ->delimiter(',');
+  demo_cmd->add_option("--results", demo.results, "output folder")
+      ->capture_default_str();
+
+  CLI11_PARSE(app, argc, argv);
+
+  try {
+    const auto runtime = runtime_of(device, dtype);
+    torch::manual_seed(seed);
+    const auto model_config = config();
+    const auto base = base_dir.empty()
+        ? fs::path(cache) / ("base-" + model_size)
+        : fs::path(base_dir);
+    if (*pretrain_cmd) {
+      pre.config = model_config;
+      pre.seed = seed;
+      GlyphRenderer renderer(
+          base_fonts(), model_config.image_size, font_paths());
+      pretrain(pre, base, renderer, runtime);
+      std::cout << "base model saved in " << base.string() << "\n";
+    } else if (*finetune_cmd) {
+      tune.seed = seed;
+      GlyphRenderer renderer(
+          {font_index(tune.style)}, model_config.image_size, font_paths());
+      finetune(tune, base, run_dir, renderer, runtime);
+      std::cout << "adapters saved in "
+                << (fs::path(run_dir) / "adapters.safetensors").string()
+                << "\n";
+    } else if (*sample_cmd) {
+      const Tokenizer tokenizer;
+      const auto ids = tokenizer.encode(prompts).to(runtime.device);
+      auto model = load_base(base, runtime.device);
+      if (!adapter_file.empty()) {
+        styleinject::load_adapters(*model, adapter_file);
+      }
+      sampler.seed = seed;
+      torch::Tensor images;
+      {
+        AutocastGuard autocast(runtime);
+        images = sample(model, NoiseSchedule(), ids, sampler);
+      }
+      write_png(out_file, grid({images}, 4));
+      std::cout << "wrote " << out_file << "\n";
+    } else if (*eval_cmd) {
+      auto model = load_base(base, runtime.device);
+      if (!adapter_file.empty()) {
+        styleinject::load_adapters(*model, adapter_file);
+      }
+      GlyphRenderer renderer(
+          all_fonts(), model_config.image_size, font_paths());
+      auto classifier = cached_classifier(
+          fs::path(cache),
+          model_size,
+          demo.classifier_steps,
+          renderer,
+          runtime);
+      const auto metrics = evaluate(
+          model,
+          classifier,
+          font_index(style),
+          shot_characters(shots),
+          EvalOptions{},
+          runtime);
+      const auto text = metrics.json.dump(2);
+      if (metrics_file.empty()) {
+        std::cout << text << "\n";
+      } else {
+        write_text(metrics_file, text);
+      }
+    } else if (*demo_cmd) {
+      demo.config = model_config;
+      demo.model_size = model_size;
+      demo.cache = cache;
+      demo.seed = seed;
+      run_demo(demo, font_paths(), runtime);
+    }
+  } catch (const c10::Error& error) {
+    std::cerr << "error: " << error.what_without_backtrace() << "\n";
+    return 1;
+  } catch (const std::exception& error) {
+    std::cerr << "error: " << error.what() << "\n";
+    return 1;
+  }
+  return 0;
+}

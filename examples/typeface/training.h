@@ -1,0 +1,708 @@
+#pragma once
+// The typeface example's phases: pretraining the base model, fine-tuning an
+// adapter, training the evaluation's glyph classifier and evaluating, with
+// the progress bar, checkpoints and PNG output they share.
+
+#include "diffusion.h"
+#include "glyphs.h"
+#include "model.h"
+
+#include <styleinject/styleinject.h>
+
+#include <torch/torch.h>
+
+#include <nlohmann/json.hpp>
+#include <png.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace typeface {
+
+namespace fs = std::filesystem;
+using nlohmann::ordered_json;
+
+// ---------------------------------------------------------------- runtime
+
+/// Where and in which precision the model runs: float32, or bfloat16
+/// through autocast (the weights stay float32).
+struct Runtime {
+  torch::Device device = torch::kCPU;
+  bool bfloat16 = false;
+};
+
+/// Turns autocast to bfloat16 on for the runtime's device while it lives
+/// (the call differs between LibTorch 1.13 and 2.x).
+class AutocastGuard {
+ public:
+  explicit AutocastGuard(const Runtime& runtime)
+      : on_(runtime.bfloat16), type_(runtime.device.type()) {
+    set(on_);
+  }
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
+  ~AutocastGuard() {
+    if (on_) {
+      set(false);
+      at::autocast::clear_cache();
+    }
+  }
+
+ private:
+  void set(bool enabled) const {
+    if (!on_) {
+      return;
+    }
+#if TORCH_VERSION_MAJOR > 2 || \
+    (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+    at::autocast::set_autocast_dtype(type_, torch::kBFloat16);
+    at::autocast::set_autocast_enabled(type_, enabled);
+#else
+    if (type_ == torch::kCUDA) {
+      at::autocast::set_autocast_gpu_dtype(torch::kBFloat16);
+      at::autocast::set_enabled(enabled);
+    } else {
+      at::autocast::set_autocast_cpu_dtype(torch::kBFloat16);
+      at::autocast::set_cpu_enabled(enabled);
+    }
+#endif
+  }
+  bool on_;
+  torch::DeviceType type_;
+};
+
+// --------------------------------------------------------------- progress
+
+/// A progress bar on stderr with the step, ETA and the running loss; on a
+/// terminal it redraws one line, elsewhere (logs, CI) it prints every 10%.
+class Progress {
+ public:
+  Progress(std::string label, int64_t total, int64_t start = 0)
+      : label_(std::move(label)),
+        total_(total),
+        start_step_(start),
+        step_(start),
+        tty_(isatty(fileno(stderr)) != 0),
+        begin_(std::chrono::steady_clock::now()),
+        last_draw_(begin_) {}
+
+  /// One step done; `loss` enters an exponential running mean.
+  void step(double loss = -1) {
+    ++step_;
+    if (loss >= 0) {
+      loss_ = loss_ < 0 ? loss : 0.95 * loss_ + 0.05 * loss;
+    }
+    const auto now = std::chrono::steady_clock::now();
+    const bool last = step_ == total_;
+    const bool tenth = total_ >= 10 &&
+        (step_ - start_step_) %
+                std::max<int64_t>(1, (total_ - start_step_) / 10) ==
+            0;
+    if (last || (tty_ && now - last_draw_ > std::chrono::milliseconds(200)) ||
+        (!tty_ && tenth)) {
+      draw(now, last);
+      last_draw_ = now;
+    }
+  }
+
+  double seconds() const {
+    return std::chrono::duration<double>(
+               std::chrono::steady_clock::now() - begin_)
+        .count();
+  }
+
+ private:
+  void draw(std::chrono::steady_clock::time_point now, bool last) const {
+    const double elapsed = std::chrono::duration<double>(now - begin_).count();
+    const double done = static_cast<double>(step_ - start_step_);
+    const double eta =
+        done > 0 ? elapsed / done * static_cast<double>(total_ - step_) : 0;
+    constexpr int width = 24;
+    const int filled =
+        static_cast<int>(width * step_ / std::max<int64_t>(total_, 1));
+    std::string bar(filled, '#');
+    bar.resize(width, '.');
+    std::fprintf(
+        stderr,
+        "%s%-22s [%s] %lld/%lld %s %s%s",
+        tty_ ? "\r" : "",
+        label_.c_str(),
+        bar.c_str(),
+        static_cast<long long>(step_),
+        static_cast<long long>(total_),
+        (last ? "took " + clock(elapsed) : "eta " + clock(eta)).c_str(),
+        loss_ >= 0 ? ("loss " + std::to_string(loss_).substr(0, 7)).c_str()
+                   : "",
+        tty_ && !last ? "" : "\n");
+    std::fflush(stderr);
+  }
+  static std::string clock(double seconds) {
+    const auto s = static_cast<long long>(seconds + 0.5);
+    char text[32];
+    std::snprintf(text, sizeof text, "%lld:%02lld", s / 60, s % 60);
+    return text;
+  }
+
+  std::string label_;
+  int64_t total_, start_step_, step_;
+  bool tty_;
+  double loss_ = -1;
+  std::chrono::steady_clock::time_point begin_, last_draw_;
+};
+
+// ------------------------------------------------------------------ files
+
+/// Writes text to a file atomically (temporary file, then rename).
+inline void write_text(const fs::path& path, const std::string& text) {
+  if (!path.parent_path().empty()) {
+    fs::create_directories(path.parent_path());
+  }
+  styleinject::detail::safetensors::write_file_atomically(
+      path.string(), text, "typeface");
+}
+
+inline ordered_json read_json(const fs::path& path) {
+  std::ifstream stream(path);
+  if (!stream) {
+    throw std::runtime_error("cannot read " + path.string());
+  }
+  return ordered_json::parse(stream);
+}
+
+/// Saves a module (or optimizer) with torch::save into a file, atomically.
+template <typename T>
+void save_atomically(const T& value, const fs::path& path) {
+  std::ostringstream stream;
+  torch::save(value, stream);
+  write_text(path, stream.str());
+}
+
+/// Writes a (H, W) image with values in [0, 1] as an 8-bit grayscale PNG.
+inline void write_png(const fs::path& path, const torch::Tensor& image) {
+  TORCH_CHECK(
+      image.dim() == 2, "write_png: expected (H, W), got ", image.sizes());
+  const auto bytes =
+      (image.detach().to(torch::kCPU, torch::kFloat).clamp(0, 1) * 255)
+          .round()
+          .to(torch::kUInt8)
+          .contiguous();
+  png_image png{};
+  png.version = PNG_IMAGE_VERSION;
+  png.width = static_cast<png_uint_32>(bytes.size(1));
+  png.height = static_cast<png_uint_32>(bytes.size(0));
+  png.format = PNG_FORMAT_GRAY;
+  png_alloc_size_t size = 0;
+  TORCH_CHECK(
+      png_image_write_get_memory_size(
+          png, size, 0, bytes.data_ptr(), 0, nullptr),
+      "libpng: ",
+      png.message);
+  std::string buffer(size, '\0');
+  TORCH_CHECK(
+      png_image_write_to_memory(
+          &png, buffer.data(), &size, 0, bytes.data_ptr(), 0, nullptr),
+      "libpng: ",
+      png.message);
+  buffer.resize(size);
+  write_text(path, buffer);
+}
+
+/// Tiles rows of images (each (N, 1, S, S) in [0, 1], rows may differ in
+/// N) into one (H, W) picture with a gray gap, enlarged `zoom` times.
+inline torch::Tensor grid(
+    const std::vector<torch::Tensor>& rows,
+    int64_t zoom = 2) {
+  TORCH_CHECK(!rows.empty(), "grid: no rows");
+  const auto size = rows[0].size(-1);
+  int64_t columns = 0;
+  for (const auto& row : rows) {
+    columns = std::max(columns, row.size(0));
+  }
+  const int64_t gap = 2, cell = size + gap;
+  auto canvas = torch::full(
+      {gap + cell * static_cast<int64_t>(rows.size()), gap + cell * columns},
+      0.35);
+  for (size_t r = 0; r < rows.size(); ++r) {
+    const auto row = rows[r].detach().to(torch::kCPU, torch::kFloat);
+    for (int64_t c = 0; c < row.size(0); ++c) {
+      canvas.slice(0, gap + cell * r, gap + cell * r + size)
+          .slice(1, gap + cell * c, gap + cell * c + size)
+          .copy_(row[c][0]);
+    }
+  }
+  return canvas.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1);
+}
+
+// ------------------------------------------------------------------- data
+
+/// A batch of renders with their labels and captions.
+struct Batch {
+  torch::Tensor images; // (N, 1, S, S) in [0, 1]
+  torch::Tensor ids; // (N, L) caption token ids
+  torch::Tensor characters; // (N,) index into characters()
+  torch::Tensor fonts; // (N,) index into catalogue()
+};
+
+/// Draws `n` renders of random (font, character) pairs from the given
+/// sets; a caption is left empty with probability `drop_caption` (for
+/// classifier-free guidance).
+inline Batch draw_batch(
+    GlyphRenderer& renderer,
+    const Tokenizer& tokenizer,
+    const std::vector<int64_t>& fonts,
+    const std::string& chars,
+    int64_t n,
+    std::mt19937_64& rng,
+    double drop_caption = 0) {
+  std::uniform_int_distribution<size_t> pick_font(0, fonts.size() - 1);
+  std::uniform_int_distribution<size_t> pick_char(0, chars.size() - 1);
+  std::uniform_real_distribution<double> coin(0, 1);
+  std::vector<torch::Tensor> images, ids;
+  std::vector<int64_t> char_labels, font_labels;
+  for (int64_t i = 0; i < n; ++i) {
+    const auto font = fonts[pick_font(rng)];
+    const char c = chars[pick_char(rng)];
+    images.push_back(renderer.render(font, c, &rng));
+    ids.push_back(tokenizer.encode(
+        coin(rng) < drop_caption ? "" : caption(c, catalogue()[font].name)));
+    char_labels.push_back(static_cast<int64_t>(characters().find(c)));
+    font_labels.push_back(font);
+  }
+  return {
+      torch::stack(images).unsqueeze(1),
+      torch::stack(ids),
+      torch::tensor(char_labels, torch::kLong),
+      torch::tensor(font_labels, torch::kLong)};
+}
+
+/// Sets the learning rate of every parameter group of an AdamW optimizer.
+inline void set_learning_rate(torch::optim::AdamW& optimizer, double lr) {
+  for (auto& group : optimizer.param_groups()) {
+    static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+  }
+}
+
+/// Cosine decay from `lr` to `lr / 10` after a short linear warm-up.
+inline double scheduled_learning_rate(double lr, int64_t step, int64_t steps) {
+  const int64_t warmup = std::min<int64_t>(100, steps / 10);
+  if (step < warmup) {
+    return lr * (step + 1) / warmup;
+  }
+  const double progress =
+      static_cast<double>(step - warmup) / std::max<int64_t>(1, steps - warmup);
+  return lr * (0.1 + 0.45 * (1 + std::cos(M_PI * progress)));
+}
+
+// ------------------------------------------------------------ pretraining
+
+struct PretrainOptions {
+  ModelConfig config = ModelConfig::small();
+  int64_t steps = 3000;
+  int64_t batch = 32;
+  double lr = 1e-3;
+  int64_t checkpoint_every = 500;
+  uint64_t seed = 0;
+  bool resume = false;
+};
+
+/// The files of a base model: its weights and what they were trained with.
+inline fs::path model_file(const fs::path& dir) {
+  return dir / "model.pt";
+}
+inline fs::path config_file(const fs::path& dir) {
+  return dir / "config.json";
+}
+
+/// Whether `dir` holds a base model whose pretraining finished.
+inline bool base_complete(const fs::path& dir) {
+  if (!fs::exists(config_file(dir)) || !fs::exists(model_file(dir))) {
+    return false;
+  }
+  const auto json = read_json(config_file(dir));
+  return json.value("step", int64_t{-1}) == json.value("steps", int64_t{0});
+}
+
+/// Loads a base model saved by `pretrain` into a new model on `device`.
+inline TextToImage load_base(const fs::path& dir, torch::Device device) {
+  if (!fs::exists(config_file(dir))) {
+    throw std::runtime_error(
+        "no base model in " + dir.string() +
+        " (expected config.json and model.pt); run `typeface pretrain --out " +
+        dir.string() + "` first");
+  }
+  const auto json = read_json(config_file(dir));
+  TextToImage model(ModelConfig::from_json(json.at("model")));
+  torch::load(model, model_file(dir).string());
+  model->to(device);
+  return model;
+}
+
+/// Pretrains the base model on the base fonts (DDPM, AdamW, cosine decay),
+/// saving a checkpoint into `dir` every `checkpoint_every` steps and at the
+/// end; with `resume`, goes on from the checkpoint in `dir`.
+inline void pretrain(
+    const PretrainOptions& options,
+    const fs::path& dir,
+    GlyphRenderer& renderer,
+    const Runtime& runtime) {
+  const Tokenizer tokenizer;
+  auto config = options.config;
+  config.vocabulary = tokenizer.vocabulary_size();
+  config.context = tokenizer.length();
+  if (renderer.size() != config.image_size) {
+    throw std::invalid_argument(
+        "the renderer draws " + std::to_string(renderer.size()) +
+        " px images but the model expects " +
+        std::to_string(config.image_size));
+  }
+  torch::manual_seed(options.seed);
+  TextToImage model(config);
+  model->to(runtime.device);
+  torch::optim::AdamW optimizer(
+      model->parameters(),
+      torch::optim::AdamWOptions(options.lr).weight_decay(0));
+  int64_t step = 0;
+  if (options.resume) {
+    if (!fs::exists(config_file(dir))) {
+      throw std::runtime_error(
+          "--resume: no checkpoint in " + dir.string() + " to resume from");
+    }
+    const auto state = read_json(config_file(dir));
+    if (ModelConfig::from_json(state.at("model")).to_json() !=
+        config.to_json()) {
+      throw std::runtime_error(
+          "--resume: the checkpoint in " + dir.string() +
+          " is of another model: " + state.at("model").dump() + " vs " +
+          config.to_json().dump());
+    }
+    torch::load(model, model_file(dir).string(), runtime.device);
+    torch::load(optimizer, (dir / "optimizer.pt").string(), runtime.device);
+    step = state.at("step");
+  }
+  const auto save = [&] {
+    save_atomically(model, model_file(dir));
+    save_atomically(optimizer, dir / "optimizer.pt");
+    write_text(
+        config_file(dir),
+        ordered_json{
+            {"model", config.to_json()},
+            {"step", step},
+            {"steps", options.steps},
+            {"batch", options.batch},
+            {"lr", options.lr},
+            {"seed", options.seed}}
+            .dump(2));
+  };
+  // The data stream is seeded by the step, so a resumed run draws what the
+  // uninterrupted run would have drawn.
+  std::mt19937_64 rng(options.seed * 1000003 + step);
+  torch::manual_seed(options.seed * 1000003 + step);
+  Progress progress("pretrain", options.steps, step);
+  model->train();
+  while (step < options.steps) {
+    set_learning_rate(
+        optimizer, scheduled_learning_rate(options.lr, step, options.steps));
+    const auto batch = draw_batch(
+        renderer,
+        tokenizer,
+        base_fonts(),
+        characters(),
+        options.batch,
+        rng,
+        0.1);
+    optimizer.zero_grad();
+    torch::Tensor loss;
+    {
+      AutocastGuard autocast(runtime);
+      loss = diffusion_loss(
+          model,
+          NoiseSchedule(),
+          batch.images.to(runtime.device) * 2 - 1,
+          batch.ids.to(runtime.device));
+    }
+    loss.backward();
+    optimizer.step();
+    ++step;
+    progress.step(loss.item<double>());
+    if (step % options.checkpoint_every == 0 || step == options.steps) {
+      save();
+    }
+  }
+}
+
+// ------------------------------------------------------------- fine-tune
+
+/// The characters of the fine-tune set (the "shots"): the first `shots` of
+/// a fixed shuffle, the same for every method and seed, so that the
+/// held-out characters are too.
+inline std::string shot_characters(int64_t shots) {
+  if (shots < 1 || shots >= static_cast<int64_t>(characters().size())) {
+    throw std::invalid_argument(
+        "--shots must be between 1 and " +
+        std::to_string(characters().size() - 1) + ", but got " +
+        std::to_string(shots));
+  }
+  std::string order = characters();
+  std::shuffle(order.begin(), order.end(), std::mt19937_64(2024));
+  auto chosen = order.substr(0, shots);
+  std::sort(chosen.begin(), chosen.end());
+  return chosen;
+}
+
+inline std::string held_out_characters(const std::string& shots) {
+  std::string rest;
+  for (const char c : characters()) {
+    if (shots.find(c) == std::string::npos) {
+      rest += c;
+    }
+  }
+  return rest;
+}
+
+struct FinetuneOptions {
+  std::string method = "styleinject"; // or "lora"
+  std::string style = "lobster";
+  int64_t shots = 16;
+  int64_t steps = 300;
+  int64_t batch = 16;
+  double lr = 3e-3;
+  int64_t rank = 4;
+  int64_t branches = 4; // StyleInject only
+  int64_t checkpoint_every = 100;
+  uint64_t seed = 0;
+  bool resume = false;
+};
+
+/// The adapter options of a method.
+inline styleinject::StyleInjectOptions adapter_options(
+    const FinetuneOptions& options) {
+  if (options.method == "lora") {
+    return styleinject::StyleInjectOptions::lora(options.rank);
+  }
+  if (options.method == "styleinject") {
+    return styleinject::StyleInjectOptions(options.rank)
+        .branches(options.branches);
+  }
+  throw std::invalid_argument(
+      "--method must be styleinject or lora, but got '" + options.method + "'");
+}
+
+/// Fine-tunes adapters on every Linear and Conv2d of a fresh copy of the
+/// base model, on `shots` characters of `style`: only the adapter
+/// parameters reach the optimizer. Saves adapters.safetensors (and
+/// optimizer + state for --resume) into `dir`; returns the adapted model.
+inline TextToImage finetune(
+    const FinetuneOptions& options,
+    const fs::path& base_dir,
+    const fs::path& dir,
+    GlyphRenderer& renderer,
+    const Runtime& runtime,
+    bool quiet = false) {
+  const Tokenizer tokenizer;
+  const auto style = font_index(options.style);
+  if (catalogue()[style].base) {
+    throw std::invalid_argument(
+        "--style '" + options.style +
+        "' is one of the base model's fonts; pick a new style");
+  }
+  const auto adapter = adapter_options(options);
+  torch::manual_seed(options.seed);
+  auto model = load_base(base_dir, runtime.device);
+  styleinject::inject(*model, styleinject::Targets::all(), adapter);
+  const auto parameters = styleinject::adapter_parameters(*model);
+  torch::optim::AdamW optimizer(
+      parameters, torch::optim::AdamWOptions(options.lr).weight_decay(0));
+  int64_t step = 0;
+  const auto state_file = dir / "state.json";
+  if (options.resume) {
+    if (!fs::exists(state_file)) {
+      throw std::runtime_error(
+          "--resume: no fine-tune checkpoint in " + dir.string());
+    }
+    styleinject::load_adapters(*model, (dir / "adapters.safetensors").string());
+    torch::load(optimizer, (dir / "optimizer.pt").string(), runtime.device);
+    step = read_json(state_file).at("step");
+  }
+  const auto shots = shot_characters(options.shots);
+  fs::create_directories(dir);
+  const auto save = [&] {
+    styleinject::save_adapters(*model, (dir / "adapters.safetensors").string());
+    save_atomically(optimizer, dir / "optimizer.pt");
+    write_text(
+        state_file,
+        ordered_json{
+            {"method", options.method},
+            {"style", options.style},
+            {"shots", shots},
+            {"step", step},
+            {"steps", options.steps},
+            {"lr", options.lr},
+            {"rank", options.rank},
+            {"branches", options.method == "lora" ? 1 : options.branches},
+            {"seed", options.seed}}
+            .dump(2));
+  };
+  std::mt19937_64 rng(options.seed * 1000003 + step + 17);
+  torch::manual_seed(options.seed * 1000003 + step + 17);
+  Progress progress(
+      quiet ? "" : "finetune " + options.method, options.steps, step);
+  model->train();
+  const std::vector<int64_t> fonts = {style};
+  while (step < options.steps) {
+    const auto batch =
+        draw_batch(renderer, tokenizer, fonts, shots, options.batch, rng, 0.1);
+    optimizer.zero_grad();
+    torch::Tensor loss;
+    {
+      AutocastGuard autocast(runtime);
+      loss = diffusion_loss(
+          model,
+          NoiseSchedule(),
+          batch.images.to(runtime.device) * 2 - 1,
+          batch.ids.to(runtime.device));
+    }
+    loss.backward();
+    optimizer.step();
+    ++step;
+    progress.step(loss.item<double>());
+    if (step % options.checkpoint_every == 0 || step == options.steps) {
+      save();
+    }
+  }
+  return model;
+}
+
+// ------------------------------------------------------------- classifier
+
+struct ClassifierReport {
+  double character_accuracy = 0; // held-out renders
+  double font_accuracy = 0;
+  int64_t held_out = 0;
+};
+
+/// Trains the glyph classifier on renders of every font of the renderer and
+/// measures it on a held-out set of renders (other random scales and
+/// offsets than any training render).
+inline ClassifierReport train_classifier(
+    GlyphClassifier& classifier,
+    GlyphRenderer& renderer,
+    int64_t steps,
+    uint64_t seed,
+    const Runtime& runtime) {
+  const Tokenizer tokenizer;
+  torch::manual_seed(seed);
+  classifier->to(runtime.device);
+  torch::optim::AdamW optimizer(
+      classifier->parameters(), torch::optim::AdamWOptions(2e-3));
+  std::mt19937_64 rng(seed + 99);
+  Progress progress("classifier", steps);
+  classifier->train();
+  for (int64_t step = 0; step < steps; ++step) {
+    set_learning_rate(optimizer, scheduled_learning_rate(2e-3, step, steps));
+    const auto batch = draw_batch(
+        renderer, tokenizer, renderer.fonts(), characters(), 128, rng);
+    const auto [char_logits, font_logits] =
+        classifier->forward(batch.images.to(runtime.device));
+    const auto loss = torch::cross_entropy_loss(
+                          char_logits, batch.characters.to(runtime.device)) +
+        torch::cross_entropy_loss(font_logits, batch.fonts.to(runtime.device));
+    optimizer.zero_grad();
+    loss.backward();
+    optimizer.step();
+    progress.step(loss.item<double>());
+  }
+  classifier->eval();
+  torch::NoGradGuard no_grad;
+  std::mt19937_64 held_out_rng(seed + 7777);
+  ClassifierReport report;
+  for (int round = 0; round < 8; ++round) {
+    const auto batch = draw_batch(
+        renderer, tokenizer, renderer.fonts(), characters(), 256, held_out_rng);
+    const auto [char_logits, font_logits] =
+        classifier->forward(batch.images.to(runtime.device));
+    report.character_accuracy +=
+        char_logits.argmax(1).cpu().eq(batch.characters).sum().item<double>();
+    report.font_accuracy +=
+        font_logits.argmax(1).cpu().eq(batch.fonts).sum().item<double>();
+    report.held_out += 256;
+  }
+  report.character_accuracy /= report.held_out;
+  report.font_accuracy /= report.held_out;
+  return report;
+}
+
+// ------------------------------------------------------------- evaluation
+
+/// Prompts of an evaluation: (font, character) pairs.
+using Prompts = std::vector<std::pair<int64_t, char>>;
+
+inline torch::Tensor encode(
+    const Tokenizer& tokenizer,
+    const Prompts& prompts) {
+  std::vector<std::string> captions;
+  for (const auto& [font, c] : prompts) {
+    captions.push_back(caption(c, catalogue()[font].name));
+  }
+  return tokenizer.encode(captions);
+}
+
+/// What the classifier says about a set of generated images.
+struct Judgement {
+  double character_accuracy = 0; // the prompt's character recognised
+  double font_probability = 0; // mean probability of the prompt's font
+};
+
+inline Judgement judge(
+    GlyphClassifier& classifier,
+    const torch::Tensor& images,
+    const Prompts& prompts) {
+  torch::NoGradGuard no_grad;
+  classifier->eval();
+  const auto device = classifier->character->weight.device();
+  const auto [char_logits, font_logits] =
+      classifier->forward(images.to(device, torch::kFloat));
+  const auto font_probs = torch::softmax(font_logits, 1).cpu();
+  const auto predicted = char_logits.argmax(1).cpu();
+  Judgement judgement;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const auto expected =
+        static_cast<int64_t>(characters().find(prompts[i].second));
+    judgement.character_accuracy += predicted[i].item<int64_t>() == expected;
+    judgement.font_probability +=
+        font_probs[i][prompts[i].first].item<double>();
+  }
+  judgement.character_accuracy /= static_cast<double>(prompts.size());
+  judgement.font_probability /= static_cast<double>(prompts.size());
+  return judgement;
+}
+
+/// Generates images for prompts in batches of `batch`.
+inline torch::Tensor generate(
+    TextToImage& model,
+    const Prompts& prompts,
+    const SamplerOptions& sampler,
+    const Runtime& runtime,
+    int64_t batch = 64) {
+  const Tokenizer tokenizer;
+  const auto ids = encode(tokenizer, prompts).to(runtime.device);
+  std::vector<torch::Tensor> parts;
+  for (int64_t start = 0; start < ids.size(0); start += batch) {
+    auto options = sampler;
+    options.seed = sampler.seed + static_cast<uint64_t>(start);
+    AutocastGuard autocast(runtime);
+    parts.push_back(
+        sample(
+            model, NoiseSchedule(), ids.slice(0, start, start + batch), options)
+            .cpu());
+  }
+  return torch::cat(parts);
+}
+
+} // namespace typeface
