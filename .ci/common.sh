@@ -7,10 +7,15 @@ venv=${STYLEINJECT_VENV:-$repo/.venv}
 jobs=$(nproc)
 
 # Debian's packages: the compilers (clang for libFuzzer), CMake, LibTorch
-# 1.13, nlohmann-json, fmt, Catch2 2, and venv for the PyPI side.
+# 1.13, nlohmann-json, fmt, Catch2 2, and venv for the PyPI side; for the
+# typeface example FreeType, fontconfig, libpng, CLI11 and its fonts.
 install_missing() {
   local wanted=(ca-certificates cmake g++ make clang libclang-rt-dev
-    libtorch-dev nlohmann-json3-dev libfmt-dev catch2 python3-venv)
+    libtorch-dev nlohmann-json3-dev libfmt-dev catch2 python3-venv
+    libfreetype-dev libfontconfig-dev libpng-dev libcli11-dev fontconfig
+    fonts-dejavu-core fonts-liberation fonts-freefont-ttf fonts-lobster
+    fonts-humor-sans fonts-comic-neue fonts-ebgaramond fonts-dkg-handwriting
+    fonts-isabella)
   local missing=() package
   for package in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null |

@@ -267,3 +267,32 @@ TEST_CASE("the fine-tune split and the parameter budget", "[typeface]") {
       adapter_parameter_count(
           config, styleinject::StyleInjectOptions::lora(r)) == lora);
 }
+
+TEST_CASE(
+    "grids are written as PNG files that libpng reads back",
+    "[typeface]") {
+  const auto row1 = torch::rand({3, 1, 8, 8});
+  const auto row2 = torch::rand({2, 1, 8, 8});
+  const auto picture = grid({row1, row2}, 2);
+  // 2 rows and 3 columns of 8 px cells with 2 px gaps, then doubled.
+  REQUIRE(
+      picture.sizes() ==
+      torch::IntArrayRef({2 * (2 + 10 * 2), 2 * (2 + 10 * 3)}));
+  CHECK(picture[2 * 2][2 * 2].item<float>() == row1[0][0][0][0].item<float>());
+  CHECK(
+      picture[2 * 12][2 * 12].item<float>() == row2[1][0][0][0].item<float>());
+  const auto path = fs::temp_directory_path() / "styleinject_typeface_grid.png";
+  write_png(path, picture);
+  png_image png{};
+  png.version = PNG_IMAGE_VERSION;
+  REQUIRE(png_image_begin_read_from_file(&png, path.c_str()));
+  png.format = PNG_FORMAT_GRAY;
+  std::vector<uint8_t> pixels(PNG_IMAGE_SIZE(png));
+  REQUIRE(png_image_finish_read(&png, nullptr, pixels.data(), 0, nullptr));
+  REQUIRE(png.width == picture.size(1));
+  REQUIRE(png.height == picture.size(0));
+  const auto expected =
+      (picture * 255).round().to(torch::kUInt8).flatten().contiguous();
+  CHECK(std::equal(pixels.begin(), pixels.end(), expected.data_ptr<uint8_t>()));
+  fs::remove(path);
+}

@@ -178,7 +178,7 @@ struct DemoOptions {
   std::string style = "lobster";
   int64_t shots = 16;
   int64_t seeds = 3;
-  int64_t steps = 300;
+  int64_t steps = 150; // fits the demo in 15 minutes on 2 CPU cores
   int64_t pretrain_steps = PretrainOptions{}.steps;
   int64_t classifier_steps = 1500;
   std::vector<double> lrs; // empty: each method's default
@@ -276,6 +276,11 @@ inline void run_demo(
     Method large{"LoRA r=" + std::to_string(2 * best_rank), lora.options};
     large.options.rank = 2 * best_rank;
     large.parameters = large.options.rank * per_rank;
+    // Without --lrs, each method's winner of the search in README.md
+    // (`typeface demo --lrs 1e-3,3e-3,1e-2`): 3e-3, 3e-3 and 1e-3.
+    si.options.lr = 3e-3;
+    lora.options.lr = 3e-3;
+    large.options.lr = 1e-3;
     methods = {si, lora, large};
   }
 

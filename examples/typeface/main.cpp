@@ -241,8 +241,9 @@ int main(int argc, char** argv) {
       ->add_option(
           "--lrs",
           demo.lrs,
-          "learning rates to search per method, comma-separated (best by "
-          "validation loss)")
+          "learning rates to search for each method, comma-separated (the "
+          "best by validation loss wins); one value: that for all; default: "
+          "each method's winner of the README's search")
       ->delimiter(',');
   demo_cmd->add_option("--results", demo.results, "output folder")
       ->capture_default_str();
@@ -281,8 +282,9 @@ int main(int argc, char** argv) {
       sampler.seed = seed;
       torch::Tensor images;
       {
+        Progress progress("sample", sampler.steps);
         AutocastGuard autocast(runtime);
-        images = sample(model, NoiseSchedule(), ids, sampler);
+        images = sample(model, NoiseSchedule(), ids, sampler, &progress);
       }
       write_png(out_file, grid({images}, 4));
       std::cout << "wrote " << out_file << "\n";
@@ -303,7 +305,7 @@ int main(int argc, char** argv) {
           model,
           classifier,
           font_index(style),
-          shot_characters(shots),
+          split_characters(shots).test,
           EvalOptions{},
           runtime);
       const auto text = metrics.json.dump(2);

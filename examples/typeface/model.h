@@ -69,6 +69,13 @@ struct ModelConfig {
   }
 };
 
+// Normalisation layers get float32 input: LibTorch 1.13's CPU autocast
+// leaves group_norm and layer_norm out of its float32 list, and a bfloat16
+// input then meets their float32 weights. A no-op without autocast.
+inline torch::Tensor in_float32(const torch::Tensor& x) {
+  return x.to(torch::kFloat);
+}
+
 /// Multi-head attention of `x` to `context` (self-attention when they are
 /// the same tensor). x: (N, L, dim), context: (N, S, context_dim) ->
 /// (N, L, dim).
@@ -138,11 +145,11 @@ struct TextEncoderImpl : torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& ids) {
     auto h = embed(ids) + position.slice(0, 0, ids.size(1));
     for (size_t i = 0; i < attentions.size(); ++i) {
-      const auto a = norms1[i](h);
+      const auto a = norms1[i](in_float32(h));
       h = h + attentions[i](a, a);
-      h = h + mlps[i](norms2[i](h));
+      h = h + mlps[i](norms2[i](in_float32(h)));
     }
-    return final_norm(h);
+    return final_norm(in_float32(h));
   }
   torch::nn::Embedding embed{nullptr};
   torch::Tensor position;
@@ -178,9 +185,9 @@ struct ResBlockImpl : torch::nn::Module {
     }
   }
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t) {
-    auto h = conv1(torch::silu(norm1(x)));
+    auto h = conv1(torch::silu(norm1(in_float32(x))));
     h = h + time(t).unsqueeze(-1).unsqueeze(-1);
-    h = conv2(torch::silu(norm2(h)));
+    h = conv2(torch::silu(norm2(in_float32(h))));
     return h + (skip ? skip(x) : x);
   }
   torch::nn::GroupNorm norm1;
@@ -217,11 +224,12 @@ struct SpatialTransformerImpl : torch::nn::Module {
             StyleInjectLinear(channels, channels))) {}
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& context) {
     const auto n = x.size(0), c = x.size(1), hgt = x.size(2), wdt = x.size(3);
-    auto h = proj_in(norm(x).flatten(2).transpose(1, 2)); // (N, HW, C)
-    const auto a = norm1(h);
+    auto h =
+        proj_in(norm(in_float32(x)).flatten(2).transpose(1, 2)); // (N, HW, C)
+    const auto a = norm1(in_float32(h));
     h = h + attn1(a, a);
-    h = h + attn2(norm2(h), context);
-    h = h + ff(norm3(h));
+    h = h + attn2(norm2(in_float32(h)), context);
+    h = h + ff(norm3(in_float32(h)));
     return x + proj_out(h).transpose(1, 2).reshape({n, c, hgt, wdt});
   }
   torch::nn::GroupNorm norm;
@@ -247,10 +255,11 @@ inline torch::Tensor timestep_embedding(const torch::Tensor& t, int64_t dim) {
   return torch::cat({angles.sin(), angles.cos()}, 1);
 }
 
-/// The denoiser: predicts the noise in x_t given t and the caption.
+/// The denoiser: predicts v = sqrt(a) eps - sqrt(1 - a) x0 (see
+/// diffusion.h) from x_t, t and the caption.
 /// Three levels (full, 1/2, 1/4 resolution); attention at the two lower
 /// ones and in the middle.
-/// x: (N, 1, S, S), t: (N,), ids: (N, L) -> eps: (N, 1, S, S).
+/// x: (N, 1, S, S), t: (N,), ids: (N, L) -> v: (N, 1, S, S).
 struct TextToImageImpl : torch::nn::Module {
   explicit TextToImageImpl(const ModelConfig& c) : config(c) {
     TORCH_CHECK(c.channels.size() == 3, "expected 3 UNet levels");
@@ -260,6 +269,7 @@ struct TextToImageImpl : torch::nn::Module {
     text = register_module("text", TextEncoder(c));
     time1 = register_module("time1", StyleInjectLinear(c0, td));
     time2 = register_module("time2", StyleInjectLinear(td, td));
+    text_pool = register_module("text_pool", StyleInjectLinear(c.text_dim, td));
     conv_in = register_module("conv_in", conv3x3(1, c0));
     down0 = register_module("down0", ResBlock(c0, c0, td));
     downsample0 = register_module("downsample0", conv3x3(c0, c0, 2));
@@ -291,15 +301,19 @@ struct TextToImageImpl : torch::nn::Module {
       const torch::Tensor& x,
       const torch::Tensor& t,
       const torch::Tensor& context) {
+    // The caption's mean token joins the timestep embedding (as Imagen and
+    // SDXL add a pooled text embedding): every ResBlock sees the prompt,
+    // not only the attention blocks, which speeds up learning it.
     const auto temb =
-        time2(torch::silu(time1(timestep_embedding(t, config.channels[0]))));
+        time2(torch::silu(time1(timestep_embedding(t, config.channels[0])))) +
+        text_pool(context.mean(1));
     const auto h0 = down0(conv_in(x), temb); // S
     const auto h1 = down1_attn(down1(downsample0(h0), temb), context); // S/2
     auto h = downsample1(h1); // S/4
     h = mid2(mid_attn(mid1(h, temb), context), temb);
     h = up1_attn(up1(torch::cat({upsample(h), h1}, 1), temb), context);
     h = up0(torch::cat({upsample(h), h0}, 1), temb);
-    return conv_out(torch::silu(norm_out(h)));
+    return conv_out(torch::silu(norm_out(in_float32(h))));
   }
 
   static torch::Tensor upsample(const torch::Tensor& x) {
@@ -312,7 +326,7 @@ struct TextToImageImpl : torch::nn::Module {
 
   ModelConfig config;
   TextEncoder text{nullptr};
-  StyleInjectLinear time1{nullptr}, time2{nullptr};
+  StyleInjectLinear time1{nullptr}, time2{nullptr}, text_pool{nullptr};
   StyleInjectConv2d conv_in{nullptr}, downsample0{nullptr},
       downsample1{nullptr}, conv_out{nullptr};
   ResBlock down0{nullptr}, down1{nullptr}, mid1{nullptr}, mid2{nullptr},

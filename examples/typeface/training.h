@@ -6,6 +6,7 @@
 #include "diffusion.h"
 #include "glyphs.h"
 #include "model.h"
+#include "progress.h"
 
 #include <styleinject/styleinject.h>
 
@@ -76,85 +77,6 @@ class AutocastGuard {
   }
   bool on_;
   torch::DeviceType type_;
-};
-
-// --------------------------------------------------------------- progress
-
-/// A progress bar on stderr with the step, ETA and the running loss; on a
-/// terminal it redraws one line, elsewhere (logs, CI) it prints every 10%.
-class Progress {
- public:
-  Progress(std::string label, int64_t total, int64_t start = 0)
-      : label_(std::move(label)),
-        total_(total),
-        start_step_(start),
-        step_(start),
-        tty_(isatty(fileno(stderr)) != 0),
-        begin_(std::chrono::steady_clock::now()),
-        last_draw_(begin_) {}
-
-  /// One step done; `loss` enters an exponential running mean.
-  void step(double loss = -1) {
-    ++step_;
-    if (loss >= 0) {
-      loss_ = loss_ < 0 ? loss : 0.95 * loss_ + 0.05 * loss;
-    }
-    const auto now = std::chrono::steady_clock::now();
-    const bool last = step_ == total_;
-    const bool tenth = total_ >= 10 &&
-        (step_ - start_step_) %
-                std::max<int64_t>(1, (total_ - start_step_) / 10) ==
-            0;
-    if (last || (tty_ && now - last_draw_ > std::chrono::milliseconds(200)) ||
-        (!tty_ && tenth)) {
-      draw(now, last);
-      last_draw_ = now;
-    }
-  }
-
-  double seconds() const {
-    return std::chrono::duration<double>(
-               std::chrono::steady_clock::now() - begin_)
-        .count();
-  }
-
- private:
-  void draw(std::chrono::steady_clock::time_point now, bool last) const {
-    const double elapsed = std::chrono::duration<double>(now - begin_).count();
-    const double done = static_cast<double>(step_ - start_step_);
-    const double eta =
-        done > 0 ? elapsed / done * static_cast<double>(total_ - step_) : 0;
-    constexpr int width = 24;
-    const int filled =
-        static_cast<int>(width * step_ / std::max<int64_t>(total_, 1));
-    std::string bar(filled, '#');
-    bar.resize(width, '.');
-    std::fprintf(
-        stderr,
-        "%s%-22s [%s] %lld/%lld %s %s%s",
-        tty_ ? "\r" : "",
-        label_.c_str(),
-        bar.c_str(),
-        static_cast<long long>(step_),
-        static_cast<long long>(total_),
-        (last ? "took " + clock(elapsed) : "eta " + clock(eta)).c_str(),
-        loss_ >= 0 ? ("loss " + std::to_string(loss_).substr(0, 7)).c_str()
-                   : "",
-        tty_ && !last ? "" : "\n");
-    std::fflush(stderr);
-  }
-  static std::string clock(double seconds) {
-    const auto s = static_cast<long long>(seconds + 0.5);
-    char text[32];
-    std::snprintf(text, sizeof text, "%lld:%02lld", s / 60, s % 60);
-    return text;
-  }
-
-  std::string label_;
-  int64_t total_, start_step_, step_;
-  bool tty_;
-  double loss_ = -1;
-  std::chrono::steady_clock::time_point begin_, last_draw_;
 };
 
 // ------------------------------------------------------------------ files
@@ -302,6 +224,9 @@ inline double scheduled_learning_rate(double lr, int64_t step, int64_t steps) {
 
 // ------------------------------------------------------------ pretraining
 
+/// Decay of the pretraining's moving average of the weights.
+inline constexpr double kAverageDecay = 0.998;
+
 struct PretrainOptions {
   ModelConfig config = ModelConfig::small();
   int64_t steps = 3000;
@@ -365,12 +290,25 @@ inline void pretrain(
   torch::manual_seed(options.seed);
   TextToImage model(config);
   model->to(runtime.device);
+  // An exponential moving average of the weights is what gets saved and
+  // sampled (as DDPM does): it evens out the last steps' noise.
+  TextToImage average(config);
+  average->to(runtime.device);
+  const auto weights = model->parameters();
+  auto averaged = average->parameters();
+  {
+    torch::NoGradGuard no_grad;
+    for (size_t i = 0; i < weights.size(); ++i) {
+      averaged[i].copy_(weights[i]);
+      averaged[i].requires_grad_(false);
+    }
+  }
   torch::optim::AdamW optimizer(
-      model->parameters(),
-      torch::optim::AdamWOptions(options.lr).weight_decay(0));
+      weights, torch::optim::AdamWOptions(options.lr).weight_decay(0));
   int64_t step = 0;
+  const auto training_file = dir / "training.pt";
   if (options.resume) {
-    if (!fs::exists(config_file(dir))) {
+    if (!fs::exists(config_file(dir)) || !fs::exists(training_file)) {
       throw std::runtime_error(
           "--resume: no checkpoint in " + dir.string() + " to resume from");
     }
@@ -382,12 +320,14 @@ inline void pretrain(
           " is of another model: " + state.at("model").dump() + " vs " +
           config.to_json().dump());
     }
-    torch::load(model, model_file(dir).string(), runtime.device);
+    torch::load(model, training_file.string(), runtime.device);
+    torch::load(average, model_file(dir).string(), runtime.device);
     torch::load(optimizer, (dir / "optimizer.pt").string(), runtime.device);
     step = state.at("step");
   }
   const auto save = [&] {
-    save_atomically(model, model_file(dir));
+    save_atomically(model, training_file);
+    save_atomically(average, model_file(dir));
     save_atomically(optimizer, dir / "optimizer.pt");
     write_text(
         config_file(dir),
@@ -397,9 +337,18 @@ inline void pretrain(
             {"steps", options.steps},
             {"batch", options.batch},
             {"lr", options.lr},
+            {"ema_decay", kAverageDecay},
             {"seed", options.seed}}
             .dump(2));
   };
+  int64_t count = 0;
+  for (const auto& p : weights) {
+    count += p.numel();
+  }
+  std::cerr << "pretraining a model of " << count << " parameters on "
+            << base_fonts().size() << " fonts x " << characters().size()
+            << " characters, " << options.steps << " steps of " << options.batch
+            << "\n";
   // The data stream is seeded by the step, so a resumed run draws what the
   // uninterrupted run would have drawn.
   std::mt19937_64 rng(options.seed * 1000003 + step);
@@ -429,6 +378,14 @@ inline void pretrain(
     }
     loss.backward();
     optimizer.step();
+    {
+      torch::NoGradGuard no_grad;
+      const double decay =
+          std::min(kAverageDecay, (1.0 + step) / (10.0 + step));
+      for (size_t i = 0; i < weights.size(); ++i) {
+        averaged[i].mul_(decay).add_(weights[i], 1 - decay);
+      }
+    }
     ++step;
     progress.step(loss.item<double>());
     if (step % options.checkpoint_every == 0 || step == options.steps) {
@@ -470,7 +427,7 @@ struct FinetuneOptions {
   std::string method = "styleinject"; // or "lora"
   std::string style = "lobster";
   int64_t shots = 16;
-  int64_t steps = 300;
+  int64_t steps = 200;
   int64_t batch = 16;
   double lr = 3e-3;
   int64_t rank = 4;
@@ -503,8 +460,7 @@ inline TextToImage finetune(
     const fs::path& base_dir,
     const fs::path& dir,
     GlyphRenderer& renderer,
-    const Runtime& runtime,
-    bool quiet = false) {
+    const Runtime& runtime) {
   const Tokenizer tokenizer;
   const auto style = font_index(options.style);
   if (catalogue()[style].base) {
@@ -515,7 +471,12 @@ inline TextToImage finetune(
   const auto adapter = adapter_options(options);
   torch::manual_seed(options.seed);
   auto model = load_base(base_dir, runtime.device);
-  styleinject::inject(*model, styleinject::Targets::all(), adapter);
+  const auto report =
+      styleinject::inject(*model, styleinject::Targets::all(), adapter);
+  std::cerr << options.method << ": adapters on " << report.layers.size()
+            << " layers, " << report.trainable_parameters
+            << " trainable parameters (the base model has "
+            << report.total_parameters - report.trainable_parameters << ")\n";
   const auto parameters = styleinject::adapter_parameters(*model);
   torch::optim::AdamW optimizer(
       parameters, torch::optim::AdamWOptions(options.lr).weight_decay(0));
@@ -551,8 +512,7 @@ inline TextToImage finetune(
   };
   std::mt19937_64 rng(options.seed * 1000003 + step + 17);
   torch::manual_seed(options.seed * 1000003 + step + 17);
-  Progress progress(
-      quiet ? "" : "finetune " + options.method, options.steps, step);
+  Progress progress("finetune " + options.method, options.steps, step);
   model->train();
   const std::vector<int64_t> fonts = {style};
   while (step < options.steps) {
@@ -692,15 +652,22 @@ inline torch::Tensor generate(
     int64_t batch = 64) {
   const Tokenizer tokenizer;
   const auto ids = encode(tokenizer, prompts).to(runtime.device);
+  const auto batches = (ids.size(0) + batch - 1) / batch;
+  Progress progress(
+      "sample " + std::to_string(ids.size(0)) + " prompts",
+      batches * sampler.steps);
   std::vector<torch::Tensor> parts;
   for (int64_t start = 0; start < ids.size(0); start += batch) {
     auto options = sampler;
     options.seed = sampler.seed + static_cast<uint64_t>(start);
     AutocastGuard autocast(runtime);
-    parts.push_back(
-        sample(
-            model, NoiseSchedule(), ids.slice(0, start, start + batch), options)
-            .cpu());
+    parts.push_back(sample(
+                        model,
+                        NoiseSchedule(),
+                        ids.slice(0, start, start + batch),
+                        options,
+                        &progress)
+                        .cpu());
   }
   return torch::cat(parts);
 }

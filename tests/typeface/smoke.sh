@@ -32,10 +32,18 @@ fi
 "$typeface" finetune $tiny --method lora --rank 2 --steps 3 --out "$work/ft"
 "$typeface" finetune $tiny --method lora --rank 2 --steps 6 --resume --out "$work/ft"
 grep -q '"step": 6' "$work/ft/state.json"
+# bfloat16 autocast on the CPU.
+"$typeface" finetune $tiny --dtype bfloat16 --steps 2 --out "$work/bf16"
+test -s "$work/bf16/adapters.safetensors"
 "$typeface" sample $tiny --adapter "$work/ft/adapters.safetensors" --steps 3 \
   --prompt "the letter g in lobster style" --prompt "the digit 7 in lobster style" \
   --out "$work/sample.png"
 test -s "$work/sample.png"
 "$typeface" eval $tiny --adapter "$work/ft/adapters.safetensors" --out "$work/eval.json"
-grep -q '"alignment"' "$work/eval.json"
+# eval scores held-out characters only: none of the fine-tune's shots.
+python3 -c 'import json,sys
+e=json.load(open(sys.argv[1])); s=json.load(open(sys.argv[2]))
+assert 0 <= e["alignment"] <= 1 and 0 <= e["style_fit"] <= 1, e
+assert e["test_characters"] and not set(e["test_characters"]) & set(s["shots"]), (e, s)' \
+  "$work/eval.json" "$work/ft/state.json"
 echo "smoke run passed"
