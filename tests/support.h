@@ -120,7 +120,7 @@ inline torch::Tensor reference_forward(
         oa[i][t][o] = u + p.scale * p.scaling * update;
       }
     }
-    // §3: h = u + g (u - mean_tok(u)), g = scale * tanh(s · G).
+    // §3: h = u + g (u - mean_tok(u)), g = tanh(scale · s · G).
     if (G.defined() && has_tokens) {
       for (int64_t o = 0; o < d_out; ++o) {
         double mean = 0.0, mixed = 0.0;
@@ -130,7 +130,7 @@ inline torch::Tensor reference_forward(
         for (int64_t j = 0; j < n; ++j) {
           mixed += s[j] * G[j][o].item<double>();
         }
-        const double g = p.scale * std::tanh(mixed);
+        const double g = std::tanh(p.scale * mixed);
         for (int64_t t = 0; t < L; ++t) {
           oa[i][t][o] += g * (oa[i][t][o] - mean);
         }
@@ -164,10 +164,50 @@ ReferenceLinear reference_of(const Layer& layer, double scale = 1.0) {
   }
   p.gate = layer.gate;
   p.style = layer.style();
-  p.scaling = layer.options->scaling();
+  p.scaling = layer.adapter_options->scaling();
   p.scale = scale;
-  p.temperature = layer.options->temperature();
+  p.temperature = layer.adapter_options->temperature();
   return p;
+}
+
+/// Whether `out` is within `fraction` of the reference's largest magnitude.
+inline bool near_reference(
+    const torch::Tensor& out,
+    const torch::Tensor& reference,
+    double fraction) {
+  const double scale = reference.abs().max().item<double>();
+  return (out.to(torch::kDouble) - reference).abs().max().item<double>() <
+      fraction * scale;
+}
+
+/// Turns CPU autocast on for its lifetime (the call differs between LibTorch
+/// 1.13 and 2.x).
+struct CpuAutocast {
+  CpuAutocast() {
+    set(true);
+  }
+  ~CpuAutocast() {
+    set(false);
+    at::autocast::clear_cache();
+  }
+  static void set(bool enabled) {
+#if TORCH_VERSION_MAJOR > 2 || \
+    (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+    at::autocast::set_autocast_enabled(at::kCPU, enabled);
+#else
+    at::autocast::set_cpu_enabled(enabled);
+#endif
+  }
+};
+
+/// What `f` returns, run with CPU autocast on if `on`.
+template <typename F>
+auto with_cpu_autocast(bool on, F&& f) {
+  c10::optional<CpuAutocast> autocast;
+  if (on) {
+    autocast.emplace();
+  }
+  return f();
 }
 
 /// float64 closeness for results that only rounding separates.
@@ -288,7 +328,7 @@ inline torch::Tensor reference_conv2d_forward(
         }
       }
     }
-    // §3: h = u + g (u - mean_hw(u)), g = scale * tanh(s · G).
+    // §3: h = u + g (u - mean_hw(u)), g = tanh(scale · s · G).
     if (G.defined()) {
       for (int64_t o = 0; o < C_out; ++o) {
         double mean = 0.0, mixed = 0.0;
@@ -300,7 +340,7 @@ inline torch::Tensor reference_conv2d_forward(
         for (int64_t j = 0; j < n; ++j) {
           mixed += s[j] * G[j][o].item<double>();
         }
-        const double g = p.scale * std::tanh(mixed);
+        const double g = std::tanh(p.scale * mixed);
         for (int64_t y = 0; y < Ho; ++y) {
           for (int64_t xo = 0; xo < Wo; ++xo) {
             oa[i][o][y][xo] += g * (oa[i][o][y][xo] - mean);
@@ -310,6 +350,76 @@ inline torch::Tensor reference_conv2d_forward(
     }
   }
   return out;
+}
+
+/// The style weights of SPEC §1 per instance, with plain LibTorch ops.
+/// pooled: (N, d_in) -> (N, n)
+inline torch::Tensor plain_style(
+    const ReferenceLinear& p,
+    const torch::Tensor& pooled) {
+  const int64_t n = p.lora_A.size(0), instances = pooled.size(0);
+  if (p.style.defined()) {
+    return p.style.expand({instances, n});
+  }
+  if (!p.router_weight.defined()) {
+    return torch::full({instances, n}, 1.0 / n, pooled.options());
+  }
+  return torch::softmax(
+      (torch::matmul(pooled, p.router_weight.t()) + p.router_bias) /
+          p.temperature,
+      -1);
+}
+
+/// SPEC §3's gate with plain LibTorch ops; g: (N, C) is viewed as `g_view`.
+inline torch::Tensor plain_gate(
+    const ReferenceLinear& p,
+    const torch::Tensor& u,
+    const torch::Tensor& s,
+    torch::IntArrayRef g_view,
+    torch::IntArrayRef token_dims) {
+  if (!p.gate.defined()) {
+    return u;
+  }
+  const auto g = torch::tanh(p.scale * torch::matmul(s, p.gate)).view(g_view);
+  return u + g * (u - u.mean(token_dims, /*keepdim=*/true));
+}
+
+/// SPEC §1-3 for Linear with plain, differentiable LibTorch ops in the dtype
+/// of `p`: the autograd reference for derivatives of any order (the loops
+/// above give values only).
+/// x: (N, L, d_in) -> (N, L, d_out)
+inline torch::Tensor plain_linear(
+    const ReferenceLinear& p,
+    const torch::Tensor& x) {
+  const auto s = plain_style(p, x.mean(1));
+  const auto a = torch::einsum("nj,jrd->nrd", {s, p.lora_A});
+  const auto z = torch::matmul(x, a.transpose(1, 2)); // (N, L, r)
+  const auto u = torch::nn::functional::linear(x, p.weight, p.bias) +
+      p.scale * p.scaling * torch::matmul(z, p.lora_B.t());
+  return plain_gate(p, u, s, {x.size(0), 1, -1}, {1});
+}
+
+/// SPEC §1-3 for Conv2d with plain, differentiable LibTorch ops.
+/// x: (N, C_in, H, W) -> (N, C_out, H', W')
+inline torch::Tensor plain_conv2d(
+    const ReferenceLinear& p,
+    const ConvGeometry& geometry,
+    const torch::Tensor& x) {
+  namespace F = torch::nn::functional;
+  const auto conv = F::Conv2dFuncOptions()
+                        .stride(geometry.stride)
+                        .padding(geometry.padding)
+                        .dilation(geometry.dilation);
+  const int64_t n = p.lora_A.size(0), r = p.lora_A.size(1);
+  const auto s = plain_style(p, x.mean({2, 3}));
+  const auto branches = F::conv2d(x, p.lora_A.flatten(0, 1), conv);
+  const auto z = (branches.view({x.size(0), n, r, branches.size(2), -1}) *
+                  s.view({x.size(0), n, 1, 1, 1}))
+                     .sum(1);
+  const auto u =
+      F::conv2d(x, p.weight, F::Conv2dFuncOptions(conv).bias(p.bias)) +
+      p.scale * p.scaling * F::conv2d(z, p.lora_B);
+  return plain_gate(p, u, s, {x.size(0), -1, 1, 1}, {2, 3});
 }
 
 /// Attention with q, k, v, out projections as StyleInject layers, and

@@ -182,7 +182,7 @@ TEST_CASE(
   std::vector<std::vector<torch::Tensor>> grads;
   std::vector<torch::Tensor> outputs;
   for (const auto path : {ComputePath::kMerged, ComputePath::kStacked}) {
-    layer->options->path(path);
+    layer->adapter_options->path(path);
     layer->zero_grad();
     const auto out = layer(x);
     out.pow(2).sum().backward();
@@ -325,6 +325,95 @@ TEST_CASE(
 }
 
 TEST_CASE(
+    "Conv2d takes an empty batch, as torch::nn::Conv2d does",
+    "[conv2d]") {
+  torch::manual_seed(38);
+  const auto path =
+      GENERATE(ComputePath::kAuto, ComputePath::kMerged, ComputePath::kStacked);
+  CAPTURE(static_cast<int>(path));
+  StyleInjectConv2d layer(
+      torch::nn::Conv2dOptions(3, 4, 3).padding(1),
+      StyleInjectOptions(2).branches(3).path(path));
+  randomize_adapter(*layer);
+  const auto x = torch::randn({0, 3, 5, 5}).requires_grad_();
+  const auto y = layer(x);
+  CHECK(y.sizes() == torch::IntArrayRef({0, 4, 5, 5}));
+  y.sum().backward();
+  for (const auto& p : layer->adapter_parameters()) {
+    if (p.grad().defined()) {
+      CHECK(torch::isfinite(p.grad()).all().item<bool>());
+    }
+  }
+}
+
+TEST_CASE("Conv2d: remove_adapter removes a LoRA adapter whole", "[conv2d]") {
+  StyleInjectConv2d layer(3, 4, 3);
+  layer->add_adapter(StyleInjectOptions::lora(2));
+  layer->remove_adapter();
+  CHECK_FALSE(layer->has_adapter());
+  CHECK(
+      layer->named_parameters().keys() ==
+      std::vector<std::string>{"weight", "bias"});
+}
+
+TEST_CASE(
+    "Conv2d: second derivatives equal autograd through SPEC's formula",
+    "[conv2d]") {
+  torch::manual_seed(39);
+  StyleInjectConv2d layer(
+      torch::nn::Conv2dOptions(3, 4, 3).stride(2).padding(1),
+      StyleInjectOptions(2).branches(3));
+  layer->to(torch::kDouble);
+  randomize_adapter(*layer);
+  const auto x = torch::randn({2, 3, 6, 5}, torch::kDouble).requires_grad_();
+  const auto weights = torch::randn({2, 4, 3, 3}, torch::kDouble);
+  auto inputs = layer->adapter_parameters();
+  inputs.push_back(x);
+  const auto second = [&](const torch::Tensor& out) {
+    const auto dx = torch::autograd::grad(
+        {(out * weights).sum()},
+        {x},
+        {},
+        /*retain_graph=*/true,
+        /*create_graph=*/true)[0];
+    return torch::autograd::grad({dx.pow(2).sum()}, inputs);
+  };
+  const auto got = second(layer(x));
+  const auto expected = second(styleinject_test::plain_conv2d(
+      reference_of(*layer), ConvGeometry{2, 1, 1}, x));
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    CAPTURE(i);
+    CHECK(torch::allclose(got[i], expected[i], 1e-9, 1e-9));
+  }
+}
+
+TEST_CASE(
+    "Conv2d: an adapter in float32 on a bfloat16 base",
+    "[conv2d][dtype]") {
+  torch::manual_seed(40);
+  const bool autocast = GENERATE(false, true);
+  CAPTURE(autocast);
+  StyleInjectConv2d layer(
+      torch::nn::Conv2dOptions(3, 4, 3).padding(1),
+      StyleInjectOptions(2).branches(3).dtype(torch::kFloat));
+  layer->to(torch::kBFloat16);
+  randomize_adapter(*layer);
+  const auto x = torch::randn({2, 3, 6, 6}).to(torch::kBFloat16);
+  const auto out =
+      styleinject_test::with_cpu_autocast(autocast, [&] { return layer(x); });
+  CHECK(out.scalar_type() == torch::kBFloat16);
+  const auto reference =
+      reference_conv2d_forward(reference_of(*layer), ConvGeometry{1, 1, 1}, x);
+  CHECK(styleinject_test::near_reference(out, reference, 0.02));
+  out.sum().backward();
+  for (const auto& p : layer->adapter_parameters()) {
+    REQUIRE(p.grad().defined());
+    CHECK(p.grad().scalar_type() == torch::kFloat);
+    CHECK(torch::isfinite(p.grad()).all().item<bool>());
+  }
+}
+
+TEST_CASE(
     "Conv2d on CUDA: same numbers as on the CPU, no host synchronisation",
     "[.cuda]") {
   REQUIRE(torch::cuda::is_available());
@@ -343,7 +432,7 @@ TEST_CASE(
       c10::cuda::SyncDebugMode::L_ERROR);
 #endif
   for (const auto path : {ComputePath::kMerged, ComputePath::kStacked}) {
-    on_gpu->options->path(path);
+    on_gpu->adapter_options->path(path);
     on_gpu->forward(x_gpu).pow(2).sum().backward();
   }
 #ifdef STYLEINJECT_TEST_CUDA_SYNC_DEBUG

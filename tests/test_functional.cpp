@@ -8,7 +8,9 @@
 namespace SF = styleinject::functional;
 using styleinject::ComputePath;
 using styleinject_test::close64;
+using styleinject_test::CpuAutocast;
 using styleinject_test::error_of;
+using styleinject_test::near_reference;
 using styleinject_test::reference_forward;
 using styleinject_test::ReferenceLinear;
 
@@ -47,16 +49,6 @@ SF::AdapterTensors adapter_of(
       to(p.router_weight),
       to(p.router_bias),
       to(p.gate)};
-}
-
-/// Whether `out` is within `fraction` of the reference's largest magnitude.
-bool near_reference(
-    const torch::Tensor& out,
-    const torch::Tensor& reference,
-    double fraction) {
-  const double scale = reference.abs().max().item<double>();
-  return (out.to(torch::kDouble) - reference).abs().max().item<double>() <
-      fraction * scale;
 }
 
 SF::StyleInjectFuncOptions options_of(const ReferenceLinear& p) {
@@ -330,12 +322,14 @@ TEST_CASE(
   };
   CHECK(
       call(torch::randn({2, 3, 7}, torch::kDouble)) ==
-      "styleinject::StyleInjectLinear: expected input of shape (N, in_features) "
-      "or (..., L, in_features) with in_features=5, but got input of shape [2, 3, 7]");
+      "styleinject::StyleInjectLinear: expected input of shape (in_features), "
+      "(N, in_features) or (..., L, in_features) with in_features=5, but got "
+      "input of shape [2, 3, 7]");
   CHECK(
-      call(torch::randn({kIn}, torch::kDouble)) ==
-      "styleinject::StyleInjectLinear: expected input of shape (N, in_features) "
-      "or (..., L, in_features) with in_features=5, but got input of shape [5]");
+      call(torch::randn({}, torch::kDouble)) ==
+      "styleinject::StyleInjectLinear: expected input of shape (in_features), "
+      "(N, in_features) or (..., L, in_features) with in_features=5, but got "
+      "input of shape []");
   const auto x = torch::randn({2, 3, kIn}, torch::kDouble);
   CHECK(
       call(
@@ -365,30 +359,6 @@ TEST_CASE(
       "styleinject::StyleInjectLinear: expected gate (n, d_out) = [3, 4], but got [3, 5]");
 }
 
-namespace {
-
-/// Turns CPU autocast on for its lifetime (the call differs between LibTorch
-/// 1.13 and 2.x).
-struct CpuAutocast {
-  CpuAutocast() {
-    set(true);
-  }
-  ~CpuAutocast() {
-    set(false);
-    at::autocast::clear_cache();
-  }
-  static void set(bool enabled) {
-#if TORCH_VERSION_MAJOR > 2 || \
-    (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
-    at::autocast::set_autocast_enabled(at::kCPU, enabled);
-#else
-    at::autocast::set_cpu_enabled(enabled);
-#endif
-  }
-};
-
-} // namespace
-
 TEST_CASE(
     "under autocast a bfloat16 input runs through a float32 layer",
     "[functional]") {
@@ -412,31 +382,88 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "the gate's backward: exact against autograd, finite where 1 + g is 0",
+    "the gate's backward: exact against autograd, also where 1 + g is 0",
     "[functional]") {
-  // VarianceGate keeps only its output for backward and recovers
-  // u - mean(u) as (h - mean) / (1 + g); compare with autograd through the
-  // plain formula, in float64.
+  // VarianceGate keeps u and g for backward; compare with autograd through
+  // the plain formula, in float64, up to a gate that removes a channel's
+  // spread entirely (g = -1), where the output holds nothing of u's spread.
   torch::manual_seed(7);
   const auto f64 = torch::TensorOptions().dtype(torch::kDouble);
   const auto u = torch::randn({3, 5, 4}, f64).requires_grad_();
-  const auto g = (torch::rand({3, 1, 4}, f64) * 1.8 - 0.9).requires_grad_();
   const auto weights = torch::randn({3, 5, 4}, f64);
-  const auto plain = u + g * (u - u.mean({1}, /*keepdim=*/true));
-  const auto plain_grads =
-      torch::autograd::grad({(plain * weights).sum()}, {u, g});
-  const auto gated = styleinject::detail::variance_gate(u, g, {1});
-  CHECK(close64(gated, plain));
-  const auto grads = torch::autograd::grad({(gated * weights).sum()}, {u, g});
-  CHECK(close64(grads[0], plain_grads[0]));
-  CHECK(close64(grads[1], plain_grads[1]));
+  for (const auto& g_values :
+       {torch::rand({3, 1, 4}, f64) * 1.8 - 0.9,
+        torch::full({3, 1, 4}, -1.0, f64)}) {
+    const auto g = g_values.clone().requires_grad_();
+    const auto plain = u + g * (u - u.mean({1}, /*keepdim=*/true));
+    const auto plain_grads =
+        torch::autograd::grad({(plain * weights).sum()}, {u, g});
+    const auto gated = styleinject::detail::variance_gate(u, g, {1});
+    CHECK(close64(gated, plain));
+    const auto grads = torch::autograd::grad({(gated * weights).sum()}, {u, g});
+    CHECK(close64(grads[0], plain_grads[0]));
+    CHECK(close64(grads[1], plain_grads[1]));
+  }
+}
 
-  // A saturated gate (tanh = -1 exactly) leaves nothing of u's variation in
-  // the output: g's gradient there is 0, never NaN.
-  const auto saturated = torch::full({3, 1, 4}, -1.0, f64).requires_grad_();
-  const auto flat = styleinject::detail::variance_gate(u, saturated, {1});
-  const auto flat_grads =
-      torch::autograd::grad({(flat * weights).sum()}, {u, saturated});
-  CHECK(torch::isfinite(flat_grads[0]).all().item<bool>());
-  CHECK(torch::equal(flat_grads[1], torch::zeros_like(saturated)));
+TEST_CASE(
+    "under autocast the router and the gate run in float32",
+    "[functional]") {
+  // SPEC: statistics in at least float32. Router logits 100.3 and 100.0
+  // are 100.5 and 100.0 in bfloat16, which moves the softmax by 7%.
+  torch::manual_seed(8);
+  auto p = random_layer(/*router=*/true, /*gate=*/true);
+  p.router_weight.fill_(0.0);
+  p.router_weight.select(1, 0).copy_(
+      torch::tensor({100.3, 100.0, 50.1}, torch::kDouble));
+  p.router_bias.fill_(0.0);
+  const auto x = torch::zeros({2, 4, kIn}, torch::kDouble);
+  x.select(2, 0).fill_(1.0);
+  const auto expected = torch::softmax(
+      torch::matmul(x.mean(1), p.router_weight.t()) + p.router_bias, -1);
+  torch::Tensor s, g;
+  {
+    CpuAutocast autocast;
+    s = SF::linear_style_weights(
+        x.to(torch::kBFloat16), adapter_of(p, torch::kFloat));
+    g = styleinject::detail::gate_factor(
+        s, p.gate.to(torch::kFloat), /*scale=*/1.0);
+  }
+  CHECK(s.scalar_type() == torch::kFloat);
+  CHECK(torch::allclose(s.to(torch::kDouble), expected, 1e-6, 1e-6));
+  CHECK(g.scalar_type() == torch::kFloat);
+  CHECK(torch::allclose(
+      g.to(torch::kDouble),
+      torch::tanh(torch::matmul(expected, p.gate)),
+      1e-6,
+      1e-6));
+}
+
+TEST_CASE(
+    "in bfloat16 both paths mix the branches in float32",
+    "[functional]") {
+  // Two branches that nearly cancel: 0.51 A x - 0.49 A x. Rounding the
+  // style weights to bfloat16 (0.5117, 0.4902) makes the mix 7% too large.
+  torch::manual_seed(9);
+  auto p = random_layer(/*router=*/false, /*gate=*/false);
+  p.weight.zero_();
+  p.bias.zero_();
+  p.lora_A = torch::randn({2, kRank, kIn}, torch::kDouble);
+  p.lora_A[1] = -p.lora_A[0];
+  p.style = torch::tensor({0.51, 0.49}, torch::kDouble);
+  const auto x = torch::randn({3, 8, kIn}, torch::kDouble);
+  const auto reference = reference_any_rank(p, x);
+  const auto bf = [](const torch::Tensor& t) { return t.to(torch::kBFloat16); };
+  for (const auto path : {ComputePath::kMerged, ComputePath::kStacked}) {
+    CAPTURE(static_cast<int>(path));
+    const auto out = SF::style_inject_linear(
+        bf(x),
+        bf(p.weight),
+        bf(p.bias),
+        adapter_of(p, torch::kBFloat16),
+        SF::StyleInjectFuncOptions()
+            .style(p.style.to(torch::kFloat))
+            .path(path));
+    CHECK(near_reference(out, reference, 0.02));
+  }
 }

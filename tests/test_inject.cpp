@@ -4,6 +4,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <iomanip>
 #include <map>
 #include <sstream>
 #include <string>
@@ -165,17 +166,17 @@ TEST_CASE("inject: per-pattern overrides, in order", "[inject]") {
       StyleInjectOptions(2).branches(3));
   const auto& first = *model->blocks->ptr<styleinject_test::ResBlockImpl>(0)
                            ->body->ptr<styleinject::StyleInjectConv2dImpl>(0)
-                           ->options;
+                           ->adapter_options;
   const auto& last = *model->blocks->ptr<styleinject_test::ResBlockImpl>(1)
                           ->body->ptr<styleinject::StyleInjectConv2dImpl>(3)
-                          ->options;
+                          ->adapter_options;
   CHECK(first.rank() == 1);
   CHECK(first.branches() == 2);
   CHECK_FALSE(first.alpha().has_value());
   CHECK(last.rank() == 1);
   CHECK(last.alpha() == 5.0);
-  CHECK(model->attn->to_q->options->rank() == 2);
-  CHECK(model->attn->to_q->options->branches() == 3);
+  CHECK(model->attn->to_q->adapter_options->rank() == 2);
+  CHECK(model->attn->to_q->adapter_options->branches() == 3);
 }
 
 TEST_CASE("inject's report prints as a table", "[inject]") {
@@ -300,4 +301,44 @@ TEST_CASE(
       "LibTorch cannot redirect; declare it as styleinject::StyleInjectLinear "
       "in the model");
   CHECK(list[0]->as<torch::nn::Linear>());
+}
+
+TEST_CASE(
+    "inject into a Sequential with an in-place ReLU: backward works",
+    "[inject]") {
+  // An in-place activation after an adapted layer, a case inject advertises:
+  // the layer's backward must not need its output.
+  torch::manual_seed(47);
+  torch::nn::Sequential net(
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 3, 3).padding(1)),
+      torch::nn::ReLU(torch::nn::ReLUOptions().inplace(true)),
+      torch::nn::Conv2d(3, 2, 1));
+  inject(*net, Targets::all(), StyleInjectOptions(2));
+  randomize_all(*net);
+  const auto x = torch::randn({2, 3, 5, 5});
+  const auto parameters = styleinject::adapter_parameters(*net);
+  const auto got =
+      torch::autograd::grad({net->forward(x).pow(2).sum()}, parameters);
+  // The same layers with an out-of-place ReLU.
+  auto first = net->ptr<styleinject::StyleInjectConv2dImpl>(0);
+  auto last = net->ptr<styleinject::StyleInjectConv2dImpl>(2);
+  const auto expected = torch::autograd::grad(
+      {last->forward(torch::relu(first->forward(x))).pow(2).sum()}, parameters);
+  REQUIRE(got.size() == expected.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    CHECK(torch::allclose(got[i], expected[i]));
+  }
+}
+
+TEST_CASE(
+    "printing a report leaves the stream's format as it was",
+    "[inject]") {
+  styleinject_test::Attention attention(4, 6);
+  const auto report =
+      inject(*attention, Targets::suffixes({"to_q"}), StyleInjectOptions(2));
+  std::ostringstream text;
+  text << std::setprecision(4) << report;
+  text << 3.14159265 << "|" << std::setw(5) << "ab";
+  const std::string out = text.str();
+  CHECK(out.substr(out.size() - 11) == "3.142|   ab");
 }

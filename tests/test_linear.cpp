@@ -7,6 +7,7 @@
 
 #include <cstdio>
 #include <map>
+#include <sstream>
 #include <string>
 
 #ifdef STYLEINJECT_TEST_CUDA_SYNC_DEBUG
@@ -432,7 +433,11 @@ TEST_CASE("pretty_print is LibTorch's one line", "[linear]") {
   const auto print = [](const StyleInjectLinear& layer) {
     std::ostringstream stream;
     layer->pretty_print(stream);
-    return stream.str();
+    // It leaves the stream's formatting as it was.
+    stream << ' ' << true;
+    const auto text = stream.str();
+    CHECK(text.substr(text.size() - 2) == " 1");
+    return text.substr(0, text.size() - 2);
   };
   CHECK(
       print(StyleInjectLinear(
@@ -577,26 +582,38 @@ TEST_CASE(
     for (const auto& p : rank2->parameters()) {
       before.push_back(p.clone());
     }
-    CHECK(
-        error_of([&] { torch::load(rank2, file.path); }) ==
-        "styleinject::StyleInjectLinear: expected 'lora_A' of shape [4, 2, 8] in the "
-        "checkpoint, but got [4, 4, 8]");
+    CHECK_THAT(
+        error_of([&] { torch::load(rank2, file.path); }),
+        Catch::StartsWith(
+            "styleinject::StyleInjectLinear: the layer's adapter has other "
+            "options than the checkpoint's: {\"rank\":2,"));
     const auto after = rank2->parameters();
     for (size_t i = 0; i < before.size(); ++i) {
       CHECK(torch::equal(after[i], before[i]));
     }
   }
   SECTION("a checkpoint with part of an adapter is refused") {
+    // Without recorded options, as a checkpoint written by hand.
     TempFile file("partial.pt");
     StyleInjectLinear with_gate(
         torch::nn::LinearOptions(8, 4), StyleInjectOptions(2).router(false));
-    torch::save(with_gate, file.path);
+    torch::serialize::OutputArchive archive;
+    for (const auto& p : with_gate->named_parameters()) {
+      archive.write(p.key(), p.value());
+    }
+    archive.save_to(file.path);
     StyleInjectLinear with_router(
         torch::nn::LinearOptions(8, 4), StyleInjectOptions(2));
     CHECK(
         error_of([&] { torch::load(with_router, file.path); }) ==
         "styleinject::StyleInjectLinear: the checkpoint has 3 of the adapter's 5 "
         "tensors; expected all of them, or none for a base-layer checkpoint");
+    StyleInjectLinear rank3(
+        torch::nn::LinearOptions(8, 4), StyleInjectOptions(3).router(false));
+    CHECK(
+        error_of([&] { torch::load(rank3, file.path); }) ==
+        "styleinject::StyleInjectLinear: expected 'lora_A' of shape [4, 3, 8] "
+        "in the checkpoint, but got [4, 2, 8]");
   }
 }
 
@@ -693,15 +710,23 @@ TEST_CASE(
   randomize_adapter(*layer);
   const auto x = torch::randn({4, 33, 64});
   const auto on_cpu = layer(x);
+  // A fixed style moves with the layer at once (clone, to): forward never
+  // writes the layer's state, which threads may share for inference.
+  layer->set_style(torch::tensor({0.1f, 0.2f, 0.3f, 0.4f}));
   auto on_gpu = std::dynamic_pointer_cast<styleinject::StyleInjectLinearImpl>(
       layer->clone(torch::kCUDA));
   REQUIRE(on_gpu->lora_A.is_cuda());
+  CHECK(on_gpu->style().is_cuda());
   const auto x_gpu = x.to(torch::kCUDA);
-  CHECK(torch::allclose(on_gpu->forward(x_gpu).cpu(), on_cpu, 1e-4, 1e-4));
-  on_gpu->set_style(torch::tensor({0.1f, 0.2f, 0.3f, 0.4f}).to(torch::kCUDA));
-  on_gpu->forward(
-      x_gpu); // the first forward after set_style settles its device
+  const auto style = on_gpu->style();
+  on_gpu->forward(x_gpu);
+  CHECK(on_gpu->style().is_same(style));
+  on_gpu->to(torch::kCPU);
+  CHECK(on_gpu->style().device().is_cpu());
+  on_gpu->to(torch::kCUDA);
+  CHECK(on_gpu->style().is_cuda());
   on_gpu->clear_style();
+  CHECK(torch::allclose(on_gpu->forward(x_gpu).cpu(), on_cpu, 1e-4, 1e-4));
 #ifdef STYLEINJECT_TEST_CUDA_SYNC_DEBUG
   // Any host synchronisation inside forward or backward now throws.
   c10::cuda::warning_state().set_sync_debug_mode(
@@ -710,7 +735,7 @@ TEST_CASE(
   for (const auto path :
        {styleinject::ComputePath::kMerged,
         styleinject::ComputePath::kStacked}) {
-    on_gpu->options->path(path);
+    on_gpu->adapter_options->path(path);
     on_gpu->forward(x_gpu).pow(2).sum().backward();
     on_gpu->forward(x_gpu.select(1, 0)).sum().backward(); // no token axis
   }
@@ -727,5 +752,433 @@ TEST_CASE(
     CHECK(
         on_gpu->forward(x_gpu.to(torch::kBFloat16)).scalar_type() ==
         torch::kBFloat16);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Defects found by review (issue 10): each case below failed before its fix.
+
+TEST_CASE("remove_adapter removes any adapter whole", "[linear]") {
+  torch::manual_seed(24);
+  const auto options = GENERATE(
+      StyleInjectOptions::lora(2),
+      StyleInjectOptions(2).gate(false),
+      StyleInjectOptions(2).router(false),
+      StyleInjectOptions(2));
+  CAPTURE(options.router(), options.gate(), options.branches());
+  StyleInjectLinear layer(8, 4);
+  const auto x = torch::randn({2, 5, 8});
+  torch::Tensor base_out;
+  {
+    torch::NoGradGuard no_grad;
+    base_out = layer(x);
+  }
+  layer->add_adapter(options);
+  randomize_adapter(*layer);
+  layer->remove_adapter();
+  CHECK_FALSE(layer->has_adapter());
+  CHECK(
+      layer->named_parameters().keys() ==
+      std::vector<std::string>{"weight", "bias"});
+  CHECK(layer->children().empty());
+  CHECK_FALSE(layer->lora_A.defined());
+  {
+    torch::NoGradGuard no_grad;
+    CHECK(torch::equal(layer(x), base_out));
+  }
+  layer->add_adapter(StyleInjectOptions(3));
+  CHECK(layer->lora_A.sizes() == torch::IntArrayRef({4, 3, 8}));
+}
+
+TEST_CASE(
+    "backward needs nothing that the caller may change in place",
+    "[linear]") {
+  // The output is the caller's: an in-place op on it (an in-place ReLU, a
+  // residual added in place) must not break or change the backward.
+  torch::manual_seed(25);
+  StyleInjectLinear layer(
+      torch::nn::LinearOptions(6, 5), StyleInjectOptions(2).branches(3));
+  layer->to(torch::kDouble);
+  randomize_adapter(*layer);
+  const auto x = torch::randn({3, 7, 6}, torch::kDouble).requires_grad_();
+  const auto weights = torch::randn({3, 7, 5}, torch::kDouble);
+  const auto grads_of = [&](const torch::Tensor& loss) {
+    auto inputs = layer->adapter_parameters();
+    inputs.push_back(x);
+    return torch::autograd::grad({loss}, inputs);
+  };
+  const auto residual = torch::randn({3, 7, 5}, torch::kDouble);
+  const auto expected =
+      grads_of((torch::relu(layer(x) + residual) * weights).sum());
+  auto y = layer(x);
+  y.add_(residual).relu_();
+  const auto in_place = grads_of((y * weights).sum());
+  REQUIRE(in_place.size() == expected.size());
+  for (size_t i = 0; i < expected.size(); ++i) {
+    CAPTURE(i);
+    CHECK(close64(in_place[i], expected[i]));
+  }
+}
+
+TEST_CASE(
+    "second derivatives equal autograd through SPEC's formula",
+    "[linear]") {
+  // A gradient penalty differentiates the input gradient again
+  // (create_graph); the result must be exact, not approximately so.
+  torch::manual_seed(26);
+  const bool per_instance_router = GENERATE(true, false);
+  CAPTURE(per_instance_router);
+  StyleInjectLinear layer(
+      torch::nn::LinearOptions(5, 4),
+      StyleInjectOptions(2).branches(3).temperature(0.7));
+  layer->to(torch::kDouble);
+  randomize_adapter(*layer);
+  layer->set_scale(0.8);
+  if (!per_instance_router) {
+    layer->set_style(torch::tensor({0.2, 0.5, 0.3}, torch::kDouble));
+  }
+  const auto x = torch::randn({3, 6, 5}, torch::kDouble).requires_grad_();
+  const auto weights = torch::randn({3, 6, 4}, torch::kDouble);
+  auto inputs = layer->adapter_parameters();
+  inputs.push_back(x);
+  const auto second = [&](const torch::Tensor& out) {
+    const auto dx = torch::autograd::grad(
+        {(out * weights).sum()},
+        {x},
+        {},
+        /*retain_graph=*/true,
+        /*create_graph=*/true)[0];
+    return torch::autograd::grad(
+        {dx.pow(2).sum() + (out * out).sum()},
+        inputs,
+        {},
+        {},
+        {},
+        /*allow_unused=*/true);
+  };
+  const auto got = second(layer(x));
+  const auto expected =
+      second(styleinject_test::plain_linear(reference_of(*layer, 0.8), x));
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    CAPTURE(i);
+    REQUIRE(got[i].defined() == expected[i].defined());
+    if (expected[i].defined()) {
+      CHECK(torch::allclose(got[i], expected[i], 1e-9, 1e-9));
+    }
+  }
+}
+
+TEST_CASE(
+    "set_scale above 1 keeps the gate's factor within (0, 2)",
+    "[linear]") {
+  // SPEC §3: each channel's spread is multiplied by 1 + g, a factor in
+  // (0, 2); a strength above 1 must not push it out.
+  torch::manual_seed(27);
+  StyleInjectLinear layer(
+      torch::nn::LinearOptions(6, 5), StyleInjectOptions(2).branches(3));
+  layer->to(torch::kDouble);
+  {
+    torch::NoGradGuard no_grad;
+    layer->gate.copy_(3.0 * torch::randn({3, 5}, torch::kDouble).sign());
+  }
+  const auto x = torch::randn({4, 9, 6}, torch::kDouble);
+  const auto u = torch::nn::functional::linear(x, layer->weight, layer->bias);
+  for (const double scale : {2.5, -2.5, 1.0}) {
+    CAPTURE(scale);
+    layer->set_scale(scale);
+    const auto h = layer(x);
+    const auto factor = h.std(1) / u.std(1);
+    CHECK((factor > 0).all().item<bool>());
+    CHECK((factor < 2).all().item<bool>());
+    CHECK(close64(h, reference_forward(reference_of(*layer, scale), x, true)));
+  }
+}
+
+TEST_CASE(
+    "a Linear layer takes 1-D input, as torch::nn::Linear does",
+    "[linear]") {
+  torch::manual_seed(28);
+  StyleInjectLinear layer(
+      torch::nn::LinearOptions(6, 5), StyleInjectOptions(2).branches(3));
+  layer->to(torch::kDouble);
+  randomize_adapter(*layer);
+  const auto x = torch::randn({6}, torch::kDouble);
+  const auto y = layer(x);
+  CHECK(y.sizes() == torch::IntArrayRef{5});
+  CHECK(close64(y, layer(x.unsqueeze(0)).squeeze(0)));
+  CHECK(layer->style_weights(x).sizes() == torch::IntArrayRef{3});
+}
+
+TEST_CASE(
+    "empty batches and sequences work as in torch::nn, with finite gradients",
+    "[linear]") {
+  torch::manual_seed(29);
+  const auto sizes = GENERATE(
+      std::vector<int64_t>{0, 6},
+      std::vector<int64_t>{0, 5, 6},
+      std::vector<int64_t>{3, 0, 6},
+      std::vector<int64_t>{2, 0, 4, 6});
+  CAPTURE(sizes);
+  StyleInjectLinear layer(
+      torch::nn::LinearOptions(6, 5), StyleInjectOptions(2).branches(3));
+  randomize_adapter(*layer);
+  const auto x = torch::randn(sizes).requires_grad_();
+  const auto y = layer(x);
+  CHECK(
+      y.sizes() ==
+      torch::nn::functional::linear(x, layer->weight, layer->bias).sizes());
+  y.sum().backward();
+  for (const auto& p : layer->adapter_parameters()) {
+    if (p.grad().defined()) {
+      CHECK(torch::isfinite(p.grad()).all().item<bool>());
+    }
+  }
+}
+
+TEST_CASE(
+    "torch::load attaches the adapter a checkpoint holds, or refuses",
+    "[linear][serialize]") {
+  torch::manual_seed(30);
+  const auto trained_options =
+      StyleInjectOptions(2).branches(3).alpha(3).temperature(0.5);
+  StyleInjectLinear trained(torch::nn::LinearOptions(8, 4), trained_options);
+  randomize_adapter(*trained);
+  TempFile file("attach.pt");
+  torch::save(trained, file.path);
+  const auto x = torch::randn({2, 5, 8});
+
+  SECTION("into a layer without an adapter: attached with its options") {
+    StyleInjectLinear fresh(8, 4);
+    torch::load(fresh, file.path);
+    REQUIRE(fresh->has_adapter());
+    CHECK(fresh->adapter_options->alpha() == 3.0);
+    CHECK(fresh->adapter_options->temperature() == 0.5);
+    CHECK(fresh->adapter_options->branches() == 3);
+    CHECK_FALSE(fresh->weight.requires_grad());
+    torch::NoGradGuard no_grad;
+    CHECK(torch::equal(fresh(x), trained(x)));
+  }
+  // The error of loading the checkpoint into `layer`, which must stay as it
+  // was.
+  const auto refusal = [&](StyleInjectLinear layer) {
+    std::vector<torch::Tensor> before;
+    for (const auto& p : layer->parameters()) {
+      before.push_back(p.clone());
+    }
+    const auto message = error_of([&] { torch::load(layer, file.path); });
+    const auto after = layer->parameters();
+    REQUIRE(after.size() == before.size());
+    for (size_t i = 0; i < before.size(); ++i) {
+      CHECK(torch::equal(after[i], before[i]));
+    }
+    return message;
+  };
+  SECTION("a part of the adapter that the layer has off") {
+    CHECK(
+        refusal(StyleInjectLinear(
+            torch::nn::LinearOptions(8, 4),
+            StyleInjectOptions(trained_options).gate(false))) ==
+        "styleinject::StyleInjectLinear: the layer's adapter has other "
+        "options than the checkpoint's: "
+        R"({"rank":2,"branches":3,"alpha":3.0,"dropout":0.0,"rslora":false,)"
+        R"("temperature":0.5,"router":true,"gate":false,"dtype":null} in the )"
+        R"(layer, {"rank":2,"branches":3,"alpha":3.0,"dropout":0.0,)"
+        R"("rslora":false,"temperature":0.5,"router":true,"gate":true,)"
+        R"("dtype":null} in the checkpoint)");
+  }
+  SECTION("options that compute something else") {
+    CHECK_THAT(
+        refusal(StyleInjectLinear(
+            torch::nn::LinearOptions(8, 4),
+            StyleInjectOptions(trained_options).alpha(2))),
+        Catch::StartsWith(
+            "styleinject::StyleInjectLinear: the layer's adapter has other "
+            "options than the checkpoint's"));
+  }
+  SECTION("a training-only setting is not a mismatch") {
+    StyleInjectLinear layer(
+        torch::nn::LinearOptions(8, 4),
+        StyleInjectOptions(trained_options).dropout(0.1));
+    torch::load(layer, file.path);
+    layer->eval();
+    torch::NoGradGuard no_grad;
+    CHECK(torch::equal(layer(x), trained(x)));
+  }
+  SECTION("adapter tensors without their options") {
+    // As a checkpoint written by hand, or before options were recorded.
+    torch::serialize::OutputArchive archive;
+    for (const auto& p : trained->named_parameters(/*recurse=*/false)) {
+      archive.write(p.key(), p.value());
+    }
+    torch::serialize::OutputArchive router;
+    router.write("weight", trained->router->weight);
+    router.write("bias", trained->router->bias);
+    archive.write("router", router);
+    archive.save_to(file.path);
+    CHECK(
+        refusal(StyleInjectLinear(8, 4)) ==
+        "styleinject::StyleInjectLinear: the checkpoint has adapter tensors "
+        "but not their options (a checkpoint written by hand, or by "
+        "StyleInject before 0.3); attach the adapter with add_adapter() or "
+        "styleinject::inject() before loading");
+    CHECK(
+        refusal(StyleInjectLinear(
+            torch::nn::LinearOptions(8, 4),
+            StyleInjectOptions(trained_options).gate(false))) ==
+        "styleinject::StyleInjectLinear: the checkpoint has 'gate', which "
+        "the layer's adapter does not have");
+    StyleInjectLinear attached(torch::nn::LinearOptions(8, 4), trained_options);
+    torch::load(attached, file.path);
+    torch::NoGradGuard no_grad;
+    CHECK(torch::equal(attached(x), trained(x)));
+  }
+}
+
+TEST_CASE(
+    "the gate's gradient stays exact in bfloat16 where 1 + g is small",
+    "[linear]") {
+  // A feature with a large mean and a small spread, nearly flattened by the
+  // gate: what is left of its spread in a bfloat16 output is rounding, so
+  // g's gradient cannot be recovered from the output.
+  torch::manual_seed(31);
+  const auto u = (64.0 + torch::randn({3, 16, 4})).to(torch::kBFloat16);
+  const auto g = torch::full({3, 1, 4}, -0.99).requires_grad_();
+  // Upstream gradients that bfloat16 holds exactly, as the output's would be.
+  const auto weights =
+      torch::randn({3, 16, 4}).to(torch::kBFloat16).to(torch::kFloat);
+  const auto gated = styleinject::detail::variance_gate(
+      u.requires_grad_(), g, std::vector<int64_t>{1});
+  const auto grad_g = torch::autograd::grad(
+      {(gated.to(torch::kFloat) * weights).sum()}, {g})[0];
+  // The same gate in float64 on the same (bfloat16) values of u.
+  const auto u64 = u.detach().to(torch::kDouble);
+  const auto g64 = g.detach().to(torch::kDouble).requires_grad_();
+  const auto plain = u64 + g64 * (u64 - u64.mean(1, true));
+  const auto expected = torch::autograd::grad(
+      {(plain * weights.to(torch::kDouble)).sum()}, {g64})[0];
+  CHECK(torch::allclose(grad_g.to(torch::kDouble), expected, 1e-3, 1e-3));
+}
+
+// ---------------------------------------------------------------------------
+// Adapters in their own dtype.
+
+namespace {
+
+/// The largest difference between two tensors, as a fraction of the
+/// largest magnitude of `expected`.
+double relative_error(const torch::Tensor& got, const torch::Tensor& expected) {
+  return (got.to(torch::kDouble) - expected).abs().max().item<double>() /
+      expected.abs().max().item<double>();
+}
+
+} // namespace
+
+TEST_CASE(
+    "an adapter in float32 on a bfloat16 base: close to float64, gradients "
+    "in float32",
+    "[linear][dtype]") {
+  torch::manual_seed(33);
+  const bool autocast = GENERATE(false, true);
+  CAPTURE(autocast);
+  StyleInjectLinear layer(
+      torch::nn::LinearOptions(6, 5),
+      StyleInjectOptions(2).branches(3).dtype(torch::kFloat));
+  layer->to(torch::kBFloat16); // the base only
+  CHECK(layer->weight.scalar_type() == torch::kBFloat16);
+  for (const auto& p : layer->adapter_parameters()) {
+    CHECK(p.scalar_type() == torch::kFloat);
+  }
+  randomize_adapter(*layer);
+  layer->set_scale(0.8);
+  const auto x = torch::randn({3, 7, 6}).to(torch::kBFloat16);
+  const auto weights = torch::randn({3, 7, 5}, torch::kDouble);
+  const auto out =
+      styleinject_test::with_cpu_autocast(autocast, [&] { return layer(x); });
+  CHECK(out.scalar_type() == torch::kBFloat16);
+  // The float64 reference on the same (bfloat16 and float32) values.
+  auto reference = reference_of(*layer, 0.8);
+  for (auto* t :
+       {&reference.weight,
+        &reference.bias,
+        &reference.lora_A,
+        &reference.lora_B,
+        &reference.router_weight,
+        &reference.router_bias,
+        &reference.gate}) {
+    *t = t->detach().to(torch::kDouble).requires_grad_();
+  }
+  const auto x64 = x.to(torch::kDouble);
+  const auto expected = styleinject_test::plain_linear(reference, x64);
+  CHECK(relative_error(out, expected) < 0.02);
+
+  (out.to(torch::kDouble) * weights).sum().backward();
+  (expected * weights).sum().backward();
+  const auto parameters = layer->adapter_parameters();
+  const std::vector<torch::Tensor> expected_parameters{
+      reference.lora_A,
+      reference.lora_B,
+      reference.gate,
+      reference.router_weight,
+      reference.router_bias};
+  REQUIRE(parameters.size() == expected_parameters.size());
+  for (size_t i = 0; i < parameters.size(); ++i) {
+    CAPTURE(i);
+    REQUIRE(parameters[i].grad().defined());
+    CHECK(parameters[i].grad().scalar_type() == torch::kFloat);
+    CHECK(
+        relative_error(parameters[i].grad(), expected_parameters[i].grad()) <
+        0.05);
+  }
+  CHECK_FALSE(layer->weight.grad().defined());
+}
+
+TEST_CASE(
+    "an adapter's own dtype survives to(), clone() and checkpoints",
+    "[linear][dtype]") {
+  torch::manual_seed(34);
+  StyleInjectLinear layer(
+      torch::nn::LinearOptions(6, 5),
+      StyleInjectOptions(2).branches(3).dtype(torch::kFloat));
+  randomize_adapter(*layer);
+  layer->to(torch::kBFloat16);
+  layer->to(torch::kDouble);
+  CHECK(layer->weight.scalar_type() == torch::kDouble);
+  for (const auto& p : layer->adapter_parameters()) {
+    CHECK(p.scalar_type() == torch::kFloat);
+  }
+  auto copy = std::dynamic_pointer_cast<styleinject::StyleInjectLinearImpl>(
+      layer->clone());
+  CHECK(copy->lora_A.scalar_type() == torch::kFloat);
+  CHECK(copy->weight.scalar_type() == torch::kDouble);
+
+  SECTION("without an own dtype the adapter follows the base") {
+    StyleInjectLinear follows(
+        torch::nn::LinearOptions(6, 5), StyleInjectOptions(2));
+    follows->to(torch::kBFloat16);
+    CHECK(follows->lora_A.scalar_type() == torch::kBFloat16);
+    CHECK(follows->router->weight.scalar_type() == torch::kBFloat16);
+  }
+  SECTION("a checkpoint attaches the adapter in its own dtype") {
+    TempFile file("own_dtype.pt");
+    torch::save(layer, file.path);
+    StyleInjectLinear fresh(6, 5);
+    fresh->to(torch::kDouble);
+    torch::load(fresh, file.path);
+    REQUIRE(fresh->has_adapter());
+    CHECK(fresh->adapter_options->dtype() == torch::kFloat);
+    CHECK(fresh->lora_A.scalar_type() == torch::kFloat);
+    CHECK(fresh->router->weight.scalar_type() == torch::kFloat);
+    const auto x = torch::randn({2, 4, 6}, torch::kDouble);
+    torch::NoGradGuard no_grad;
+    CHECK(torch::equal(fresh(x), layer(x)));
+  }
+  SECTION("pretty_print names it") {
+    std::ostringstream text;
+    layer->pretty_print(text);
+    CHECK(
+        text.str() ==
+        "styleinject::StyleInjectLinear(in_features=6, out_features=5, "
+        "bias=true, rank=2, branches=3, alpha=2, router=true, gate=true, "
+        "dtype=float32)");
   }
 }

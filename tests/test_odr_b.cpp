@@ -2,6 +2,9 @@
 // them into one program proves the headers define nothing twice (ODR).
 
 #include <styleinject/conv2d.h>
+#include <styleinject/detail/checkpoint.h>
+#include <styleinject/detail/json.h>
+#include <styleinject/detail/safetensors.h>
 #include <styleinject/detail/torch_compat.h>
 #include <styleinject/functional.h>
 #include <styleinject/inject.h>

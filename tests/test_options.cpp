@@ -20,6 +20,7 @@ TEST_CASE("StyleInjectOptions defaults", "[options]") {
   CHECK(options.router());
   CHECK(options.gate());
   CHECK(options.path() == styleinject::ComputePath::kAuto);
+  CHECK_FALSE(options.dtype().has_value());
 }
 
 TEST_CASE("scaling is alpha / r, or alpha / sqrt(r) with rslora", "[options]") {
@@ -62,6 +63,10 @@ TEST_CASE("options that cannot describe an adapter are refused", "[options]") {
       build(StyleInjectOptions(2).alpha(-1.0)) ==
       "styleinject::StyleInjectLinear: expected a finite alpha > 0, but got "
       "alpha=-1; use set_scale() to weaken or switch off the update");
+  CHECK(
+      build(StyleInjectOptions(2).dtype(torch::kInt)) ==
+      "styleinject::StyleInjectLinear: expected dtype float32, float64, "
+      "bfloat16 or float16, but got dtype=Int");
   CHECK(build(StyleInjectOptions(2).branches(3).alpha(2)) == "no error");
 
   SECTION(
@@ -71,4 +76,34 @@ TEST_CASE("options that cannot describe an adapter are refused", "[options]") {
             torch::nn::LinearOptions(4, 4), StyleInjectOptions(0)),
         c10::ValueError);
   }
+}
+
+TEST_CASE(
+    "same_computation: what a saved adapter must agree on to load",
+    "[options]") {
+  using styleinject::detail::same_computation;
+  const auto base = StyleInjectOptions(4).branches(3).temperature(0.5);
+  CHECK(same_computation(base, base));
+  // Training settings, the path, the dtype and the spelling of the scale
+  // do not count.
+  CHECK(same_computation(base, StyleInjectOptions(base).dropout(0.1)));
+  CHECK(same_computation(
+      base, StyleInjectOptions(base).path(styleinject::ComputePath::kStacked)));
+  CHECK(same_computation(base, StyleInjectOptions(base).dtype(torch::kFloat)));
+  CHECK(same_computation(base, StyleInjectOptions(base).alpha(4)));
+  CHECK(same_computation(
+      StyleInjectOptions(4).alpha(8),
+      StyleInjectOptions(4).alpha(4).rslora(true)));
+  CHECK(same_computation(
+      StyleInjectOptions(2).router(false).temperature(0.3),
+      StyleInjectOptions(2).router(false)));
+  // Everything that changes the shapes or the function does.
+  CHECK_FALSE(same_computation(base, StyleInjectOptions(base).rank(2)));
+  CHECK_FALSE(same_computation(base, StyleInjectOptions(base).branches(2)));
+  CHECK_FALSE(same_computation(base, StyleInjectOptions(base).alpha(3)));
+  CHECK_FALSE(same_computation(base, StyleInjectOptions(base).rslora(true)));
+  CHECK_FALSE(
+      same_computation(base, StyleInjectOptions(base).temperature(1.0)));
+  CHECK_FALSE(same_computation(base, StyleInjectOptions(base).router(false)));
+  CHECK_FALSE(same_computation(base, StyleInjectOptions(base).gate(false)));
 }

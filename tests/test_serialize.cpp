@@ -184,7 +184,8 @@ TEST_CASE(
     CHECK(
         layers["attn.to_v"].dump() ==
         R"({"type":"Linear","rank":2,"branches":3,"alpha":null,"dropout":0.0,)"
-        R"("rslora":false,"temperature":1.0,"router":true,"gate":true})");
+        R"("rslora":false,"temperature":1.0,"router":true,"gate":true,)"
+        R"("dtype":null})");
     CHECK(layers["blocks.0.body.0"]["type"] == "Conv2d");
   }
 }
@@ -310,9 +311,10 @@ TEST_CASE(
             "file's: "
             R"({"type":"Linear","rank":3,"branches":3,"alpha":null,)"
             R"("dropout":0.0,"rslora":false,"temperature":1.0,"router":true,)"
-            R"("gate":true} in the model, {"type":"Linear","rank":2,)"
-            R"("branches":3,"alpha":null,"dropout":0.0,"rslora":false,)"
-            R"("temperature":1.0,"router":true,"gate":true} in the file)");
+            R"("gate":true,"dtype":null} in the model, {"type":"Linear",)"
+            R"("rank":2,"branches":3,"alpha":null,"dropout":0.0,)"
+            R"("rslora":false,"temperature":1.0,"router":true,"gate":true,)"
+            R"("dtype":null} in the file)");
     for (const auto& p : adapted) {
       CHECK(torch::equal(fresh->named_parameters()[p.first], p.second));
     }
@@ -448,6 +450,14 @@ TEST_CASE(
                 R"("data_offsets":[0,32])"),
           eight_floats)) ==
       "the shape of tensor 'a' is too large: [4294967296,4294967296]");
+  // A zero size must not hide the overflow of the others.
+  CHECK(
+      error_for(file_with(
+          entry(R"("dtype":"F32","shape":[0,2305843009213693952,)"
+                R"(2305843009213693952],"data_offsets":[0,0])"),
+          "")) ==
+      "the shape of tensor 'a' is too large: "
+      "[0,2305843009213693952,2305843009213693952]");
   CHECK(
       error_for(file_with(
           entry(R"("dtype":"F32","shape":[8],"data_offsets":[0,64])"),
@@ -489,6 +499,16 @@ TEST_CASE(
   CHECK(
       error_for(file_with(std::string("{\"\xff\":1}"), "")) ==
       "the header is not valid JSON (7 bytes)");
+  const std::string layer =
+      R"({"type":"Linear","rank":2,"branches":3,"alpha":null,"dropout":0.0,)"
+      R"("rslora":false,"temperature":1.0,"router":true,"gate":true})";
+  CHECK(
+      error_for(styleinject::detail::safetensors::serialize(
+          {},
+          {{"styleinject.layers",
+            "{\"attn.to_q\":" + layer + ",\"attn.to_q\":" + layer + "}"}},
+          "test")) ==
+      "the metadata 'styleinject.layers' has the key 'attn.to_q' twice");
   check_untouched(*model, before);
 }
 
@@ -542,6 +562,107 @@ TEST_CASE(
             "styleinject::inject()");
     CHECK(read_bytes(path) == previous);
   }
+}
+
+TEST_CASE(
+    "stale temporary files beside the target do not block a save",
+    "[serialize]") {
+  // Files left by a crashed writer with the names an earlier version used,
+  // <path>.tmp.<pid>.<n>: pids repeat in containers.
+  TempDir dir;
+  const auto path = dir.path + "/style.safetensors";
+  const auto stale = path + ".tmp." + std::to_string(::getpid()) + ".";
+  for (int n = 0; n < 1000; ++n) {
+    write_bytes(stale + std::to_string(n), "stale");
+  }
+  auto model = adapted_net();
+  save_adapters(*model, path);
+  CHECK(dir.files().size() == 1001); // the stale files, and the new one
+  CHECK(read_bytes(stale + "0") == "stale");
+  auto fresh = base_net();
+  load_adapters(*fresh, path);
+  CHECK(styleinject::report(*fresh).layers.size() == 4);
+}
+
+TEST_CASE(
+    "load_adapters compares what computes, not training settings",
+    "[serialize]") {
+  TempDir dir;
+  const auto path = dir.path + "/style.safetensors";
+  const auto injected = [](const StyleInjectOptions& options) {
+    auto model = base_net();
+    inject(*model, Targets::suffixes({"to_q", "to_v", "body.0"}), options);
+    return model;
+  };
+  const auto saved_with = [&](const StyleInjectOptions& options) {
+    auto model = injected(options);
+    torch::NoGradGuard no_grad;
+    for (auto& p : styleinject::adapter_parameters(*model)) {
+      p.copy_(torch::randn_like(p));
+    }
+    save_adapters(*model, path);
+    return model;
+  };
+  const auto x = torch::randn({2, 4, 5, 5});
+  const auto context = torch::randn({2, 3, 6});
+  const auto base = StyleInjectOptions(2).branches(3);
+
+  SECTION("dropout, compute path and alpha unset against alpha = rank") {
+    auto trained = saved_with(StyleInjectOptions(base).dropout(0.1));
+    trained->eval();
+    auto model = injected(StyleInjectOptions(base).alpha(2).path(
+        styleinject::ComputePath::kStacked));
+    load_adapters(*model, path);
+    // Another path rounds differently in float32.
+    CHECK(torch::allclose(model(x, context), trained(x, context), 1e-4, 1e-5));
+  }
+  SECTION("another scale is a mismatch") {
+    saved_with(base);
+    auto model = injected(StyleInjectOptions(base).alpha(3));
+    CHECK_THAT(
+        error_of([&] { load_adapters(*model, path); }),
+        Catch::Contains(
+            "layer 'attn.to_q' has an adapter with other options than the "
+            "file's"));
+  }
+}
+
+TEST_CASE("adapter files keep the adapter's own dtype", "[serialize][dtype]") {
+  TempDir dir;
+  const auto path = dir.path + "/float32_on_bfloat16.safetensors";
+  auto trained = base_net();
+  trained->to(torch::kBFloat16);
+  inject(
+      *trained,
+      Targets::suffixes({"to_q", "body.0"}),
+      StyleInjectOptions(2).branches(3).dtype(torch::kFloat));
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : styleinject::adapter_parameters(*trained)) {
+      p.copy_(torch::randn_like(p) * 0.1);
+    }
+  }
+  save_adapters(*trained, path);
+  const auto bytes = read_bytes(path);
+  const auto contents = styleinject::detail::safetensors::parse(
+      reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), "test");
+  for (const auto& t : contents.tensors) {
+    CAPTURE(t.first);
+    CHECK(t.second.scalar_type() == torch::kFloat);
+  }
+  const auto layers =
+      nlohmann::ordered_json::parse(contents.metadata.at("styleinject.layers"));
+  CHECK(layers["attn.to_q"]["dtype"] == "float32");
+
+  auto fresh = base_net();
+  fresh->to(torch::kBFloat16);
+  load_adapters(*fresh, path);
+  CHECK(fresh->attn->to_q->lora_A.scalar_type() == torch::kFloat);
+  CHECK(fresh->attn->to_q->weight.scalar_type() == torch::kBFloat16);
+  const auto x = torch::randn({2, 4, 5, 5}).to(torch::kBFloat16);
+  const auto context = torch::randn({2, 3, 6}).to(torch::kBFloat16);
+  torch::NoGradGuard no_grad;
+  CHECK(torch::equal(fresh(x, context), trained(x, context)));
 }
 
 // The C++ half of tests/interop/interop.py, which runs these two hidden

@@ -47,8 +47,9 @@ struct StyleInjectFuncOptions {
   /// Factor of the low-rank update, `alpha / r` or `alpha / sqrt(r)`.
   /// Default: 1
   TORCH_ARG(double, scaling) = 1.0;
-  /// Strength of the whole adapter: multiplies the update and the gate, so 0
-  /// gives the base layer. Default: 1
+  /// Strength of the whole adapter: multiplies the update and the gate's
+  /// logits (inside its tanh, so that 1 + g stays in (0, 2)); 0 gives the
+  /// base layer. Default: 1
   TORCH_ARG(double, scale) = 1.0;
   /// Router softmax temperature. Default: 1
   TORCH_ARG(double, temperature) = 1.0;
@@ -79,12 +80,41 @@ inline torch::ScalarType statistics_dtype(torch::ScalarType dtype) {
                                                             : dtype;
 }
 
+/// The dtype the adapter's part of the forward runs in: the wider of the
+/// input's and the adapter's, so that an adapter kept in float32 on a
+/// bfloat16 base computes in float32. Under autocast, the input's: autocast
+/// picks each op's dtype itself.
+inline torch::ScalarType adapter_dtype(
+    const torch::Tensor& input,
+    const torch::Tensor& lora_A) {
+  return autocast_enabled(input.device().type())
+      ? input.scalar_type()
+      : at::promote_types(input.scalar_type(), lora_A.scalar_type());
+}
+
+/// The mean of `t` over its token dims in `dtype`; 0 where there are no
+/// tokens (torch's mean gives NaN there, which would reach the gradients).
+/// t: (N, L, C) over {1}, or (N, C, H, W) over {2, 3}
+inline torch::Tensor token_mean(
+    const torch::Tensor& t,
+    torch::IntArrayRef token_dims,
+    torch::ScalarType dtype,
+    bool keepdim) {
+  int64_t tokens = 1;
+  for (const auto dim : token_dims) {
+    tokens *= t.size(dim);
+  }
+  return tokens == 0 ? t.sum(token_dims, keepdim, dtype)
+                     : t.mean(token_dims, keepdim, dtype);
+}
+
 /// Mixes the leading branch axis of `t` with the style weights, in the dtype
 /// of `s`.
 /// s: (n) or (N, n), t: (n, *) -> (*) or (N, *)
 inline torch::Tensor mix_branches(
     const torch::Tensor& s,
     const torch::Tensor& t) {
+  const NoAutocast no_autocast;
   auto sizes = t.sizes().slice(1).vec();
   if (s.dim() == 2) {
     sizes.insert(sizes.begin(), s.size(0));
@@ -92,15 +122,30 @@ inline torch::Tensor mix_branches(
   return torch::matmul(s, t.flatten(1).to(s.scalar_type())).view(sizes);
 }
 
-/// The style weights s of SPEC §1: the fixed style if one is given, 1/n per
-/// branch with the router off, else the softmax of the router's logits on the
-/// per-instance mean of x over its token dims.
+/// Mixes the branch axis `dim` of per-instance outputs with the style
+/// weights, in the dtype of `s` (as mix_branches does), back in t's dtype.
+/// s: (n) or (N, n), t: (N, ..., n, ...) -> t without axis `dim`
+inline torch::Tensor mix_branch_outputs(
+    const torch::Tensor& s,
+    const torch::Tensor& t,
+    int64_t dim) {
+  const NoAutocast no_autocast;
+  std::vector<int64_t> shape(t.dim(), 1);
+  shape[0] = s.dim() == 2 ? s.size(0) : 1;
+  shape[dim] = s.size(-1);
+  return (t.to(s.scalar_type()) * s.view(shape)).sum(dim).to(t.scalar_type());
+}
+
+/// The style weights s of SPEC §1, in float32 or wider: the fixed style if
+/// one is given, 1/n per branch with the router off, else the softmax of the
+/// router's logits on the per-instance mean of x over its token dims.
 /// x: (N, d_in, ...) -> (n) shared by all instances, or (N, n)
 inline torch::Tensor style_weights(
     const torch::Tensor& x,
     torch::IntArrayRef token_dims,
     const functional::AdapterTensors& adapter,
     const functional::StyleInjectFuncOptions& options) {
+  const NoAutocast no_autocast;
   const auto dtype = statistics_dtype(x.scalar_type());
   if (options.style().defined()) {
     return options.style().to(dtype);
@@ -109,20 +154,47 @@ inline torch::Tensor style_weights(
   if (!adapter.router_weight.defined()) {
     return torch::full({branches}, 1.0 / branches, x.options().dtype(dtype));
   }
-  const auto pooled = x.mean(token_dims, /*keepdim=*/false, dtype);
+  const auto pooled = token_mean(x, token_dims, dtype, /*keepdim=*/false);
   const auto logits = torch::nn::functional::linear(
       pooled, adapter.router_weight.to(dtype), adapter.router_bias.to(dtype));
   return torch::softmax(logits / options.temperature(), /*dim=*/-1);
 }
 
-/// A Linear input as instances and tokens; with no token axis, each row is
-/// an instance of one token.
-/// input: (N, d_in) -> (N, 1, d_in); (..., L, d_in) -> (prod(...), L, d_in)
-inline torch::Tensor linear_instances(const torch::Tensor& input) {
-  return input.dim() >= 3 ? input.flatten(0, -3) : input.unsqueeze(1);
+/// The compute path for `instances` instances of `tokens` tokens each.
+/// Merging costs n·r·d_in per instance plus L·r·d_in per token row;
+/// stacking costs L·n·r·d_in. A shared style needs one matrix in all; an
+/// empty batch has no instance to merge for.
+inline ComputePath resolve_path(
+    ComputePath path,
+    const torch::Tensor& s,
+    int64_t instances,
+    int64_t tokens) {
+  const int64_t branches = s.size(-1);
+  if (instances == 0) {
+    return ComputePath::kStacked;
+  }
+  if (path != ComputePath::kAuto) {
+    return path;
+  }
+  return s.dim() == 1 || branches + tokens < branches * tokens
+      ? ComputePath::kMerged
+      : ComputePath::kStacked;
 }
 
-/// The mixed down-projection `sum_i s_i A_i x` of SPEC §2 by either path.
+/// A Linear input as instances and tokens; with no token axis, each row is
+/// an instance of one token.
+/// input: (d_in) -> (1, 1, d_in); (N, d_in) -> (N, 1, d_in);
+///   (..., L, d_in) -> (prod(...), L, d_in)
+inline torch::Tensor linear_instances(const torch::Tensor& input) {
+  if (input.dim() >= 3) {
+    return input.flatten(0, -3);
+  }
+  return input.dim() == 2 ? input.unsqueeze(1)
+                          : input.view({1, 1, input.size(0)});
+}
+
+/// The mixed down-projection `sum_i s_i A_i x` of SPEC §2 by either path,
+/// in the dtype of x and lora_A.
 /// x: (N, L, d_in), lora_A: (n, r, d_in), s: (n) or (N, n) -> (N, L, r)
 inline torch::Tensor linear_down_projection(
     const torch::Tensor& x,
@@ -131,13 +203,7 @@ inline torch::Tensor linear_down_projection(
     ComputePath path) {
   const int64_t instances = x.size(0), tokens = x.size(1);
   const int64_t branches = lora_A.size(0), rank = lora_A.size(1);
-  if (path == ComputePath::kAuto) {
-    // Merging costs n·r·d_in per instance plus L·r·d_in per token row;
-    // stacking costs L·n·r·d_in. A shared style needs one matrix in all.
-    path = s.dim() == 1 || branches + tokens < branches * tokens
-        ? ComputePath::kMerged
-        : ComputePath::kStacked;
-  }
+  path = resolve_path(path, s, instances, tokens);
   if (path == ComputePath::kMerged) {
     const auto a = mix_branches(s, lora_A).to(lora_A.scalar_type());
     return s.dim() == 1 ? torch::nn::functional::linear(x, a)
@@ -145,53 +211,50 @@ inline torch::Tensor linear_down_projection(
   }
   const auto z = torch::nn::functional::linear(x, lora_A.flatten(0, 1))
                      .view({instances, tokens, branches, rank});
-  const auto w = s.to(z.scalar_type())
-                     .view({s.dim() == 2 ? instances : 1, 1, branches, 1});
-  return (z * w).sum(/*dim=*/2);
+  return mix_branch_outputs(s, z, /*dim=*/2);
 }
 
 /// SPEC §3's variance gate, `h = u + g ⊙ (u - mean_tok(u))`, as one autograd
 /// node. The forward is one fused pass, `u ⊙ (1 + g) - g ⊙ mean_tok(u)`, with
-/// the statistics in g's dtype. For backward it keeps h (the output, which
-/// the next layer keeps anyway), g and the mean, but not u: since mean_tok(h)
-/// = mean_tok(u), `u - mean = (h - mean) / (1 + g)`. So the gate adds no
-/// activation memory to LoRA's. Where 1 + g is exactly 0 (the gate removed a
-/// channel's variation, and with it what g's gradient needs), g's gradient
-/// there is 0.
+/// the statistics in g's dtype (float32 or wider). For backward it keeps u
+/// and g: never its output, which the caller may change in place (an
+/// in-place ReLU), and so u costs one tensor of the output's size in u's
+/// dtype. The backward is written with differentiable ops on u and g, so
+/// that second derivatives (a gradient penalty) are exact.
 struct VarianceGate : torch::autograd::Function<VarianceGate> {
   static torch::Tensor forward(
       torch::autograd::AutogradContext* ctx,
       const torch::Tensor& u,
       const torch::Tensor& g,
       std::vector<int64_t> token_dims) {
+    const NoAutocast no_autocast;
     const auto dtype = g.scalar_type();
-    const auto mean = u.mean(token_dims, /*keepdim=*/true, dtype);
-    // At g = 0 this is u exactly: -0 + u·1.
-    auto h =
-        torch::addcmul(-(g * mean), u.to(dtype), 1 + g).to(u.scalar_type());
-    ctx->save_for_backward({h, g, mean});
+    const auto mean = token_mean(u, token_dims, dtype, /*keepdim=*/true);
+    ctx->save_for_backward({u, g});
     ctx->saved_data["token_dims"] = std::move(token_dims);
-    return h;
+    // At g = 0 this is u exactly: -0 + u·1.
+    return torch::addcmul(-(g * mean), u.to(dtype), 1 + g).to(u.scalar_type());
   }
 
   static torch::autograd::variable_list backward(
       torch::autograd::AutogradContext* ctx,
       torch::autograd::variable_list grads) {
+    const NoAutocast no_autocast;
     const auto saved = ctx->get_saved_variables();
-    const auto &h = saved[0], &g = saved[1], &mean = saved[2];
+    const auto &u = saved[0], &g = saved[1];
     const auto dims = ctx->saved_data["token_dims"].toIntVector();
-    const auto grad_h = grads[0].to(g.scalar_type());
-    const auto one_plus_g = 1 + g;
+    const auto dtype = g.scalar_type();
+    const auto grad_h = grads[0].to(dtype);
     torch::Tensor grad_u, grad_g;
     if (ctx->needs_input_grad(0)) {
       // dh_t/du_s = (1 + g) δ_ts - g / L.
-      grad_u = (grad_h * one_plus_g - g * grad_h.mean(dims, /*keepdim=*/true))
-                   .to(h.scalar_type());
+      grad_u = (grad_h * (1 + g) -
+                g * token_mean(grad_h, dims, dtype, /*keepdim=*/true))
+                   .to(u.scalar_type());
     }
     if (ctx->needs_input_grad(1)) {
-      const auto safe =
-          one_plus_g + (one_plus_g == 0).to(one_plus_g.scalar_type());
-      const auto centered = (h.to(g.scalar_type()) - mean) / safe;
+      const auto centered =
+          u.to(dtype) - token_mean(u, dims, dtype, /*keepdim=*/true);
       grad_g = (grad_h * centered)
                    .sum(dims, /*keepdim=*/true)
                    .sum_to_size(g.sizes());
@@ -210,8 +273,8 @@ inline torch::Tensor variance_gate(
   return VarianceGate::apply(u, g, token_dims.vec());
 }
 
-/// Checks the device and dtype of an input, and a fixed style if given,
-/// against an adapter; `instances` is the input's number of instances.
+/// Checks the device of an input, and a fixed style if given, against an
+/// adapter; `instances` is the input's number of instances.
 inline void check_input_against_adapter(
     const char* layer,
     const torch::Tensor& input,
@@ -226,17 +289,6 @@ inline void check_input_against_adapter(
       lora_A.device(),
       " (the layer's device), but got input on ",
       input.device());
-  // Like torch::nn::Linear, refuse a dtype mismatch rather than cast
-  // silently; under autocast the ops cast by autocast's own rules.
-  TORCH_CHECK_TYPE(
-      input.scalar_type() == lora_A.scalar_type() ||
-          autocast_enabled(input.device().type()),
-      layer,
-      ": expected input of dtype ",
-      lora_A.scalar_type(),
-      " (the layer's dtype), but got ",
-      input.scalar_type(),
-      "; convert the input with .to(), or the layer with ->to()");
   const auto& style = options.style();
   if (style.defined()) {
     const int64_t branches = lora_A.size(0);
@@ -263,6 +315,24 @@ inline void check_input_against_adapter(
   }
 }
 
+/// Checks that the input has the base weight's dtype. Like torch::nn::Linear,
+/// a mismatch is refused rather than cast silently; under autocast the ops
+/// cast by autocast's own rules. The adapter may have another dtype.
+inline void check_input_dtype(
+    const char* layer,
+    const torch::Tensor& input,
+    const torch::Tensor& weight) {
+  TORCH_CHECK_TYPE(
+      input.scalar_type() == weight.scalar_type() ||
+          autocast_enabled(input.device().type()),
+      layer,
+      ": expected input of dtype ",
+      weight.scalar_type(),
+      " (the layer's dtype), but got ",
+      input.scalar_type(),
+      "; convert the input with .to(), or the layer with ->to()");
+}
+
 /// Checks an input, and a fixed style if given, against a Linear adapter.
 inline void check_linear_input(
     const torch::Tensor& input,
@@ -270,15 +340,15 @@ inline void check_linear_input(
     const functional::StyleInjectFuncOptions& options) {
   const int64_t in_features = adapter.lora_A.size(2);
   TORCH_CHECK(
-      input.dim() >= 2 && input.size(-1) == in_features,
+      input.dim() >= 1 && input.size(-1) == in_features,
       kLinearName,
-      ": expected input of shape (N, in_features) or (..., L, in_features) "
-      "with in_features=",
+      ": expected input of shape (in_features), (N, in_features) or (..., L, "
+      "in_features) with in_features=",
       in_features,
       ", but got input of shape ",
       input.sizes());
-  const int64_t instances = input.dim() == 2
-      ? input.size(0)
+  const int64_t instances = input.dim() <= 2
+      ? input.numel() / in_features
       : c10::multiply_integers(input.sizes().slice(0, input.dim() - 2));
   check_input_against_adapter(kLinearName, input, instances, adapter, options);
 }
@@ -410,8 +480,9 @@ inline torch::nn::functional::Conv2dFuncOptions conv2d_geometry(
 }
 
 /// The mixed down-projection `sum_i s_i A_i * x` of SPEC §2 for Conv2d, by
-/// either path: merged kernels per instance through one grouped convolution,
-/// or all n·r kernels as one convolution, then mixing.
+/// either path, in the dtype of x and lora_A: merged kernels per instance
+/// through one grouped convolution, or all n·r kernels as one convolution,
+/// then mixing.
 /// x: (N, C_in, H, W), lora_A: (n, r, C_in, kH, kW), s: (n) or (N, n)
 ///   -> (N, r, H', W')
 inline torch::Tensor conv2d_down_projection(
@@ -423,13 +494,8 @@ inline torch::Tensor conv2d_down_projection(
   namespace F = torch::nn::functional;
   const int64_t instances = x.size(0), channels = x.size(1);
   const int64_t branches = lora_A.size(0), rank = lora_A.size(1);
-  if (path == ComputePath::kAuto) {
-    // As for Linear, with the positions of the map as tokens.
-    const int64_t tokens = x.size(2) * x.size(3);
-    path = s.dim() == 1 || branches + tokens < branches * tokens
-        ? ComputePath::kMerged
-        : ComputePath::kStacked;
-  }
+  // As for Linear, with the positions of the map as tokens.
+  path = resolve_path(path, s, instances, x.size(2) * x.size(3));
   if (path == ComputePath::kMerged) {
     const auto a = mix_branches(s, lora_A).to(lora_A.scalar_type());
     if (s.dim() == 1) {
@@ -443,10 +509,10 @@ inline torch::Tensor conv2d_down_projection(
     return z.view({instances, rank, z.size(2), z.size(3)});
   }
   const auto z = F::conv2d(x, lora_A.flatten(0, 1), conv2d_geometry(conv, 1));
-  const auto w = s.to(z.scalar_type())
-                     .view({s.dim() == 2 ? instances : 1, branches, 1, 1, 1});
-  return (z.view({instances, branches, rank, z.size(2), z.size(3)}) * w)
-      .sum(/*dim=*/1);
+  return mix_branch_outputs(
+      s,
+      z.view({instances, branches, rank, z.size(2), z.size(3)}),
+      /*dim=*/1);
 }
 
 /// Dropout on the branches' input while training, as LoRA applies it.
@@ -463,13 +529,16 @@ inline torch::Tensor branch_input(
           .training(true));
 }
 
-/// The gate factor of SPEC §3, `g = scale·tanh(s · gate)`, in s's dtype.
+/// The gate factor of SPEC §3, `g = tanh(scale · s · gate)`, in s's dtype.
+/// The strength `scale` acts inside the tanh, so that the factor 1 + g stays
+/// in (0, 2) at any strength.
 /// s: (n) or (N, n), gate: (n, d_out) -> (d_out) or (N, d_out)
 inline torch::Tensor gate_factor(
     const torch::Tensor& s,
     const torch::Tensor& gate,
     double scale) {
-  return torch::tanh(mix_branches(s, gate)) * scale;
+  const NoAutocast no_autocast;
+  return torch::tanh(mix_branches(s, gate) * scale);
 }
 
 } // namespace detail
@@ -479,7 +548,7 @@ namespace functional {
 /// The style weights that StyleInjectLinear's router gives each instance of
 /// `input` (the fixed style if `options.style()` is set; 1/n with the router
 /// off), in float32 or wider.
-/// input: (N, d_in) -> (N, n); (..., L, d_in) -> (..., n)
+/// input: (d_in) -> (n); (N, d_in) -> (N, n); (..., L, d_in) -> (..., n)
 inline torch::Tensor linear_style_weights(
     const torch::Tensor& input,
     const AdapterTensors& adapter,
@@ -495,10 +564,12 @@ inline torch::Tensor linear_style_weights(
 
 /// StyleInjectLinear's forward (SPEC §1–3):
 /// `u = W0 x + b0 + scale·scaling·B (sum_i s_i A_i dropout(x))`, then
-/// `h = u + g ⊙ (u - mean_tok(u))` with `g = scale·tanh(s · gate)`. With no
-/// token axis there is nothing to take a statistic over, and the gate is
-/// skipped.
-/// input: (N, d_in) -> (N, d_out); (..., L, d_in) -> (..., L, d_out)
+/// `h = u + g ⊙ (u - mean_tok(u))` with `g = tanh(scale · s · gate)`. With
+/// no token axis there is nothing to take a statistic over, and the gate is
+/// skipped. The input has the base weight's dtype, and so has the output;
+/// the adapter may have another (see detail::adapter_dtype).
+/// input: (d_in) -> (d_out); (N, d_in) -> (N, d_out);
+///   (..., L, d_in) -> (..., L, d_out)
 ///
 /// Example:
 /// ```
@@ -514,22 +585,27 @@ inline torch::Tensor style_inject_linear(
     const StyleInjectFuncOptions& options = {}) {
   detail::check_linear_adapter(weight, adapter);
   detail::check_linear_input(input, adapter, options);
-  const bool has_tokens = input.dim() >= 3;
+  detail::check_input_dtype(detail::kLinearName, input, weight);
   const auto x = detail::linear_instances(input); // (N, L, d_in)
   const auto s = detail::style_weights(x, /*token_dims=*/{1}, adapter, options);
+  const auto dtype = detail::adapter_dtype(input, adapter.lora_A);
   const auto z = detail::linear_down_projection(
-      detail::branch_input(x, options), adapter.lora_A, s, options.path());
+      detail::branch_input(x, options).to(dtype),
+      adapter.lora_A.to(dtype),
+      s,
+      options.path()); // (N, L, r)
   const auto base = torch::nn::functional::linear(x, weight, bias);
   // The up-projection accumulates onto the base output inside its GEMM
-  // (beta = 1): no temporary of the output's size.
+  // (beta = 1), in the adapter's dtype, rounded once to the base's.
   auto h = torch::addmm(
-               base.view({-1, base.size(-1)}),
+               base.view({-1, base.size(-1)}).to(dtype),
                z.reshape({-1, z.size(-1)}),
-               adapter.lora_B.t(),
+               adapter.lora_B.to(dtype).t(),
                /*beta=*/1,
                /*alpha=*/options.scaling() * options.scale())
+               .to(base.scalar_type())
                .view(base.sizes());
-  if (adapter.gate.defined() && has_tokens) {
+  if (adapter.gate.defined() && input.dim() >= 3) {
     const auto g = detail::gate_factor(s, adapter.gate, options.scale());
     h = detail::variance_gate(h, s.dim() == 2 ? g.unsqueeze(1) : g, {1});
   }
@@ -559,7 +635,8 @@ inline torch::Tensor conv2d_style_weights(
 /// the base's, the shared up-projection a 1×1 convolution, the router reads
 /// the spatially pooled input, and the gate's statistics are over H'×W':
 /// `u = conv(x, W0) + b0 + scale·scaling·B * (sum_i s_i A_i * dropout(x))`,
-/// `h = u + g ⊙ (u - mean_hw(u))` with `g = scale·tanh(s · gate)`.
+/// `h = u + g ⊙ (u - mean_hw(u))` with `g = tanh(scale · s · gate)`. dtypes
+/// as in style_inject_linear.
 /// input: (N, C_in, H, W) -> (N, C_out, H', W')
 ///
 /// Example:
@@ -579,31 +656,35 @@ inline torch::Tensor style_inject_conv2d(
   namespace F = torch::nn::functional;
   detail::check_conv2d_adapter(weight, adapter, conv);
   detail::check_conv2d_input(input, adapter, options);
+  detail::check_input_dtype(detail::kConv2dName, input, weight);
   const auto s =
       detail::style_weights(input, /*token_dims=*/{2, 3}, adapter, options);
+  const auto dtype = detail::adapter_dtype(input, adapter.lora_A);
   const auto z = detail::conv2d_down_projection(
-      detail::branch_input(input, options),
-      adapter.lora_A,
+      detail::branch_input(input, options).to(dtype),
+      adapter.lora_A.to(dtype),
       s,
       conv,
-      options.path());
+      options.path()); // (N, r, H', W')
   const auto base = F::conv2d(input, weight, conv);
   // The 1×1 up-projection accumulates onto the base output inside a batched
-  // GEMM (beta = 1): no temporary of the output's size.
+  // GEMM (beta = 1), in the adapter's dtype, rounded once to the base's.
   const int64_t instances = base.size(0), channels = base.size(1);
+  const int64_t positions = base.size(2) * base.size(3), rank = z.size(1);
   auto h = torch::baddbmm(
-               base.view({instances, channels, -1}),
-               adapter.lora_B.view({channels, -1})
-                   .unsqueeze(0)
-                   .expand({instances, -1, -1}),
-               z.reshape({instances, z.size(1), -1}),
+               base.view({instances, channels, positions}).to(dtype),
+               adapter.lora_B.to(dtype)
+                   .view({1, channels, rank})
+                   .expand({instances, channels, rank}),
+               z.reshape({instances, rank, positions}),
                /*beta=*/1,
                /*alpha=*/options.scaling() * options.scale())
+               .to(base.scalar_type())
                .view(base.sizes());
   if (adapter.gate.defined()) {
     const auto g = detail::gate_factor(s, adapter.gate, options.scale());
     h = detail::variance_gate(
-        h, g.view({s.dim() == 2 ? input.size(0) : 1, -1, 1, 1}), {2, 3});
+        h, g.view({s.dim() == 2 ? instances : 1, channels, 1, 1}), {2, 3});
   }
   return h;
 }

@@ -58,13 +58,21 @@ class Targets {
   /// Every adaptable layer: the StyleInject layers the model declares, and
   /// the torch::nn::Linear / Conv2d layers inside a torch::nn::Sequential.
   static Targets all() {
-    return Targets(Kind::kAll, {});
+    Targets targets;
+    targets.all_ = true;
+    targets.patterns_.push_back(
+        {"all", [](const std::string&) { return true; }});
+    return targets;
   }
   /// The layers whose whole qualified name matches an ECMAScript regular
   /// expression, e.g. ".*attn\\.to_(q|k|v)".
   static Targets regex(const std::string& pattern) {
-    Targets targets(Kind::kRegex, {pattern});
-    targets.regex_ = compile(pattern);
+    Targets targets;
+    targets.patterns_.push_back(
+        {"regex '" + pattern + "'",
+         [regex = compile(pattern)](const std::string& name) {
+           return std::regex_match(name, regex);
+         }});
     return targets;
   }
   /// The layers whose qualified name is one of `suffixes` or ends with "."
@@ -73,7 +81,14 @@ class Targets {
     TORCH_CHECK_VALUE(
         !suffixes.empty(),
         "styleinject::Targets::suffixes: expected at least one suffix");
-    return Targets(Kind::kSuffixes, std::move(suffixes));
+    Targets targets;
+    for (auto& suffix : suffixes) {
+      targets.patterns_.push_back(
+          {"suffix '" + suffix + "'", [suffix](const std::string& name) {
+             return ends_with_name(name, suffix);
+           }});
+    }
+    return targets;
   }
 
   /// Changes the options of the targeted layers whose whole qualified name
@@ -87,23 +102,15 @@ class Targets {
   /// Whether these are the targets of `all()`, which skip the layers that
   /// cannot carry an adapter rather than refuse them.
   bool is_all() const {
-    return kind_ == Kind::kAll;
+    return all_;
   }
 
   /// Whether the layer named `name` is a target.
   bool matches(const std::string& name) const {
-    switch (kind_) {
-      case Kind::kAll:
-        return true;
-      case Kind::kRegex:
-        return std::regex_match(name, regex_);
-      case Kind::kSuffixes:
-        return std::any_of(
-            patterns_.begin(), patterns_.end(), [&](const std::string& s) {
-              return ends_with_name(name, s);
-            });
-    }
-    return false;
+    return std::any_of(
+        patterns_.begin(), patterns_.end(), [&](const Pattern& pattern) {
+          return pattern.matches(name);
+        });
   }
 
   /// `options` with the overrides that match `name` applied.
@@ -134,24 +141,12 @@ class Targets {
     const auto any = [&](const std::function<bool(const std::string&)>& f) {
       return std::any_of(names.begin(), names.end(), f);
     };
-    if (kind_ == Kind::kSuffixes) {
-      for (const auto& suffix : patterns_) {
-        TORCH_CHECK_VALUE(
-            any([&](const std::string& n) {
-              return ends_with_name(n, suffix);
-            }),
-            context,
-            ": the target suffix '",
-            suffix,
-            "' matches none of ",
-            list(names));
-      }
-    } else {
+    for (const auto& pattern : patterns_) {
       TORCH_CHECK_VALUE(
-          any([&](const std::string& n) { return matches(n); }),
+          any(pattern.matches),
           context,
           ": the target ",
-          describe(),
+          pattern.description,
           " matches none of ",
           list(names));
     }
@@ -167,29 +162,19 @@ class Targets {
     }
   }
 
-  /// The targets in words, for messages.
-  std::string describe() const {
-    switch (kind_) {
-      case Kind::kAll:
-        return "all";
-      case Kind::kRegex:
-        return "regex '" + patterns_.front() + "'";
-      case Kind::kSuffixes:
-        return "suffixes " + list(patterns_);
-    }
-    return {};
-  }
-
  private:
-  enum class Kind { kAll, kRegex, kSuffixes };
+  /// One target: a layer name test, and what it is in words.
+  struct Pattern {
+    std::string description;
+    std::function<bool(const std::string&)> matches;
+  };
   struct Item {
     std::string pattern;
     std::regex regex;
     Override changes;
   };
 
-  Targets(Kind kind, std::vector<std::string> patterns)
-      : kind_(kind), patterns_(std::move(patterns)) {}
+  Targets() = default;
 
   static std::regex compile(const std::string& pattern) {
     try {
@@ -226,9 +211,8 @@ class Targets {
     return text + "]";
   }
 
-  Kind kind_;
-  std::vector<std::string> patterns_;
-  std::regex regex_;
+  bool all_ = false;
+  std::vector<Pattern> patterns_;
   std::vector<Item> overrides_;
 };
 
@@ -300,12 +284,12 @@ bool collect_layer(
   candidate.name = name;
   candidate.type = Traits::type;
   if (auto layer = std::dynamic_pointer_cast<Layer>(module)) {
-    candidate.shape = Traits::shape(layer->base_options);
-    candidate.in = Traits::in_features(layer->base_options);
-    candidate.out = Traits::out_features(layer->base_options);
-    candidate.options = layer->options;
+    candidate.shape = Traits::shape(layer->options);
+    candidate.in = Traits::in_features(layer->options);
+    candidate.out = Traits::out_features(layer->options);
+    candidate.options = layer->adapter_options;
     candidate.adapter_shapes =
-        [options = layer->base_options](const StyleInjectOptions& o) {
+        [options = layer->options](const StyleInjectOptions& o) {
           return Layer::adapter_shapes(options, o);
         };
     candidate.attach = [layer](const StyleInjectOptions& options) {
@@ -467,8 +451,8 @@ inline AdapterReport report(const torch::nn::Module& model) {
     AdaptedLayer entry{
         name,
         Layer::Traits::type,
-        Layer::Traits::shape(layer.base_options),
-        *layer.options};
+        Layer::Traits::shape(layer.options),
+        *layer.adapter_options};
     for (const auto& parameter : layer.adapter_parameters()) {
       entry.parameters += parameter.numel();
     }
@@ -623,7 +607,8 @@ inline void clear_style(
       });
 }
 
-/// The report as a table: one row per adapted layer, then the counts.
+/// The report as a table: one row per adapted layer, then the counts. The
+/// stream's formatting is left as it was.
 inline std::ostream& operator<<(std::ostream& stream, const AdapterReport& r) {
   std::vector<std::vector<std::string>> rows{
       {"layer", "type", "shape", "rank", "branches", "alpha", "parameters"}};
@@ -647,26 +632,27 @@ inline std::ostream& operator<<(std::ostream& stream, const AdapterReport& r) {
       widths[i] = std::max(widths[i], row[i].size());
     }
   }
+  // Formatted in a stream of its own, so that the caller's keeps its flags.
+  std::ostringstream text;
   for (const auto& row : rows) {
     for (size_t i = 0; i < row.size(); ++i) {
       // Numbers right-aligned, words left-aligned.
       const bool number = i >= 3;
-      stream << (i ? "  " : "") << (number ? std::right : std::left)
-             << std::setw(static_cast<int>(widths[i])) << row[i];
+      text << (i ? "  " : "") << (number ? std::right : std::left)
+           << std::setw(static_cast<int>(widths[i])) << row[i];
     }
-    stream << "\n";
+    text << "\n";
   }
   const double percent = r.total_parameters
       ? 100.0 * static_cast<double>(r.trainable_parameters) /
           static_cast<double>(r.total_parameters)
       : 0.0;
-  stream << r.layers.size() << " adapted layers, " << detail::grouped(adapter)
-         << " adapter parameters; trainable "
-         << detail::grouped(r.trainable_parameters) << " of "
-         << detail::grouped(r.total_parameters) << " parameters (" << std::fixed
-         << std::setprecision(2) << percent << "%)\n";
-  stream << std::defaultfloat << std::left;
-  return stream;
+  text << r.layers.size() << " adapted layers, " << detail::grouped(adapter)
+       << " adapter parameters; trainable "
+       << detail::grouped(r.trainable_parameters) << " of "
+       << detail::grouped(r.total_parameters) << " parameters (" << std::fixed
+       << std::setprecision(2) << percent << "%)\n";
+  return stream << text.str();
 }
 
 } // namespace styleinject

@@ -1,5 +1,7 @@
 #pragma once
 
+#include <styleinject/detail/checkpoint.h>
+#include <styleinject/detail/json.h>
 #include <styleinject/functional.h>
 #include <styleinject/options.h>
 
@@ -7,11 +9,14 @@
 #include <torch/nn/init.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/serialize/input-archive.h>
+#include <torch/serialize/output-archive.h>
 #include <torch/types.h>
 #include <torch/utils.h>
 
 #include <cmath>
+#include <memory>
 #include <ostream>
+#include <sstream>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -30,8 +35,11 @@ struct layer_traits;
 /// (`lora_A`, `lora_B`, `router.weight`, `router.bias`, `gate`, as in SPEC §5)
 /// registered beside them, so that a base checkpoint loads unchanged. Without
 /// an adapter it is the base layer type in all but name; with one, the base
-/// is frozen and the adapter lives on the base weight's device and dtype.
-/// Users declare `StyleInjectLinear` or `StyleInjectConv2d`.
+/// is frozen and the adapter lives on the base weight's device, in the base
+/// weight's dtype or its own (StyleInjectOptions::dtype). As in torch::nn,
+/// `options` are the base layer's options; the adapter's are
+/// `adapter_options`. Users declare `StyleInjectLinear` or
+/// `StyleInjectConv2d`.
 ///
 /// The math is in `styleinject::functional`; this module holds parameters,
 /// options and the run-time controls: enable/disable, scale, fixed style.
@@ -46,30 +54,26 @@ class StyleInjectLayerImpl
   /// Wraps `base` without an adapter: the layer shares base's weight and bias
   /// and computes exactly what base computes, until `add_adapter`.
   explicit StyleInjectLayerImpl(BaseHolder base)
-      : base_options(Traits::options_of(*checked(base))) {
+      : options(Traits::options_of(*checked(base))) {
     register_base(base->weight, base->bias);
   }
 
   /// Wraps `base` with an adapter: the layer shares base's weight and bias
   /// and freezes them (`requires_grad` becomes false on both).
-  StyleInjectLayerImpl(BaseHolder base, StyleInjectOptions options)
+  StyleInjectLayerImpl(BaseHolder base, StyleInjectOptions adapter)
       : StyleInjectLayerImpl(std::move(base)) {
-    add_adapter(std::move(options));
+    add_adapter(std::move(adapter));
   }
 
-  /// A new base layer from `base_options`, initialised as the base layer type
-  /// initialises itself, with no adapter: it trains, computes and saves
-  /// exactly as the base layer type does, until `add_adapter`.
-  explicit StyleInjectLayerImpl(BaseOptions base_options)
-      : base_options(std::move(base_options)) {
-    reset();
-  }
-
-  /// A new base layer from `base_options` with an adapter on it (the base
-  /// frozen).
-  StyleInjectLayerImpl(BaseOptions base_options, StyleInjectOptions options)
-      : base_options(std::move(base_options)),
-        options(checked(std::move(options))) {
+  /// A new base layer from `options`, initialised as the base layer type
+  /// initialises itself, with an adapter on it (the base frozen) if one is
+  /// given: without, it trains, computes and saves exactly as the base layer
+  /// type does, until `add_adapter`.
+  explicit StyleInjectLayerImpl(
+      BaseOptions options,
+      c10::optional<StyleInjectOptions> adapter = c10::nullopt)
+      : options(std::move(options)),
+        adapter_options(adapter ? checked(*adapter) : adapter) {
     reset();
   }
 
@@ -83,34 +87,37 @@ class StyleInjectLayerImpl
       : StyleInjectLayerImpl(
             BaseOptions(in, out, std::forward<Args>(args)...)) {}
 
-  /// Registers a new base layer, and an adapter if `options` has one
+  /// Registers a new base layer, and an adapter if `adapter_options` has one
   /// (clone() relies on it).
   void reset() override {
-    BaseHolder fresh(base_options);
+    BaseHolder fresh(options);
     register_base(fresh->weight, fresh->bias);
-    if (options) {
+    if (adapter_options) {
       register_adapter();
     }
   }
 
   /// Attaches an adapter to the layer and freezes the base's weight and
   /// bias. The adapter starts as the identity: the output does not change.
-  void add_adapter(StyleInjectOptions adapter_options) {
+  void add_adapter(StyleInjectOptions adapter) {
     TORCH_CHECK(
-        !options,
+        !adapter_options,
         Traits::name,
         ": the layer has an adapter already; call remove_adapter() first");
-    options = checked(std::move(adapter_options));
+    adapter_options = checked(std::move(adapter));
     register_adapter();
   }
 
-  /// Removes the adapter, which leaves the base layer (still frozen).
+  /// Removes the adapter, whatever parts it has, which leaves the base layer
+  /// (still frozen).
   void remove_adapter() {
-    if (!options) {
+    if (!adapter_options) {
       return;
     }
     for (const char* name : {"lora_A", "lora_B", "gate"}) {
-      this->parameters_.erase(name);
+      if (this->parameters_.contains(name)) {
+        this->parameters_.erase(name);
+      }
     }
     if (router) {
       this->unregister_module("router");
@@ -118,26 +125,25 @@ class StyleInjectLayerImpl
     lora_A = lora_B = gate = torch::Tensor();
     router = nullptr;
     style_ = torch::Tensor();
-    options = c10::nullopt;
+    adapter_options = c10::nullopt;
   }
 
-  /// The names and shapes of the parameters that an adapter with `options`
-  /// has on a base layer with `base_options` (SPEC §5).
+  /// The names and shapes of the parameters that an adapter with `adapter`
+  /// options has on a base layer with `options` (SPEC §5).
   static std::vector<std::pair<std::string, std::vector<int64_t>>>
   adapter_shapes(
-      const BaseOptions& base_options,
-      const StyleInjectOptions& options) {
-    const int64_t branches = options.branches(), rank = options.rank();
+      const BaseOptions& options,
+      const StyleInjectOptions& adapter) {
+    const int64_t branches = adapter.branches(), rank = adapter.rank();
     std::vector<std::pair<std::string, std::vector<int64_t>>> shapes{
-        {"lora_A", Traits::lora_A_shape(base_options, branches, rank)},
-        {"lora_B", Traits::lora_B_shape(base_options, rank)}};
-    if (options.gate()) {
-      shapes.push_back(
-          {"gate", {branches, Traits::out_features(base_options)}});
+        {"lora_A", Traits::lora_A_shape(options, branches, rank)},
+        {"lora_B", Traits::lora_B_shape(options, rank)}};
+    if (adapter.gate()) {
+      shapes.push_back({"gate", {branches, Traits::out_features(options)}});
     }
-    if (options.router()) {
+    if (adapter.router()) {
       shapes.push_back(
-          {"router.weight", {branches, Traits::in_features(base_options)}});
+          {"router.weight", {branches, Traits::in_features(options)}});
       shapes.push_back({"router.bias", {branches}});
     }
     return shapes;
@@ -145,13 +151,13 @@ class StyleInjectLayerImpl
 
   /// Whether an adapter is attached.
   bool has_adapter() const {
-    return options.has_value();
+    return adapter_options.has_value();
   }
 
   /// Re-initialises the adapter only, which makes the layer equal to its base
   /// again: A Kaiming-uniform, B, router and gate zero.
   void reset_parameters() {
-    if (!options) {
+    if (!adapter_options) {
       return;
     }
     torch::NoGradGuard no_grad;
@@ -173,17 +179,19 @@ class StyleInjectLayerImpl
   }
 
   /// The base layer's output with the adapter's update and gate; without an
-  /// adapter, or with it disabled, exactly the base layer's output.
+  /// adapter, or with it disabled, exactly the base layer's output. Reads
+  /// the layer's state and writes none of it, so threads may share a layer
+  /// for inference.
   torch::Tensor forward(const torch::Tensor& input) {
-    return options && enabled_
+    return adapter_options && enabled_
         ? Traits::forward(
-              base_options, input, weight, bias, adapter(), func_options())
-        : Traits::base_forward(base_options, input, weight, bias);
+              options, input, weight, bias, adapter(), func_options())
+        : Traits::base_forward(options, input, weight, bias);
   }
 
   /// The router's style weights for each instance of `input` (the fixed
   /// style if one is set; 1/n with the router off), e.g. to see which style
-  /// an input is routed to. For Linear: (N, d_in) -> (N, n),
+  /// an input is routed to. For Linear: (d_in) -> (n), (N, d_in) -> (N, n),
   /// (..., L, d_in) -> (..., n).
   torch::Tensor style_weights(const torch::Tensor& input) {
     check_has_adapter("style_weights");
@@ -199,8 +207,11 @@ class StyleInjectLayerImpl
     return enabled_;
   }
 
-  /// Strength of the whole adapter, multiplying both the low-rank update and
-  /// the gate: 0 gives the base layer, 1 the trained adapter. Default: 1
+  /// Strength of the whole adapter: it multiplies the low-rank update and
+  /// the gate's logits (inside the gate's tanh, so that each channel's
+  /// spread stays within (0, 2) times the base's at any strength). 0 gives
+  /// the base layer, 1 the trained adapter; above 1 strengthens it, below 0
+  /// inverts it. Default: 1
   void set_scale(double scale) {
     TORCH_CHECK_VALUE(
         std::isfinite(scale),
@@ -216,10 +227,11 @@ class StyleInjectLayerImpl
   /// Replaces the router's weights with a fixed style: (n) for every
   /// instance (one-hot = one style), or (N, n) per instance. Entries must be
   /// finite and non-negative; that is checked here, once (a host read), so
-  /// that forward never reads from the device.
+  /// that forward never reads from the device. The style moves with the
+  /// layer (to(), clone()).
   void set_style(const torch::Tensor& style) {
     check_has_adapter("set_style");
-    const int64_t branches = options->branches();
+    const int64_t branches = adapter_options->branches();
     TORCH_CHECK_VALUE(
         style.defined() && style.is_floating_point() &&
             (style.dim() == 1 || style.dim() == 2) &&
@@ -257,7 +269,7 @@ class StyleInjectLayerImpl
   std::vector<torch::Tensor> adapter_parameters() const {
     std::vector<torch::Tensor> result;
     for (const auto& parameter : this->named_parameters()) {
-      if (parameter.key() != "weight" && parameter.key() != "bias") {
+      if (!detail::is_base_parameter(parameter.key())) {
         result.push_back(parameter.value());
       }
     }
@@ -266,99 +278,99 @@ class StyleInjectLayerImpl
 
   /// One line, as LibTorch prints its layers, e.g.
   /// `styleinject::StyleInjectLinear(in_features=8, out_features=4,
-  /// bias=true, rank=2, branches=4, alpha=2, router=true, gate=true)`.
+  /// bias=true, rank=2, branches=4, alpha=2, router=true, gate=true)`. The
+  /// stream's formatting is left as it was.
   void pretty_print(std::ostream& stream) const override {
-    stream << std::boolalpha << Traits::name << "(";
-    Traits::pretty_print(stream, base_options);
-    if (options) {
-      stream << ", rank=" << options->rank()
-             << ", branches=" << options->branches()
-             << ", alpha=" << options->alpha().value_or(options->rank());
-      if (options->dropout() > 0.0) {
-        stream << ", dropout=" << options->dropout();
+    std::ostringstream text;
+    text << std::boolalpha << Traits::name << "(";
+    Traits::pretty_print(text, options);
+    if (const auto& adapter = adapter_options) {
+      text << ", rank=" << adapter->rank()
+           << ", branches=" << adapter->branches()
+           << ", alpha=" << adapter->alpha().value_or(adapter->rank());
+      if (adapter->dropout() > 0.0) {
+        text << ", dropout=" << adapter->dropout();
       }
-      if (options->rslora()) {
-        stream << ", rslora=true";
+      if (adapter->rslora()) {
+        text << ", rslora=true";
       }
-      if (options->temperature() != 1.0) {
-        stream << ", temperature=" << options->temperature();
+      if (adapter->temperature() != 1.0) {
+        text << ", temperature=" << adapter->temperature();
       }
-      stream << ", router=" << options->router()
-             << ", gate=" << options->gate();
+      text << ", router=" << adapter->router() << ", gate=" << adapter->gate();
+      if (adapter->dtype()) {
+        text << ", dtype=" << detail::adapter_dtype_name(*adapter->dtype());
+      }
     }
-    stream << ")";
+    stream << text.str() << ")";
   }
 
-  /// Loads a checkpoint of this layer, or of its plain base layer (which has
-  /// only weight and bias: the adapter then keeps its values). Everything is
-  /// read and checked before anything is written, so a checkpoint that does
+  /// Moves and converts the layer as torch::nn::Module::to does, except
+  /// that an adapter with its own dtype (StyleInjectOptions::dtype) keeps
+  /// it; a fixed style moves along.
+  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false)
+      override {
+    convert(device, dtype, non_blocking);
+  }
+  void to(torch::Dtype dtype, bool non_blocking = false) override {
+    convert(c10::nullopt, dtype, non_blocking);
+  }
+  void to(torch::Device device, bool non_blocking = false) override {
+    convert(device, c10::nullopt, non_blocking);
+  }
+
+  /// A deep copy, on `device` if one is given; the fixed style moves along.
+  std::shared_ptr<torch::nn::Module> clone(
+      const c10::optional<torch::Device>& device =
+          c10::nullopt) const override {
+    auto copy = torch::nn::Cloneable<StyleInjectLayerImpl>::clone(device);
+    auto& layer = dynamic_cast<StyleInjectLayerImpl&>(*copy);
+    if (device && layer.style_.defined()) {
+      layer.style_ = layer.style_.to(*device);
+    }
+    return copy;
+  }
+
+  /// Saves the layer as torch::nn::Module does, and with an adapter its
+  /// options too (under "styleinject_options", as JSON), so that torch::load
+  /// can attach the adapter to a layer that has none.
+  void save(torch::serialize::OutputArchive& archive) const override {
+    torch::nn::Module::save(archive);
+    if (adapter_options) {
+      archive.write(
+          detail::kCheckpointOptionsKey,
+          c10::IValue(detail::options_to_json(*adapter_options).dump()));
+    }
+  }
+
+  /// Loads a checkpoint of this layer, or of its plain base layer:
+  /// - a base-layer checkpoint (weight and bias only) leaves the adapter's
+  ///   values as they are;
+  /// - a checkpoint of an adapted layer attaches its adapter, with the
+  ///   options it records, where the layer has none; where it has one, the
+  ///   two must compute the same (detail::same_computation).
+  /// Adapter tensors without recorded options (a checkpoint made by hand or
+  /// before 0.3) load only into an adapter attached already. Everything is
+  /// read and checked before anything changes, so a checkpoint that does
   /// not fit leaves the layer as it was. Values are copied into the layer's
-  /// own dtype and device.
+  /// own dtypes and device.
   void load(torch::serialize::InputArchive& archive) override {
-    std::vector<std::pair<torch::Tensor, torch::Tensor>> updates;
-    const auto read = [&](torch::serialize::InputArchive& from,
-                          const std::string& key,
-                          const std::string& name,
-                          const torch::Tensor& parameter) {
-      torch::Tensor value;
-      if (!from.try_read(key, value)) {
-        return false;
-      }
-      TORCH_CHECK(
-          value.sizes() == parameter.sizes(),
-          Traits::name,
-          ": expected '",
-          name,
-          "' of shape ",
-          parameter.sizes(),
-          " in the checkpoint, but got ",
-          value.sizes());
-      updates.emplace_back(parameter, value);
-      return true;
-    };
-    TORCH_CHECK(
-        read(archive, "weight", "weight", weight),
-        Traits::name,
-        ": the checkpoint has no 'weight'");
-    TORCH_CHECK(
-        !bias.defined() || read(archive, "bias", "bias", bias),
-        Traits::name,
-        ": the checkpoint has no 'bias'");
-    int found = 0, expected = 0;
-    for (const auto& parameter : this->named_parameters(/*recurse=*/false)) {
-      if (parameter.key() != "weight" && parameter.key() != "bias") {
-        ++expected;
-        found +=
-            read(archive, parameter.key(), parameter.key(), parameter.value());
-      }
+    const auto plan = detail::plan_checkpoint_load(*this, archive);
+    if (plan.attach) {
+      add_adapter(*plan.attach);
     }
-    if (router) {
-      expected += 2;
-      torch::serialize::InputArchive router_archive;
-      if (archive.try_read("router", router_archive)) {
-        found +=
-            read(router_archive, "weight", "router.weight", router->weight);
-        found += read(router_archive, "bias", "router.bias", router->bias);
-      }
-    }
-    TORCH_CHECK(
-        found == 0 || found == expected,
-        Traits::name,
-        ": the checkpoint has ",
-        found,
-        " of the adapter's ",
-        expected,
-        " tensors; expected all of them, or none for a base-layer checkpoint");
     torch::NoGradGuard no_grad;
-    for (auto& update : updates) {
-      update.first.copy_(update.second);
+    auto parameters = this->named_parameters();
+    for (const auto& value : plan.values) {
+      parameters[value.first].copy_(value.second);
     }
   }
 
-  /// Options of the base layer (e.g. torch::nn::LinearOptions).
-  BaseOptions base_options;
+  /// Options of the base layer (e.g. torch::nn::LinearOptions), as
+  /// torch::nn::Linear's `options`.
+  BaseOptions options;
   /// Options of the adapter; empty without one.
-  c10::optional<StyleInjectOptions> options;
+  c10::optional<StyleInjectOptions> adapter_options;
   /// The base layer's parameters, frozen; `bias` is undefined without bias.
   torch::Tensor weight, bias;
   /// The n down-projections: (n, r, d_in) for Linear, (n, r, C_in, k, k)
@@ -381,15 +393,15 @@ class StyleInjectLayerImpl
     return base;
   }
 
-  static StyleInjectOptions checked(StyleInjectOptions options) {
-    detail::check_options(options, Traits::name);
-    return options;
+  static StyleInjectOptions checked(StyleInjectOptions adapter) {
+    detail::check_options(adapter, Traits::name);
+    return adapter;
   }
 
   // The base's tensors keep their own requires_grad: a layer without an
   // adapter trains like the base layer type.
   void register_base(torch::Tensor base_weight, torch::Tensor base_bias) {
-    Traits::check_base(base_options);
+    Traits::check_base(options);
     const bool weight_grad = base_weight.requires_grad();
     const bool bias_grad = base_bias.defined() && base_bias.requires_grad();
     weight =
@@ -402,31 +414,54 @@ class StyleInjectLayerImpl
     if (bias.defined()) {
       bias.set_requires_grad(false);
     }
-    const auto on_base = weight.options().requires_grad(false);
-    const int64_t branches = options->branches(), rank = options->rank();
-    const int64_t in = Traits::in_features(base_options);
-    const int64_t out = Traits::out_features(base_options);
+    const auto dtype = adapter_options->dtype().value_or(weight.scalar_type());
+    const auto on_device = weight.options().dtype(dtype).requires_grad(false);
+    const int64_t branches = adapter_options->branches();
+    const int64_t rank = adapter_options->rank();
     lora_A = this->register_parameter(
         "lora_A",
-        torch::empty(
-            Traits::lora_A_shape(base_options, branches, rank), on_base));
+        torch::empty(Traits::lora_A_shape(options, branches, rank), on_device));
     lora_B = this->register_parameter(
-        "lora_B",
-        torch::empty(Traits::lora_B_shape(base_options, rank), on_base));
+        "lora_B", torch::empty(Traits::lora_B_shape(options, rank), on_device));
     router = nullptr;
-    if (options->router()) {
-      router = this->register_module("router", torch::nn::Linear(in, branches));
-      router->to(weight.device(), weight.scalar_type());
+    if (adapter_options->router()) {
+      router = this->register_module(
+          "router", torch::nn::Linear(Traits::in_features(options), branches));
+      router->to(weight.device(), dtype);
     }
-    gate = options->gate() ? this->register_parameter(
-                                 "gate", torch::empty({branches, out}, on_base))
-                           : torch::Tensor();
+    gate = adapter_options->gate()
+        ? this->register_parameter(
+              "gate",
+              torch::empty(
+                  {branches, Traits::out_features(options)}, on_device))
+        : torch::Tensor();
     reset_parameters();
+  }
+
+  void convert(
+      c10::optional<torch::Device> device,
+      c10::optional<torch::Dtype> dtype,
+      bool non_blocking) {
+    const auto adapter_dtype = adapter_options && adapter_options->dtype()
+        ? adapter_options->dtype()
+        : dtype;
+    for (const auto& parameter : this->named_parameters()) {
+      auto tensor = parameter.value();
+      const auto to_dtype =
+          detail::is_base_parameter(parameter.key()) ? dtype : adapter_dtype;
+      tensor.set_data(tensor.to(
+          device.value_or(tensor.device()),
+          to_dtype.value_or(tensor.scalar_type()),
+          non_blocking));
+    }
+    if (device && style_.defined()) {
+      style_ = style_.to(*device, non_blocking);
+    }
   }
 
   void check_has_adapter(const char* method) const {
     TORCH_CHECK(
-        options.has_value(),
+        adapter_options.has_value(),
         Traits::name,
         ": ",
         method,
@@ -443,20 +478,15 @@ class StyleInjectLayerImpl
         gate};
   }
 
-  functional::StyleInjectFuncOptions func_options() {
-    // The style follows the layer when it moves: copied once, on the first
-    // forward after the move.
-    if (style_.defined() && style_.device() != weight.device()) {
-      style_ = style_.to(weight.device());
-    }
+  functional::StyleInjectFuncOptions func_options() const {
     return functional::StyleInjectFuncOptions()
-        .scaling(options->scaling())
+        .scaling(adapter_options->scaling())
         .scale(scale_)
-        .temperature(options->temperature())
-        .dropout(options->dropout())
+        .temperature(adapter_options->temperature())
+        .dropout(adapter_options->dropout())
         .training(this->is_training())
         .style(style_)
-        .path(options->path());
+        .path(adapter_options->path());
   }
 
   bool enabled_ = true;

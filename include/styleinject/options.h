@@ -6,9 +6,12 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace styleinject {
 
@@ -80,9 +83,37 @@ struct StyleInjectOptions {
 
   /// Down-projection compute path; both give the same numbers. Default: kAuto
   TORCH_ARG(ComputePath, path) = ComputePath::kAuto;
+
+  /// dtype of the adapter's parameters, e.g. torch::kFloat on a bfloat16
+  /// base, as diffusion fine-tuning usually keeps them. The adapter keeps it
+  /// through `to(dtype)`; its part of the forward runs in the wider of it
+  /// and the input's dtype. Default: the base weight's dtype, which the
+  /// adapter then follows
+  TORCH_ARG(c10::optional<torch::Dtype>, dtype) = c10::nullopt;
 };
 
 namespace detail {
+
+/// The dtypes an adapter can be kept in, by the names records give them.
+inline const std::vector<std::pair<std::string, torch::Dtype>>& adapter_dtypes() {
+  static const std::vector<std::pair<std::string, torch::Dtype>> table{
+      {"float32", torch::kFloat},
+      {"float64", torch::kDouble},
+      {"bfloat16", torch::kBFloat16},
+      {"float16", torch::kHalf}};
+  return table;
+}
+
+/// The name records give an adapter dtype ("float32", ...); empty for a
+/// dtype an adapter cannot have.
+inline std::string adapter_dtype_name(torch::Dtype dtype) {
+  for (const auto& entry : adapter_dtypes()) {
+    if (entry.second == dtype) {
+      return entry.first;
+    }
+  }
+  return {};
+}
 
 /// Refuses options that cannot describe an adapter; `layer` names the module
 /// in the message.
@@ -116,6 +147,28 @@ inline void check_options(
       ": expected a finite alpha > 0, but got alpha=",
       options.alpha().value_or(0.0),
       "; use set_scale() to weaken or switch off the update");
+  TORCH_CHECK_VALUE(
+      !options.dtype().has_value() ||
+          !adapter_dtype_name(*options.dtype()).empty(),
+      layer,
+      ": expected dtype float32, float64, bfloat16 or float16, but got dtype=",
+      options.dtype().value_or(torch::kFloat));
+}
+
+/// Whether adapters with these options have the same parameters and compute
+/// the same function: what a saved adapter must agree on to load. Training
+/// settings (dropout), the compute path and the dtype do not count, nor
+/// does how the scale is spelled (alpha unset or equal to the rank), nor the
+/// temperature of a router that is off.
+inline bool same_computation(
+    const StyleInjectOptions& a,
+    const StyleInjectOptions& b) {
+  const double tolerance =
+      1e-12 * std::max(std::abs(a.scaling()), std::abs(b.scaling()));
+  return a.rank() == b.rank() && a.branches() == b.branches() &&
+      a.router() == b.router() && a.gate() == b.gate() &&
+      (!a.router() || a.temperature() == b.temperature()) &&
+      std::abs(a.scaling() - b.scaling()) <= tolerance;
 }
 
 } // namespace detail

@@ -37,7 +37,7 @@ SHAPES = {
 }
 OPTIONS = {
     "rank": 2, "branches": 3, "alpha": None, "dropout": 0.0, "rslora": False,
-    "temperature": 1.0, "router": True, "gate": True,
+    "temperature": 1.0, "router": True, "gate": True, "dtype": None,
 }
 
 

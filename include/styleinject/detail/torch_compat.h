@@ -4,6 +4,8 @@
 
 #include <ATen/autocast_mode.h>
 #include <c10/core/DeviceType.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/nn/options/conv.h>
 #include <torch/version.h>
 
@@ -25,6 +27,14 @@ inline bool autocast_enabled(c10::DeviceType device) {
                               : at::autocast::is_cpu_enabled();
 #endif
 }
+
+/// Turns autocast off while alive, on every device: the router, the gate
+/// and their statistics are small and must stay in float32 (SPEC), where
+/// autocast would run their matmuls in half precision. This is the guard
+/// that autocast's own kernels use.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 /// Whether a variant of LibTorch's options holds a `T`: c10::variant in
 /// 1.13, std::variant since c10's own was retired.

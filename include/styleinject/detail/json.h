@@ -1,0 +1,181 @@
+#pragma once
+
+// JSON for adapter files and checkpoints: a parser that refuses what readers
+// could disagree on, and an adapter's options as a JSON record.
+
+#include <styleinject/options.h>
+
+#include <torch/types.h>
+
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace styleinject {
+namespace detail {
+
+/// Parses the JSON text [begin, end). Refuses a syntax error, and a key
+/// that appears twice in an object at any depth: nlohmann::json keeps the
+/// last of them and other readers the first, so two tools could read two
+/// different files. `what` names the text in messages, after `context`.
+inline nlohmann::ordered_json parse_json(
+    const char* begin,
+    const char* end,
+    const std::string& context,
+    const std::string& what) {
+  std::vector<std::set<std::string>> open_objects;
+  std::string duplicate;
+  const auto on_event = [&](int,
+                            nlohmann::ordered_json::parse_event_t event,
+                            nlohmann::ordered_json& parsed) {
+    using Event = nlohmann::ordered_json::parse_event_t;
+    if (event == Event::object_start) {
+      open_objects.emplace_back();
+    } else if (event == Event::object_end && !open_objects.empty()) {
+      open_objects.pop_back();
+    } else if (event == Event::key && !open_objects.empty()) {
+      const auto& key = parsed.get_ref<const std::string&>();
+      if (!open_objects.back().insert(key).second && duplicate.empty()) {
+        duplicate = key;
+      }
+    }
+    return true;
+  };
+  auto json = nlohmann::ordered_json::parse(
+      begin, end, on_event, /*allow_exceptions=*/false);
+  TORCH_CHECK(
+      !json.is_discarded(),
+      context,
+      ": ",
+      what,
+      " is not valid JSON (",
+      end - begin,
+      " bytes)");
+  TORCH_CHECK(
+      duplicate.empty(),
+      context,
+      ": ",
+      what,
+      " has the key '",
+      duplicate,
+      "' twice");
+  return json;
+}
+
+/// An adapter's options as a JSON record (what files and checkpoints keep):
+/// rank, branches, alpha (null: the rank), dropout, rslora, temperature,
+/// router, gate, dtype (null: the base's). The compute path is a choice of
+/// the machine that runs it, and is not recorded.
+inline nlohmann::ordered_json options_to_json(
+    const StyleInjectOptions& options) {
+  nlohmann::ordered_json record{
+      {"rank", options.rank()},
+      {"branches", options.branches()},
+      {"alpha", nullptr},
+      {"dropout", options.dropout()},
+      {"rslora", options.rslora()},
+      {"temperature", options.temperature()},
+      {"router", options.router()},
+      {"gate", options.gate()},
+      {"dtype", nullptr}};
+  if (options.alpha()) {
+    record["alpha"] = *options.alpha();
+  }
+  if (options.dtype()) {
+    record["dtype"] = adapter_dtype_name(*options.dtype());
+  }
+  return record;
+}
+
+/// Options from their JSON record (see options_to_json). Every field is
+/// required with its JSON type, except dtype (absent before 0.3), and the
+/// options must be valid; `where` starts each message, `source` says where
+/// the record came from (e.g. "the file's metadata").
+inline StyleInjectOptions options_from_json(
+    const nlohmann::ordered_json& record,
+    const std::string& where,
+    const std::string& source) {
+  const auto field =
+      [&](const char* key,
+          bool (nlohmann::ordered_json::*is)() const,
+          const char* expected) -> const nlohmann::ordered_json& {
+    TORCH_CHECK(
+        record.is_object() && record.contains(key) && (record[key].*is)(),
+        where,
+        ": expected '",
+        key,
+        "' to be ",
+        expected,
+        " in ",
+        source);
+    return record[key];
+  };
+  const auto integer = [&](const char* key) {
+    const auto& value =
+        field(key, &nlohmann::ordered_json::is_number_integer, "an integer");
+    TORCH_CHECK(
+        value.is_number_unsigned() && value.get<uint64_t>() < (1u << 30),
+        where,
+        ": expected '",
+        key,
+        "' to be a non-negative integer below 2^30, but got ",
+        value.dump());
+    return value.get<int64_t>();
+  };
+  const auto number = [&](const char* key) {
+    return field(key, &nlohmann::ordered_json::is_number, "a number")
+        .get<double>();
+  };
+  const auto boolean = [&](const char* key) {
+    return field(key, &nlohmann::ordered_json::is_boolean, "true or false")
+        .get<bool>();
+  };
+  auto options = StyleInjectOptions(integer("rank"))
+                     .branches(integer("branches"))
+                     .dropout(number("dropout"))
+                     .rslora(boolean("rslora"))
+                     .temperature(number("temperature"))
+                     .router(boolean("router"))
+                     .gate(boolean("gate"));
+  const auto& alpha =
+      record.contains("alpha") ? record["alpha"] : nlohmann::ordered_json();
+  TORCH_CHECK(
+      alpha.is_null() || alpha.is_number(),
+      where,
+      ": expected 'alpha' to be a number or null in ",
+      source);
+  if (alpha.is_number()) {
+    options.alpha(alpha.get<double>());
+  }
+  const auto& dtype =
+      record.contains("dtype") ? record["dtype"] : nlohmann::ordered_json();
+  if (!dtype.is_null()) {
+    const auto* known =
+        dtype.is_string() ? &dtype.get_ref<const std::string&>() : nullptr;
+    for (const auto& entry : adapter_dtypes()) {
+      if (known && *known == entry.first) {
+        options.dtype(entry.second);
+      }
+    }
+    TORCH_CHECK(
+        options.dtype().has_value(),
+        where,
+        ": expected 'dtype' to be null, \"float32\", \"float64\", "
+        "\"bfloat16\" or \"float16\" in ",
+        source,
+        ", but got ",
+        dtype.dump().substr(0, 64));
+  }
+  check_options(options, where);
+  return options;
+}
+
+} // namespace detail
+} // namespace styleinject

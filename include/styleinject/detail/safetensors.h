@@ -1,0 +1,514 @@
+#pragma once
+
+// The safetensors format (https://huggingface.co/docs/safetensors): an 8-byte
+// little-endian header length, a JSON header naming each tensor's dtype,
+// shape and byte span, then the tensors' bytes. A bounds-checked reader for
+// hostile files, a writer, and atomic writes to disk.
+
+#include <styleinject/detail/json.h>
+
+#include <torch/types.h>
+
+#include <c10/util/Exception.h>
+
+#include <nlohmann/json.hpp>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <random>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace styleinject {
+namespace detail {
+namespace safetensors {
+
+static_assert(
+    __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+    "safetensors files are little-endian; this host is not");
+
+/// The largest header accepted, as the reference implementation's.
+inline constexpr uint64_t kMaxHeaderBytes = 100'000'000;
+
+/// The tensors of a file, in file order, and its `__metadata__`.
+struct Contents {
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
+  std::map<std::string, std::string> metadata;
+};
+
+/// The safetensors name of a dtype and back; an empty name or undefined
+/// optional for a dtype the format or LibTorch does not have.
+inline const std::vector<std::pair<std::string, torch::ScalarType>>& dtypes() {
+  static const std::vector<std::pair<std::string, torch::ScalarType>> table{
+      {"F64", torch::kDouble},
+      {"F32", torch::kFloat},
+      {"F16", torch::kHalf},
+      {"BF16", torch::kBFloat16},
+      {"I64", torch::kLong},
+      {"I32", torch::kInt},
+      {"I16", torch::kShort},
+      {"I8", torch::kChar},
+      {"U8", torch::kByte},
+      {"BOOL", torch::kBool}};
+  return table;
+}
+
+inline std::string dtype_name(torch::ScalarType dtype) {
+  for (const auto& entry : dtypes()) {
+    if (entry.second == dtype) {
+      return entry.first;
+    }
+  }
+  return {};
+}
+
+/// One tensor's entry in a safetensors header: where its bytes are.
+struct Entry {
+  std::string name;
+  torch::ScalarType dtype;
+  std::vector<int64_t> shape;
+  uint64_t begin, end;
+};
+
+/// The header of a safetensors file held in memory, parsed and checked as
+/// JSON: its length, that it fits the file, valid JSON without duplicate
+/// keys, an object. Sets `data` and `data_bytes` to the tensors' bytes.
+inline nlohmann::ordered_json parse_header(
+    const uint8_t* file,
+    size_t size,
+    const std::string& context,
+    const uint8_t*& data,
+    uint64_t& data_bytes) {
+  TORCH_CHECK(
+      size >= 8,
+      context,
+      ": the file is truncated: expected at least 8 bytes (the header "
+      "length), but it has ",
+      size);
+  uint64_t header_bytes = 0;
+  std::memcpy(&header_bytes, file, 8);
+  TORCH_CHECK(
+      header_bytes <= kMaxHeaderBytes,
+      context,
+      ": expected a header of at most ",
+      kMaxHeaderBytes,
+      " bytes, but the file declares ",
+      header_bytes);
+  TORCH_CHECK(
+      header_bytes <= size - 8,
+      context,
+      ": the header length ",
+      header_bytes,
+      " runs past the end of the file (",
+      size - 8,
+      " bytes follow it)");
+  const char* header = reinterpret_cast<const char*>(file + 8);
+  // Ordered, so that tensors come back in file order.
+  auto json = parse_json(header, header + header_bytes, context, "the header");
+  TORCH_CHECK(
+      json.is_object(),
+      context,
+      ": expected the header to be a JSON object, but got a JSON ",
+      json.type_name());
+  data = file + 8 + header_bytes;
+  data_bytes = size - 8 - header_bytes;
+  return json;
+}
+
+/// The `__metadata__` of a header: an object of strings.
+inline std::map<std::string, std::string> parse_metadata(
+    const nlohmann::ordered_json& value,
+    const std::string& context) {
+  TORCH_CHECK(
+      value.is_object(),
+      context,
+      ": expected __metadata__ to be an object of strings, but got a JSON ",
+      value.type_name());
+  std::map<std::string, std::string> metadata;
+  for (const auto& field : value.items()) {
+    TORCH_CHECK(
+        field.value().is_string(),
+        context,
+        ": expected __metadata__ values to be strings, but '",
+        field.key(),
+        "' is a JSON ",
+        field.value().type_name());
+    metadata[field.key()] = field.value().get<std::string>();
+  }
+  return metadata;
+}
+
+/// The bytes a tensor of `dtype` and the JSON `shape` needs, checked: every
+/// size a non-negative integer, and the product of the sizes (zeros counted
+/// as ones, so that a zero cannot hide an overflow of the others) below
+/// 2^62.
+inline uint64_t parse_shape(
+    const nlohmann::ordered_json& shape,
+    torch::ScalarType dtype,
+    const std::string& tensor,
+    const std::string& context,
+    std::vector<int64_t>& sizes) {
+  TORCH_CHECK(
+      shape.is_array() && shape.size() <= 64,
+      context,
+      ": expected the shape of ",
+      tensor,
+      " to be an array of at most 64 sizes, but got ",
+      shape.dump().substr(0, 200));
+  constexpr uint64_t kLimit = uint64_t{1} << 62;
+  uint64_t bytes = torch::elementSize(dtype), bound = bytes;
+  for (const auto& dim : shape) {
+    TORCH_CHECK(
+        dim.is_number_unsigned() && dim.get<uint64_t>() < kLimit,
+        context,
+        ": expected the sizes of ",
+        tensor,
+        " to be non-negative integers, but got ",
+        shape.dump().substr(0, 200));
+    const uint64_t n = dim.get<uint64_t>();
+    TORCH_CHECK(
+        bound <= kLimit / std::max<uint64_t>(n, 1),
+        context,
+        ": the shape of ",
+        tensor,
+        " is too large: ",
+        shape.dump().substr(0, 200));
+    bound *= std::max<uint64_t>(n, 1);
+    bytes *= n;
+    sizes.push_back(static_cast<int64_t>(n));
+  }
+  return bytes;
+}
+
+/// One tensor's entry of the header, checked: its fields, dtype, shape, and
+/// a byte span that fits `data_bytes` and matches shape × dtype.
+inline Entry parse_entry(
+    const std::string& name,
+    const nlohmann::ordered_json& value,
+    uint64_t data_bytes,
+    const std::string& context) {
+  const std::string tensor = "tensor '" + name + "'";
+  TORCH_CHECK(
+      value.is_object() && value.size() == 3 && value.contains("dtype") &&
+          value.contains("shape") && value.contains("data_offsets"),
+      context,
+      ": expected ",
+      tensor,
+      " to be an object with dtype, shape and data_offsets, but got ",
+      value.dump().substr(0, 200));
+  const auto& dtype = value["dtype"];
+  TORCH_CHECK(
+      dtype.is_string(),
+      context,
+      ": expected the dtype of ",
+      tensor,
+      " to be a string, but got ",
+      dtype.dump().substr(0, 200));
+  const auto known =
+      std::find_if(dtypes().begin(), dtypes().end(), [&](const auto& entry) {
+        return entry.first == dtype.get_ref<const std::string&>();
+      });
+  TORCH_CHECK(
+      known != dtypes().end(),
+      context,
+      ": ",
+      tensor,
+      " has the unknown dtype '",
+      dtype.get_ref<const std::string&>().substr(0, 64),
+      "'; expected one of F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL");
+  Entry entry{name, known->second, {}, 0, 0};
+  const uint64_t bytes =
+      parse_shape(value["shape"], entry.dtype, tensor, context, entry.shape);
+  const auto& offsets = value["data_offsets"];
+  TORCH_CHECK(
+      offsets.is_array() && offsets.size() == 2 &&
+          offsets[0].is_number_unsigned() && offsets[1].is_number_unsigned() &&
+          offsets[0].get<uint64_t>() <= offsets[1].get<uint64_t>(),
+      context,
+      ": expected the data_offsets of ",
+      tensor,
+      " to be [begin, end] with 0 <= begin <= end, but got ",
+      offsets.dump().substr(0, 200));
+  entry.begin = offsets[0].get<uint64_t>();
+  entry.end = offsets[1].get<uint64_t>();
+  TORCH_CHECK(
+      entry.end <= data_bytes,
+      context,
+      ": the data_offsets [",
+      entry.begin,
+      ", ",
+      entry.end,
+      "] of ",
+      tensor,
+      " run past the end of the data (",
+      data_bytes,
+      " bytes)");
+  TORCH_CHECK(
+      entry.end - entry.begin == bytes,
+      context,
+      ": ",
+      tensor,
+      " of dtype ",
+      known->first,
+      " and shape ",
+      value["shape"].dump(),
+      " needs ",
+      bytes,
+      " bytes, but its data_offsets span ",
+      entry.end - entry.begin);
+  return entry;
+}
+
+/// Checks that the entries' spans, in order, tile the data: each begins
+/// where the last ended, and the last ends at the end of the file.
+inline void check_tiling(
+    const std::vector<Entry>& entries,
+    uint64_t data_bytes,
+    const std::string& context) {
+  std::vector<const Entry*> by_offset;
+  for (const auto& entry : entries) {
+    by_offset.push_back(&entry);
+  }
+  std::sort(by_offset.begin(), by_offset.end(), [](auto a, auto b) {
+    return a->begin != b->begin ? a->begin < b->begin : a->end < b->end;
+  });
+  uint64_t position = 0;
+  for (const auto* entry : by_offset) {
+    TORCH_CHECK(
+        entry->begin == position,
+        context,
+        ": the data_offsets of tensor '",
+        entry->name,
+        "' begin at ",
+        entry->begin,
+        ", but the data before ends at ",
+        position,
+        "; tensors must not overlap or leave gaps");
+    position = entry->end;
+  }
+  TORCH_CHECK(
+      position == data_bytes,
+      context,
+      ": the tensors' data ends at ",
+      position,
+      ", but the file has ",
+      data_bytes,
+      " bytes of data");
+}
+
+/// Parses a whole safetensors file held in memory: the header, then each
+/// entry, then the tiling of the data. Everything is validated before any
+/// tensor is made. `context` starts every error message.
+inline Contents parse(
+    const uint8_t* file,
+    size_t size,
+    const std::string& context) {
+  const uint8_t* data = nullptr;
+  uint64_t data_bytes = 0;
+  const auto header = parse_header(file, size, context, data, data_bytes);
+  Contents contents;
+  std::vector<Entry> entries;
+  for (const auto& item : header.items()) {
+    if (item.key() == "__metadata__") {
+      contents.metadata = parse_metadata(item.value(), context);
+    } else {
+      entries.push_back(
+          parse_entry(item.key(), item.value(), data_bytes, context));
+    }
+  }
+  check_tiling(entries, data_bytes, context);
+  for (const auto& entry : entries) {
+    auto tensor = torch::empty(entry.shape, entry.dtype);
+    if (entry.end > entry.begin) {
+      std::memcpy(
+          tensor.data_ptr(), data + entry.begin, entry.end - entry.begin);
+    }
+    contents.tensors.emplace_back(entry.name, std::move(tensor));
+  }
+  return contents;
+}
+
+/// The bytes of a safetensors file holding `tensors` (any device; written
+/// from a contiguous CPU copy) and `metadata`.
+inline std::string serialize(
+    const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+    const std::map<std::string, std::string>& metadata,
+    const std::string& context) {
+  nlohmann::ordered_json header;
+  if (!metadata.empty()) {
+    header["__metadata__"] = metadata;
+  }
+  std::vector<torch::Tensor> data;
+  uint64_t offset = 0;
+  for (const auto& item : tensors) {
+    const auto name = dtype_name(item.second.scalar_type());
+    TORCH_CHECK(
+        !name.empty(),
+        context,
+        ": tensor '",
+        item.first,
+        "' has dtype ",
+        item.second.scalar_type(),
+        ", which safetensors cannot hold");
+    TORCH_CHECK(
+        !header.contains(item.first),
+        context,
+        ": two tensors are named '",
+        item.first,
+        "'");
+    auto cpu = item.second.detach().to(torch::kCPU).contiguous();
+    const uint64_t bytes = cpu.numel() * cpu.element_size();
+    header[item.first] = {
+        {"dtype", name},
+        {"shape", cpu.sizes().vec()},
+        {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
+    data.push_back(std::move(cpu));
+  }
+  auto text = header.dump();
+  // Pad with spaces so that the data starts 8-byte aligned, as the
+  // reference implementation does.
+  text.append((8 - text.size() % 8) % 8, ' ');
+  std::string bytes(8, '\0');
+  const uint64_t length = text.size();
+  std::memcpy(&bytes[0], &length, 8);
+  bytes += text;
+  for (const auto& tensor : data) {
+    bytes.append(
+        static_cast<const char*>(tensor.data_ptr()),
+        tensor.numel() * tensor.element_size());
+  }
+  return bytes;
+}
+
+/// The whole file at `path`.
+inline std::string read_file(
+    const std::string& path,
+    const std::string& context) {
+  std::ifstream file(path, std::ios::binary);
+  TORCH_CHECK(
+      file.good(),
+      context,
+      ": cannot open '",
+      path,
+      "' for reading: ",
+      std::strerror(errno));
+  std::ostringstream bytes;
+  bytes << file.rdbuf();
+  TORCH_CHECK(
+      !file.bad(),
+      context,
+      ": reading '",
+      path,
+      "' failed: ",
+      std::strerror(errno));
+  return bytes.str();
+}
+
+/// Creates a new file beside `path` with a random name,
+/// `<path>.tmp.<16 hex digits>`, and returns its descriptor (or -1 with errno
+/// set) and its name. A name that exists already, say one that a crashed
+/// writer left, is never reused: another is drawn.
+inline int create_temporary(const std::string& path, std::string& name) {
+  thread_local std::mt19937_64 random(
+      (uint64_t{std::random_device{}()} << 32) ^ std::random_device{}());
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    char suffix[17];
+    std::snprintf(
+        suffix,
+        sizeof suffix,
+        "%016llx",
+        static_cast<unsigned long long>(random()));
+    name = path + ".tmp." + suffix;
+    const int fd =
+        ::open(name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (fd >= 0 || errno != EEXIST) {
+      return fd;
+    }
+  }
+  return -1;
+}
+
+/// Writes `bytes` to `path` atomically: into a new file beside it, flushed
+/// to the disk, then renamed over `path`. A failure at any step removes the
+/// new file and leaves whatever was at `path` as it was.
+inline void write_file_atomically(
+    const std::string& path,
+    const std::string& bytes,
+    const std::string& context) {
+  std::string temporary;
+  const int fd = create_temporary(path, temporary);
+  TORCH_CHECK(
+      fd >= 0,
+      context,
+      ": cannot create '",
+      temporary,
+      "' to write '",
+      path,
+      "': ",
+      std::strerror(errno));
+  bool open = true;
+  const auto fail = [&](const char* step) {
+    const int error = errno;
+    if (open) {
+      ::close(fd);
+    }
+    ::unlink(temporary.c_str());
+    TORCH_CHECK(
+        false,
+        context,
+        ": ",
+        step,
+        " '",
+        path,
+        "' failed: ",
+        std::strerror(error),
+        "; the file is as it was");
+  };
+  size_t written = 0;
+  while (written < bytes.size()) {
+    const auto n = ::write(fd, bytes.data() + written, bytes.size() - written);
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    if (n <= 0) {
+      fail("writing");
+    }
+    written += static_cast<size_t>(n);
+  }
+  if (::fsync(fd) != 0) {
+    fail("flushing");
+  }
+  open = false;
+  if (::close(fd) != 0) {
+    fail("closing");
+  }
+  if (::rename(temporary.c_str(), path.c_str()) != 0) {
+    fail("renaming the new file over");
+  }
+  // Make the rename itself durable; a failure here loses nothing.
+  const auto slash = path.find_last_of('/');
+  const std::string folder =
+      slash == std::string::npos ? "." : path.substr(0, slash + 1);
+  const int dir = ::open(folder.c_str(), O_RDONLY | O_CLOEXEC);
+  if (dir >= 0) {
+    ::fsync(dir);
+    ::close(dir);
+  }
+}
+
+} // namespace safetensors
+
+} // namespace detail
+} // namespace styleinject
