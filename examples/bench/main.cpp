@@ -10,8 +10,13 @@
 //
 // Every method runs forward (no autograd) and forward+backward (base frozen,
 // adapter trainable, input requiring grad as inside a network). Times are
-// medians over repetitions; activation memory is what the forward leaves
-// allocated for backward, besides its output.
+// medians over repetitions. Memory, probed once per method with a counting
+// allocator (CPU; CUDA's caching allocator on CUDA) that is off while
+// timing: what the forward leaves allocated for backward besides its output
+// ("kept MB", for a consumer that keeps the output, as the next adapted
+// layer does); the same when the consumer keeps nothing ("kept+res": the
+// output goes into a residual add and is dropped); and the peak during the
+// forward.
 
 #include <styleinject/styleinject.h>
 
@@ -123,7 +128,7 @@ torch::Tensor naive_forward(
     const torch::Tensor& x,
     std::vector<int64_t> token_dims,
     Project project) {
-  const int64_t n = layer.options->branches();
+  const int64_t n = layer.adapter_options->branches();
   const auto s = torch::softmax(
       layer.router->forward(x.mean(token_dims)), /*dim=*/-1); // (N, n)
   std::vector<int64_t> per_instance(x.dim(), 1);
@@ -133,7 +138,8 @@ torch::Tensor naive_forward(
     const auto branch =
         project(project(x, layer.lora_A[i], {}), layer.lora_B, {});
     h = h +
-        s.select(1, i).view(per_instance) * branch * layer.options->scaling();
+        s.select(1, i).view(per_instance) * branch *
+            layer.adapter_options->scaling();
   }
   auto g_shape = per_instance;
   g_shape[layer.weight.dim() == 2 ? 2 : 1] = -1; // over channels
@@ -142,9 +148,11 @@ torch::Tensor naive_forward(
 }
 
 // ---------------------------------------------------------------------------
-// A CPU allocator that counts live bytes, to see what autograd keeps.
+// A CPU allocator that counts live bytes and their peak, to see what autograd
+// keeps. It is installed only around the memory probe, never while timing.
 
 std::atomic<int64_t> g_live_bytes{0};
+std::atomic<int64_t> g_peak_bytes{0};
 
 /// Wraps LibTorch's CPU allocator and counts the bytes it has live. Keeps
 /// the raw interface (context == data), which oneDNN's kernels use.
@@ -179,7 +187,10 @@ struct CountingAllocator final : c10::Allocator {
       std::lock_guard<std::mutex> lock(mutex);
       sizes[data] = n;
     }
-    g_live_bytes += static_cast<int64_t>(n);
+    const int64_t live = g_live_bytes += static_cast<int64_t>(n);
+    int64_t peak = g_peak_bytes.load();
+    while (live > peak && !g_peak_bytes.compare_exchange_weak(peak, live)) {
+    }
     return {data, data, &release, c10::Device(c10::kCPU)};
   }
   c10::DeleterFnPtr raw_deleter() const override {
@@ -199,17 +210,60 @@ struct CountingAllocator final : c10::Allocator {
 };
 CountingAllocator* CountingAllocator::instance = nullptr;
 
-int64_t live_bytes(const torch::Device& device) {
+/// Counts the CPU allocations made while alive; on CUDA, resets the caching
+/// allocator's peak instead.
+struct MemoryProbe {
+  explicit MemoryProbe(const torch::Device& device) : device(device) {
 #ifdef STYLEINJECT_BENCH_CUDA
-  if (device.is_cuda()) {
-    const auto stats =
-        c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
-    return stats.allocated_bytes[0].current; // aggregate
-  }
+    if (device.is_cuda()) {
+      c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+      return;
+    }
 #endif
-  (void)device;
-  return g_live_bytes.load();
-}
+    static CountingAllocator counting(c10::GetCPUAllocator());
+    previous = c10::GetCPUAllocator();
+    c10::SetCPUAllocator(&counting, /*priority=*/255);
+    g_peak_bytes = g_live_bytes.load();
+  }
+  ~MemoryProbe() {
+    if (previous) {
+      c10::SetCPUAllocator(previous, /*priority=*/255);
+    }
+  }
+  /// Bytes live now, and at most since the probe began or the last reset.
+  int64_t live() const {
+#ifdef STYLEINJECT_BENCH_CUDA
+    if (device.is_cuda()) {
+      return c10::cuda::CUDACachingAllocator::getDeviceStats(device.index())
+          .allocated_bytes[0]
+          .current;
+    }
+#endif
+    return g_live_bytes.load();
+  }
+  int64_t peak() const {
+#ifdef STYLEINJECT_BENCH_CUDA
+    if (device.is_cuda()) {
+      return c10::cuda::CUDACachingAllocator::getDeviceStats(device.index())
+          .allocated_bytes[0]
+          .peak;
+    }
+#endif
+    return g_peak_bytes.load();
+  }
+  void reset_peak() {
+#ifdef STYLEINJECT_BENCH_CUDA
+    if (device.is_cuda()) {
+      c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+      return;
+    }
+#endif
+    g_peak_bytes = g_live_bytes.load();
+  }
+
+  torch::Device device;
+  c10::Allocator* previous = nullptr;
+};
 
 void synchronize(const torch::Device& device) {
   if (device.is_cuda()) {
@@ -360,8 +414,41 @@ struct Result {
   Method method;
   int64_t parameters;
   double forward_ms, train_ms;
-  int64_t activation_bytes;
+  /// What the forward leaves allocated for backward: besides its output
+  /// (which a consumer such as the next layer keeps anyway), and when the
+  /// consumer keeps nothing (a residual add), where everything that keeps
+  /// the output alive is the layer's; and the peak during the forward, both
+  /// above what was allocated before it.
+  int64_t kept_bytes, kept_bytes_residual, peak_bytes;
 };
+
+/// The memory figures of Result for one forward of `forward` on x.
+void probe_memory(
+    const std::function<torch::Tensor(const torch::Tensor&)>& forward,
+    const torch::Tensor& x,
+    const torch::Device& device,
+    Result& result) {
+  MemoryProbe probe(device);
+  synchronize(device);
+  {
+    const auto before = probe.live();
+    probe.reset_peak();
+    const auto out = forward(x);
+    synchronize(device);
+    result.kept_bytes = probe.live() - before -
+        static_cast<int64_t>(out.numel() * out.element_size());
+    result.peak_bytes = probe.peak() - before;
+  }
+  {
+    const auto before = probe.live();
+    // Adding a residual keeps nothing for backward; a constant stands in
+    // for it, whatever the shapes.
+    const auto y = forward(x).add(1.0);
+    synchronize(device);
+    result.kept_bytes_residual = probe.live() - before -
+        static_cast<int64_t>(y.numel() * y.element_size());
+  }
+}
 
 Result measure(
     Method method,
@@ -379,7 +466,7 @@ Result measure(
             {shape.batch, shape.in, shape.tokens, shape.tokens}, tensor_options)
       : torch::randn({shape.batch, shape.tokens, shape.in}, tensor_options);
   const auto x_train = x.clone().requires_grad_(true);
-  Result result{method, runner.parameters, 0.0, 0.0, 0};
+  Result result{method, runner.parameters, 0.0, 0.0, 0, 0, 0};
   result.forward_ms = median_ms(
       [&] {
         torch::NoGradGuard no_grad;
@@ -402,14 +489,7 @@ Result measure(
       },
       repeats,
       device);
-  {
-    synchronize(device);
-    const auto before = live_bytes(device);
-    const auto out = runner.forward(x_train);
-    synchronize(device);
-    result.activation_bytes = live_bytes(device) - before -
-        static_cast<int64_t>(out.numel() * out.element_size());
-  }
+  probe_memory(runner.forward, x_train, device, result);
   return result;
 }
 
@@ -504,9 +584,6 @@ int main(int argc, char** argv) {
   }
   const torch::Device device(device_name);
 
-  CountingAllocator counting(c10::GetCPUAllocator());
-  c10::SetCPUAllocator(&counting, /*priority=*/255);
-
   const auto title = fmt::format(
       "StyleInject n={} r={} path {}; {} on {} ({} cores, {} threads), "
       "LibTorch {}.{}, {}, median of {}",
@@ -523,7 +600,8 @@ int main(int argc, char** argv) {
       repeats);
   std::cout << title << "\n\n";
   fmt::print(
-      "{:<20} {:<28} {:<18} {:>9} {:>9} {:>9} {:>7} {:>7} {:>8} {:>9}\n",
+      "{:<20} {:<28} {:<18} {:>9} {:>9} {:>9} {:>7} {:>7} {:>8} {:>8} "
+      "{:>8} {:>8}\n",
       "case",
       "shape",
       "method",
@@ -533,7 +611,9 @@ int main(int argc, char** argv) {
       "vs base",
       "vs LoRA",
       "vs naive",
-      "act MB");
+      "kept MB",
+      "kept+res",
+      "peak MB");
 
   nlohmann::ordered_json cases = nlohmann::ordered_json::array();
   for (const auto& shape : shapes(quick)) {
@@ -561,7 +641,7 @@ int main(int argc, char** argv) {
       const auto train = ratios(&Result::train_ms);
       fmt::print(
           "{:<20} {:<28} {:<18} {:>9} {:>9.2f} {:>9.2f} {:>7.3f} {:>7.3f} "
-          "{:>8.3f} {:>9.2f}\n",
+          "{:>8.3f} {:>8.2f} {:>8.2f} {:>8.2f}\n",
           shape.name,
           shape.describe(),
           name_of(r.method),
@@ -571,7 +651,9 @@ int main(int argc, char** argv) {
           train[0],
           train[1],
           train[2],
-          r.activation_bytes / 1e6);
+          r.kept_bytes / 1e6,
+          r.kept_bytes_residual / 1e6,
+          r.peak_bytes / 1e6);
       for (const auto& pass :
            {std::make_pair("forward", &Result::forward_ms),
             std::make_pair("forward_backward", &Result::train_ms)}) {
@@ -588,7 +670,9 @@ int main(int argc, char** argv) {
              {"vs_base", ratio[0]},
              {"vs_lora_equal_params", ratio[1]},
              {"overhead_vs_naive", ratio[2]},
-             {"activation_bytes", r.activation_bytes}});
+             {"kept_bytes", r.kept_bytes},
+             {"kept_bytes_residual", r.kept_bytes_residual},
+             {"peak_forward_bytes", r.peak_bytes}});
       }
     }
     std::cout << std::flush;
@@ -612,6 +696,5 @@ int main(int argc, char** argv) {
     std::ofstream(json_path) << document.dump(2) << "\n";
     std::cout << "\nwrote " << json_path << "\n";
   }
-  c10::SetCPUAllocator(counting.inner, /*priority=*/255);
   return 0;
 }
