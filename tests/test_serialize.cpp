@@ -658,6 +658,12 @@ TEST_CASE("adapter files keep the adapter's own dtype", "[serialize][dtype]") {
   fresh->to(torch::kBFloat16);
   load_adapters(*fresh, path);
   CHECK(fresh->attn->to_q->lora_A.scalar_type() == torch::kFloat);
+  fresh->to(torch::kBFloat16); // the model's to() reaches each layer's
+  CHECK(fresh->attn->to_q->lora_A.scalar_type() == torch::kFloat);
+  CHECK(
+      fresh->blocks->ptr<styleinject_test::ResBlockImpl>(0)
+          ->body->ptr<styleinject::StyleInjectConv2dImpl>(0)
+          ->lora_A.scalar_type() == torch::kFloat);
   CHECK(fresh->attn->to_q->weight.scalar_type() == torch::kBFloat16);
   const auto x = torch::randn({2, 4, 5, 5}).to(torch::kBFloat16);
   const auto context = torch::randn({2, 3, 6}).to(torch::kBFloat16);
