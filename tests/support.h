@@ -200,6 +200,29 @@ struct CpuAutocast {
   }
 };
 
+/// The gradients of a gradient penalty on `out`, |d(out · weights)/dx|² +
+/// |out|², with respect to `inputs`: second derivatives through whatever
+/// made `out` from x. Undefined for an input the penalty does not reach.
+inline std::vector<torch::Tensor> penalty_gradients(
+    const torch::Tensor& out,
+    const torch::Tensor& x,
+    const torch::Tensor& weights,
+    const std::vector<torch::Tensor>& inputs) {
+  const auto dx = torch::autograd::grad(
+      {(out * weights).sum()},
+      {x},
+      {},
+      /*retain_graph=*/true,
+      /*create_graph=*/true)[0];
+  return torch::autograd::grad(
+      {dx.pow(2).sum() + out.pow(2).sum()},
+      inputs,
+      {},
+      {},
+      {},
+      /*allow_unused=*/true);
+}
+
 /// What `f` returns, run with CPU autocast on if `on`.
 template <typename F>
 auto with_cpu_autocast(bool on, F&& f) {
