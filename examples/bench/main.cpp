@@ -230,13 +230,18 @@ struct MemoryProbe {
       c10::SetCPUAllocator(previous, /*priority=*/255);
     }
   }
+#ifdef STYLEINJECT_BENCH_CUDA
+  /// The caching allocator's count of this device's allocated bytes.
+  auto cuda_allocated() const {
+    return c10::cuda::CUDACachingAllocator::getDeviceStats(device.index())
+        .allocated_bytes[0];
+  }
+#endif
   /// Bytes live now, and at most since the probe began or the last reset.
   int64_t live() const {
 #ifdef STYLEINJECT_BENCH_CUDA
     if (device.is_cuda()) {
-      return c10::cuda::CUDACachingAllocator::getDeviceStats(device.index())
-          .allocated_bytes[0]
-          .current;
+      return cuda_allocated().current;
     }
 #endif
     return g_live_bytes.load();
@@ -244,9 +249,7 @@ struct MemoryProbe {
   int64_t peak() const {
 #ifdef STYLEINJECT_BENCH_CUDA
     if (device.is_cuda()) {
-      return c10::cuda::CUDACachingAllocator::getDeviceStats(device.index())
-          .allocated_bytes[0]
-          .peak;
+      return cuda_allocated().peak;
     }
 #endif
     return g_peak_bytes.load();
