@@ -214,16 +214,12 @@ CountingAllocator* CountingAllocator::instance = nullptr;
 /// allocator's peak instead.
 struct MemoryProbe {
   explicit MemoryProbe(const torch::Device& device) : device(device) {
-#ifdef STYLEINJECT_BENCH_CUDA
-    if (device.is_cuda()) {
-      c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
-      return;
+    if (!device.is_cuda()) {
+      static CountingAllocator counting(c10::GetCPUAllocator());
+      previous = c10::GetCPUAllocator();
+      c10::SetCPUAllocator(&counting, /*priority=*/255);
     }
-#endif
-    static CountingAllocator counting(c10::GetCPUAllocator());
-    previous = c10::GetCPUAllocator();
-    c10::SetCPUAllocator(&counting, /*priority=*/255);
-    g_peak_bytes = g_live_bytes.load();
+    reset_peak();
   }
   ~MemoryProbe() {
     if (previous) {
