@@ -1,5 +1,6 @@
 // styleinject::functional: parity with the naive float64 reference of SPEC,
-// equality of the two compute paths, dtypes, autocast, the meta device.
+// every compute path's values and gradients, dtypes, autocast, the meta
+// device.
 
 #include "support.h"
 
@@ -80,8 +81,11 @@ TEST_CASE("style_inject_linear matches the naive reference", "[functional]") {
   const double temperature = GENERATE(1.0, 0.3);
   const bool rslora = GENERATE(false, true);
   const int style_kind = GENERATE(0, 1, 2); // none, shared (n), per (N, n)
-  const auto path =
-      GENERATE(ComputePath::kAuto, ComputePath::kMerged, ComputePath::kStacked);
+  const auto path = GENERATE(
+      ComputePath::kAuto,
+      ComputePath::kMerged,
+      ComputePath::kStacked,
+      ComputePath::kMergedWeight);
   const auto input_sizes = GENERATE(
       std::vector<int64_t>{6, kIn},
       std::vector<int64_t>{3, 7, kIn},
@@ -112,12 +116,14 @@ TEST_CASE("style_inject_linear matches the naive reference", "[functional]") {
   CHECK(close64(out, reference_any_rank(p, input)));
 }
 
-TEST_CASE("the two compute paths give the same numbers", "[functional]") {
+TEST_CASE("the compute paths give the same numbers", "[functional]") {
   torch::manual_seed(2);
   const int64_t in = 64, out = 48, branches = 4, rank = 8;
   const auto tokens = GENERATE(int64_t{1}, int64_t{2}, int64_t{33});
   const bool shared_style = GENERATE(false, true);
-  CAPTURE(tokens, shared_style);
+  // Each against the stacked path, which autograd composes.
+  const auto path = GENERATE(ComputePath::kMerged, ComputePath::kMergedWeight);
+  CAPTURE(tokens, shared_style, static_cast<int>(path));
   // float64: the paths' math is compared, not float32's rounding.
   const auto f64 = torch::TensorOptions().dtype(torch::kDouble);
   const auto weight = torch::randn({out, in}, f64) / 8;
@@ -134,11 +140,7 @@ TEST_CASE("the two compute paths give the same numbers", "[functional]") {
   }
   const auto x = torch::randn({5, tokens, in}, f64);
   const auto merged = SF::style_inject_linear(
-      x,
-      weight,
-      bias,
-      adapter,
-      SF::StyleInjectFuncOptions(options).path(ComputePath::kMerged));
+      x, weight, bias, adapter, SF::StyleInjectFuncOptions(options).path(path));
   const auto stacked = SF::style_inject_linear(
       x,
       weight,
@@ -156,9 +158,13 @@ TEST_CASE("the two compute paths give the same numbers", "[functional]") {
         adapter.router_weight.clone().requires_grad_(),
         adapter.router_bias.clone().requires_grad_(),
         adapter.gate.clone().requires_grad_()};
-    const auto path = i == 0 ? ComputePath::kMerged : ComputePath::kStacked;
     SF::style_inject_linear(
-        x, weight, bias, leaves, SF::StyleInjectFuncOptions(options).path(path))
+        x,
+        weight,
+        bias,
+        leaves,
+        SF::StyleInjectFuncOptions(options).path(
+            i == 0 ? path : ComputePath::kStacked))
         .pow(2)
         .sum()
         .backward();
@@ -180,6 +186,97 @@ TEST_CASE("the two compute paths give the same numbers", "[functional]") {
       CHECK(close64(grads[0][k], grads[1][k]));
     }
   }
+}
+
+TEST_CASE(
+    "every compute path's gradients equal autograd through SPEC's formula",
+    "[functional]") {
+  // The fused paths write their backward out by hand (one autograd node);
+  // the reference is plain autograd on SPEC's formula, in float64.
+  torch::manual_seed(4);
+  const auto path = GENERATE(
+      ComputePath::kAuto,
+      ComputePath::kMerged,
+      ComputePath::kStacked,
+      ComputePath::kMergedWeight);
+  const int routing = GENERATE(0, 1, 2); // router, fixed (n) style, off
+  const bool gate = GENERATE(true, false);
+  const bool bias = GENERATE(true, false);
+  CAPTURE(static_cast<int>(path), routing, gate, bias);
+  auto p = random_layer(/*router=*/routing == 0, gate);
+  if (!bias) {
+    p.bias = torch::Tensor();
+  }
+  if (routing == 1) {
+    p.style = torch::softmax(torch::randn({kBranches}, torch::kDouble), 0);
+  }
+  p.scaling = 0.5;
+  p.scale = 0.8;
+  p.temperature = 0.7;
+  const auto x = torch::randn({3, 6, kIn}, torch::kDouble) + 0.5;
+  const auto weights = torch::randn({3, 6, kOut}, torch::kDouble);
+  // Leaves of the same values for each side, and their gradients.
+  const auto gradients = [&](bool reference) {
+    auto q = p;
+    std::vector<torch::Tensor> leaves;
+    for (auto* t :
+         {&q.lora_A, &q.lora_B, &q.router_weight, &q.router_bias, &q.gate}) {
+      if (t->defined()) {
+        *t = t->clone().requires_grad_();
+        leaves.push_back(*t);
+      }
+    }
+    const auto input = x.clone().requires_grad_();
+    leaves.push_back(input);
+    const auto out = reference
+        ? styleinject_test::plain_linear(q, input)
+        : SF::style_inject_linear(
+              input, q.weight, q.bias, adapter_of(q), options_of(q).path(path));
+    return torch::autograd::grad({(out * weights).sum()}, leaves);
+  };
+  const auto got = gradients(false);
+  const auto expected = gradients(true);
+  REQUIRE(got.size() == expected.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    CAPTURE(i);
+    CHECK(torch::allclose(got[i], expected[i], 1e-10, 1e-10));
+  }
+}
+
+TEST_CASE("a frozen float layer runs as one autograd node", "[functional]") {
+  // The fast path must not fall back silently: with a frozen base, one
+  // dtype and no dropout, the layer is one node; elsewhere it composes.
+  torch::manual_seed(5);
+  auto p = random_layer(/*router=*/true, /*gate=*/true);
+  auto adapter = adapter_of(p, torch::kFloat);
+  for (auto* t : {&adapter.lora_A, &adapter.lora_B, &adapter.gate}) {
+    t->requires_grad_();
+  }
+  const auto x = torch::randn({2, 6, kIn});
+  const auto weight = p.weight.to(torch::kFloat);
+  const auto bias = p.bias.to(torch::kFloat);
+  const auto node = [&](const SF::StyleInjectFuncOptions& options,
+                        const torch::Tensor& w) {
+    return SF::style_inject_linear(x, w, bias, adapter, options)
+        .grad_fn()
+        ->name();
+  };
+  CHECK_THAT(node({}, weight), Catch::Matchers::Contains("FusedLinear"));
+  CHECK_THAT(
+      node(
+          SF::StyleInjectFuncOptions().path(ComputePath::kMergedWeight),
+          weight),
+      Catch::Matchers::Contains("FusedLinear"));
+  // A base that trains, dropout in training, the stacked path: composed.
+  CHECK_THAT(
+      node({}, weight.clone().requires_grad_()),
+      !Catch::Matchers::Contains("FusedLinear"));
+  CHECK_THAT(
+      node(SF::StyleInjectFuncOptions().dropout(0.1).training(true), weight),
+      !Catch::Matchers::Contains("FusedLinear"));
+  CHECK_THAT(
+      node(SF::StyleInjectFuncOptions().path(ComputePath::kStacked), weight),
+      !Catch::Matchers::Contains("FusedLinear"));
 }
 
 TEST_CASE("linear_style_weights", "[functional]") {

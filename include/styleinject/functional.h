@@ -11,7 +11,9 @@
 
 #include <c10/util/accumulate.h>
 
+#include <array>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace styleinject {
@@ -138,11 +140,12 @@ inline torch::Tensor mix_branch_outputs(
 
 /// The style weights s of SPEC §1, in float32 or wider: the fixed style if
 /// one is given, 1/n per branch with the router off, else the softmax of the
-/// router's logits on the per-instance mean of x over its token dims.
-/// x: (N, d_in, ...) -> (n) shared by all instances, or (N, n)
+/// router's logits on `pooled`, the per-instance mean of the input over its
+/// tokens in the statistics dtype (needed only with the router on).
+/// -> (n) shared by all instances, or (N, n)
 inline torch::Tensor style_weights(
     const torch::Tensor& x,
-    torch::IntArrayRef token_dims,
+    const torch::Tensor& pooled,
     const functional::AdapterTensors& adapter,
     const functional::StyleInjectFuncOptions& options) {
   const NoAutocast no_autocast;
@@ -154,13 +157,34 @@ inline torch::Tensor style_weights(
   if (!adapter.router_weight.defined()) {
     return torch::full({branches}, 1.0 / branches, x.options().dtype(dtype));
   }
-  const auto pooled = token_mean(x, token_dims, dtype, /*keepdim=*/false);
   const auto logits = torch::nn::functional::linear(
       pooled, adapter.router_weight.to(dtype), adapter.router_bias.to(dtype));
   return torch::softmax(logits / options.temperature(), /*dim=*/-1);
 }
 
-/// The compute path for `instances` instances of `tokens` tokens each.
+/// Whether the router reads the input (it is on and no style is fixed).
+inline bool routes(
+    const functional::AdapterTensors& adapter,
+    const functional::StyleInjectFuncOptions& options) {
+  return adapter.router_weight.defined() && !options.style().defined();
+}
+
+/// style_weights of x, pooling x over its token dims where the router reads
+/// it.
+inline torch::Tensor input_style_weights(
+    const torch::Tensor& x,
+    torch::IntArrayRef token_dims,
+    const functional::AdapterTensors& adapter,
+    const functional::StyleInjectFuncOptions& options) {
+  const NoAutocast no_autocast;
+  const auto pooled = routes(adapter, options)
+      ? token_mean(x, token_dims, statistics_dtype(x.scalar_type()), false)
+      : torch::Tensor();
+  return style_weights(x, pooled, adapter, options);
+}
+
+/// The down-projection's path (kMerged or kStacked) for `instances`
+/// instances of `tokens` tokens each, where the layer is not one fused node.
 /// Merging costs n·r·d_in per instance plus L·r·d_in per token row;
 /// stacking costs L·n·r·d_in. A shared style needs one matrix in all; an
 /// empty batch has no instance to merge for.
@@ -172,6 +196,9 @@ inline ComputePath resolve_path(
   const int64_t branches = s.size(-1);
   if (instances == 0) {
     return ComputePath::kStacked;
+  }
+  if (path == ComputePath::kMergedWeight) {
+    return ComputePath::kMerged;
   }
   if (path != ComputePath::kAuto) {
     return path;
@@ -271,6 +298,30 @@ inline torch::Tensor variance_gate(
     const torch::Tensor& g,
     torch::IntArrayRef token_dims) {
   return VarianceGate::apply(u, g, token_dims.vec());
+}
+
+/// x times a shared or per-instance matrix.
+/// x: (N, L, k), m: (k, j) or (N, k, j) -> (N, L, j)
+inline torch::Tensor instance_matmul(
+    const torch::Tensor& x,
+    const torch::Tensor& m) {
+  return m.dim() == 2 ? torch::matmul(x, m) : torch::bmm(x, m);
+}
+
+/// A linear map with a shared or per-instance weight and bias.
+/// x: (N, L, d_in), weight: (d_out, d_in) or (N, d_out, d_in),
+///   bias: (d_out), (N, d_out) or undefined -> (N, L, d_out)
+inline torch::Tensor instance_linear(
+    const torch::Tensor& x,
+    const torch::Tensor& weight,
+    const torch::Tensor& bias) {
+  if (weight.dim() == 2 && (!bias.defined() || bias.dim() == 1)) {
+    return torch::nn::functional::linear(x, weight, bias);
+  }
+  auto out = instance_matmul(x, weight.transpose(-1, -2));
+  // In place: a broadcast bias copied into a GEMM's output first is slower.
+  return bias.defined() ? out.add_(bias.dim() == 2 ? bias.unsqueeze(1) : bias)
+                        : out;
 }
 
 /// Checks the device of an input, and a fixed style if given, against an
@@ -541,6 +592,543 @@ inline torch::Tensor gate_factor(
   return torch::tanh(mix_branches(s, gate) * scale);
 }
 
+/// style_inject_linear as autograd composes it from SPEC's formula: the
+/// style weights and gate factor from the router, the down-projection by
+/// `options.path()`, the up-projection accumulated onto the base's output,
+/// then the variance gate (`gated`: there is a gate and a token axis). It
+/// runs where FusedLinear does not (a base that trains, mixed dtypes,
+/// autocast, dropout, no token axis), and for second derivatives.
+/// x: (N, L, d_in) -> (N, L, d_out)
+inline torch::Tensor composite_linear(
+    const torch::Tensor& x,
+    const torch::Tensor& weight,
+    const torch::Tensor& bias,
+    const functional::AdapterTensors& adapter,
+    const functional::StyleInjectFuncOptions& options,
+    bool gated) {
+  const auto s = input_style_weights(x, /*token_dims=*/{1}, adapter, options);
+  const auto dtype = adapter_dtype(x, adapter.lora_A);
+  const auto z = linear_down_projection(
+      branch_input(x, options).to(dtype),
+      adapter.lora_A.to(dtype),
+      s,
+      options.path()); // (N, L, r)
+  const auto base = torch::nn::functional::linear(x, weight, bias);
+  // The up-projection accumulates onto the base output inside its GEMM
+  // (beta = 1), in the adapter's dtype, rounded once to the base's.
+  const auto h = torch::addmm(
+                     base.view({-1, base.size(-1)}).to(dtype),
+                     z.reshape({-1, z.size(-1)}),
+                     adapter.lora_B.to(dtype).t(),
+                     /*beta=*/1,
+                     /*alpha=*/options.scaling() * options.scale())
+                     .to(base.scalar_type())
+                     .view(base.sizes());
+  if (!gated) {
+    return h;
+  }
+  const auto g = gate_factor(s, adapter.gate, options.scale());
+  return variance_gate(h, s.dim() == 2 ? g.unsqueeze(1) : g, {1});
+}
+
+/// How FusedLinear computes u = W0 x + b0 + c·B (a x).
+enum class FusedForm {
+  /// One GEMM with the weight W0 + c·B·a, shared or per instance.
+  kWeight,
+  /// The base's GEMM, then the low-rank update added in place.
+  kLowRank,
+};
+
+/// What FusedLinear takes besides tensors.
+struct FusedSettings {
+  functional::StyleInjectFuncOptions options;
+  FusedForm form;
+  /// Whether a backward may follow: grad mode is on and an input requires
+  /// grad. Without one, the kWeight form folds the gate into its GEMM too.
+  bool differentiable;
+};
+
+/// StyleInjectLinear's forward for a frozen base as one autograd node, with
+/// its backward written out. The router and the gate factor (small tensors)
+/// give `a = s · A` (shared (r, d_in) or per instance (N, r, d_in)) and g;
+/// then `u = W0 x + b0 + c·B (a x)` and
+/// `h = (1 + g) ⊙ u − g ⊙ mean_tok(u)`, where mean_tok(u) follows from
+/// mean_tok(x) with no pass over u, as u is linear in x. A gate that trains
+/// needs u in backward, which is kept. The backward is a few GEMMs and
+/// reductions over the activations, and autograd on the small tensors for
+/// the router's gradients, whose share of the input's gradient joins it
+/// without a pass of its own; second derivatives go through autograd on
+/// composite_linear.
+/// x: (N, L, d_in) with N, L > 0 -> (N, L, d_out)
+struct FusedLinear : torch::autograd::Function<FusedLinear> {
+  // The tensors' positions among forward's arguments.
+  enum Input { kX, kA, kB, kRouterWeight, kRouterBias, kGate, kWeight, kBias };
+  static constexpr size_t kInputs = 8;
+
+  static torch::Tensor forward(
+      torch::autograd::AutogradContext* ctx,
+      const torch::Tensor& x,
+      const torch::Tensor& lora_A,
+      const torch::Tensor& lora_B,
+      // Optional: LibTorch 1.13's autograd takes no undefined tensor input.
+      const c10::optional<torch::Tensor>& router_weight,
+      const c10::optional<torch::Tensor>& router_bias,
+      const c10::optional<torch::Tensor>& gate,
+      const torch::Tensor& weight,
+      const c10::optional<torch::Tensor>& bias_or_none,
+      const FusedSettings& settings) {
+    const auto& options = settings.options;
+    const functional::AdapterTensors adapter{
+        lora_A,
+        lora_B,
+        router_weight.value_or(torch::Tensor()),
+        router_bias.value_or(torch::Tensor()),
+        gate.value_or(torch::Tensor())};
+    const auto bias = bias_or_none.value_or(torch::Tensor());
+    const auto pooled = routes(adapter, options) || adapter.gate.defined()
+        ? x.mean(1)
+        : torch::Tensor();
+    const auto mixed = mixing(x, pooled, adapter, options);
+    const auto &a = mixed.a, &g = mixed.g;
+    const double scaling = options.scaling() * options.scale();
+    const auto mean_u = g.defined()
+        ? update_mean(pooled, a, lora_B, weight, bias, scaling)
+        : torch::Tensor();
+    torch::Tensor merged, z, u;
+    if (settings.form == FusedForm::kWeight) {
+      merged = merged_weight(weight, a, lora_B, scaling);
+      if (g.defined() && !settings.differentiable) {
+        // (1 + g) ⊙ (W x + b) − g ⊙ mean_u: a weight and a bias per instance.
+        return instance_linear(
+            x,
+            (1 + g).unsqueeze(-1) * merged,
+            bias.defined() ? bias - g * (mean_u - bias) : -g * mean_u);
+      }
+      u = instance_linear(x, merged, bias);
+    } else {
+      z = instance_matmul(x, a.transpose(-1, -2));
+      u = torch::nn::functional::linear(x, weight, bias);
+      u.view({-1, u.size(-1)})
+          .addmm_(z.view({-1, z.size(-1)}), lora_B.t(), 1, scaling);
+    }
+    const bool keep_u = settings.differentiable && g.defined();
+    ctx->save_for_backward(
+        {x,
+         lora_A,
+         lora_B,
+         adapter.router_weight,
+         adapter.router_bias,
+         adapter.gate,
+         weight,
+         bias,
+         options.style(),
+         pooled,
+         a,
+         g,
+         mean_u,
+         merged,
+         z,
+         keep_u ? u : torch::Tensor()});
+    ctx->saved_data["scaling"] = options.scaling();
+    ctx->saved_data["scale"] = options.scale();
+    ctx->saved_data["temperature"] = options.temperature();
+    if (!g.defined()) {
+      return u;
+    }
+    return torch::addcmul(-(g * mean_u).unsqueeze(1), u, (1 + g).unsqueeze(-2));
+  }
+
+  static torch::autograd::variable_list backward(
+      torch::autograd::AutogradContext* ctx,
+      torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto options =
+        functional::StyleInjectFuncOptions()
+            .scaling(ctx->saved_data["scaling"].toDouble())
+            .scale(ctx->saved_data["scale"].toDouble())
+            .temperature(ctx->saved_data["temperature"].toDouble())
+            .style(saved[8]);
+    // Which inputs want a gradient; edges count the defined tensors only.
+    std::array<bool, kInputs> wanted{};
+    for (size_t i = 0, edge = 0; i < kInputs; ++i) {
+      if (saved[i].defined()) {
+        wanted[i] = ctx->needs_input_grad(edge++);
+      }
+    }
+    torch::autograd::variable_list result(kInputs + 1);
+    if (torch::GradMode::is_enabled()) {
+      second_order_backward(saved, options, grads[0], wanted, result);
+      return result;
+    }
+    first_order_backward(saved, options, grads[0], wanted, result);
+    return result;
+  }
+
+ private:
+  /// The adapter's tensors among the saved ones.
+  static functional::AdapterTensors adapter_of(
+      const torch::autograd::variable_list& saved) {
+    return {
+        saved[kA],
+        saved[kB],
+        saved[kRouterWeight],
+        saved[kRouterBias],
+        saved[kGate]};
+  }
+
+  /// What the router and the gate give: s, a = s · A and g.
+  struct Mixing {
+    torch::Tensor s, a, g;
+  };
+
+  static Mixing mixing(
+      const torch::Tensor& x,
+      const torch::Tensor& pooled,
+      const functional::AdapterTensors& adapter,
+      const functional::StyleInjectFuncOptions& options) {
+    const auto s = style_weights(x, pooled, adapter, options);
+    return {
+        s,
+        mix_branches(s, adapter.lora_A).to(x.scalar_type()),
+        adapter.gate.defined() ? gate_factor(s, adapter.gate, options.scale())
+                               : torch::Tensor()};
+  }
+
+  /// a · pooled per instance: the mean of z = a x over the tokens.
+  /// -> (N, r)
+  static torch::Tensor pooled_down(
+      const torch::Tensor& pooled,
+      const torch::Tensor& a) {
+    return a.dim() == 2 ? torch::nn::functional::linear(pooled, a)
+                        : torch::bmm(a, pooled.unsqueeze(-1)).squeeze(-1);
+  }
+
+  /// mean_tok(u) = W0 mean_tok(x) + b0 + c·B (a mean_tok(x)). -> (N, d_out)
+  static torch::Tensor update_mean(
+      const torch::Tensor& pooled,
+      const torch::Tensor& a,
+      const torch::Tensor& lora_B,
+      const torch::Tensor& weight,
+      const torch::Tensor& bias,
+      double scaling) {
+    return torch::addmm(
+        torch::nn::functional::linear(pooled, weight, bias),
+        pooled_down(pooled, a),
+        lora_B.t(),
+        1,
+        scaling);
+  }
+
+  /// W0 + c·B·a, shared or per instance.
+  static torch::Tensor merged_weight(
+      const torch::Tensor& weight,
+      const torch::Tensor& a,
+      const torch::Tensor& lora_B,
+      double scaling) {
+    return a.dim() == 2
+        ? torch::addmm(weight, lora_B, a, 1, scaling)
+        : torch::baddbmm(
+              weight, lora_B.expand({a.size(0), -1, -1}), a, 1, scaling);
+  }
+
+  /// The gradients of a first backward. With δ = (1 + g) ⊙ grad −
+  /// g ⊙ mean_tok(grad), the gradient at u, every big term is a GEMM or a
+  /// reduction on grad itself; δ is written out only for the kLowRank
+  /// form's input gradient.
+  static void first_order_backward(
+      const torch::autograd::variable_list& saved,
+      const functional::StyleInjectFuncOptions& options,
+      const torch::Tensor& grad_h,
+      const std::array<bool, kInputs>& wanted,
+      torch::autograd::variable_list& result) {
+    const auto &x = saved[0], &lora_B = saved[2], &weight = saved[6];
+    const auto &pooled = saved[9], &a = saved[10], &g = saved[11];
+    const auto &mean_u = saved[12], &merged = saved[13], &u = saved[15];
+    const double scaling = options.scaling() * options.scale();
+    const auto grad = grad_h.contiguous();
+    const int64_t tokens = x.size(1);
+    torch::Tensor shift, gain, grad_g;
+    if (g.defined()) {
+      // shift = g ⊙ mean_tok(grad), and sum_t grad ⊙ (u − mean_u).
+      const auto sums = token_sums(grad, u);
+      shift = g * sums.first / tokens;
+      gain = (1 + g).unsqueeze(-1);
+      if (sums.second.defined()) {
+        grad_g = sums.second - sums.first * mean_u;
+      }
+    }
+    // δ B, (N, L, r): the gradient at the low-rank activations z = a x.
+    auto grad_z = instance_matmul(grad, g.defined() ? gain * lora_B : lora_B);
+    if (g.defined()) {
+      grad_z.sub_(torch::mm(shift, lora_B).unsqueeze(1));
+    }
+    const bool routed = routes(adapter_of(saved), options);
+    const bool router_wanted = wanted[kRouterWeight] || wanted[kRouterBias];
+    const auto grad_a = wanted[kA] || (routed && (wanted[kX] || router_wanted))
+        ? (scaling * torch::bmm(grad_z.transpose(1, 2), x))
+              .sum_to_size(a.sizes())
+        : torch::Tensor();
+    if (wanted[kB]) {
+      const auto z = saved[14].defined()
+          ? saved[14]
+          : instance_matmul(x, a.transpose(-1, -2));
+      auto grad_zt = torch::bmm(grad.transpose(1, 2), z); // (N, d_out, r)
+      if (g.defined()) {
+        const auto z_sum = tokens * pooled_down(pooled, a);
+        grad_zt = gain * grad_zt - shift.unsqueeze(-1) * z_sum.unsqueeze(1);
+      }
+      result[kB] = scaling * grad_zt.sum(0);
+    }
+    // The router's and the gate's parameters, and the router's share of
+    // x's gradient, by autograd on the small tensors.
+    const auto grad_pooled =
+        mixing_backward(saved, options, grad_a, grad_g, wanted, result);
+    if (wanted[kX]) {
+      // A vector per instance that every token's input gradient takes.
+      auto shifted = torch::Tensor();
+      if (g.defined()) {
+        // grad_z has the shift's low-rank part already.
+        shifted = instance_vector(shift, merged.defined() ? merged : weight);
+      }
+      if (grad_pooled.defined()) {
+        const auto share = grad_pooled / tokens;
+        shifted = shifted.defined() ? shifted - share : -share;
+      }
+      result[kX] = merged.defined()
+          ? input_grad_merged(grad, gain, merged)
+          : input_grad_low_rank(grad, gain, shift, grad_z, weight, a, scaling);
+      if (shifted.defined()) {
+        result[kX].sub_(shifted.unsqueeze(1));
+      }
+    }
+  }
+
+  /// Sums over the tokens, of t and of t ⊙ u, (N, C) each, from
+  /// (N, L, C): in chunks of tokens that stay in cache, as a product of the
+  /// full size would cost an allocation and a pass through memory.
+  static std::pair<torch::Tensor, torch::Tensor> token_sums(
+      const torch::Tensor& t,
+      const torch::Tensor& u) {
+    if (!u.defined()) {
+      return {t.sum(1), torch::Tensor()};
+    }
+    const int64_t tokens = t.size(1);
+    const int64_t chunk = t.is_cuda()
+        ? tokens
+        : std::max<int64_t>(1, (int64_t{1} << 17) / (t.size(0) * t.size(2)));
+    torch::Tensor sum, dot;
+    for (int64_t start = 0; start < tokens; start += chunk) {
+      const auto part = t.narrow(1, start, std::min(chunk, tokens - start));
+      const auto product = part * u.narrow(1, start, part.size(1));
+      sum = sum.defined() ? sum.add_(part.sum(1)) : part.sum(1);
+      dot = dot.defined() ? dot.add_(product.sum(1)) : product.sum(1);
+    }
+    return {sum, dot};
+  }
+
+  /// v · m per instance: v (N, k), m (k, j) or (N, k, j) -> (N, j)
+  static torch::Tensor instance_vector(
+      const torch::Tensor& v,
+      const torch::Tensor& m) {
+    return m.dim() == 2 ? torch::mm(v, m)
+                        : torch::bmm(v.unsqueeze(1), m).squeeze(1);
+  }
+
+  /// grad ((1 + g) ⊙ W) with the merged weight; the shift comes after.
+  static torch::Tensor input_grad_merged(
+      const torch::Tensor& grad,
+      const torch::Tensor& gain,
+      const torch::Tensor& merged) {
+    return instance_matmul(grad, gain.defined() ? gain * merged : merged);
+  }
+
+  /// (1 + g) ⊙ grad W0 + c (δ B) a, with the base's GEMM on
+  /// (1 + g) ⊙ grad written out; the shift comes after.
+  static torch::Tensor input_grad_low_rank(
+      const torch::Tensor& grad,
+      const torch::Tensor& gain,
+      const torch::Tensor& shift,
+      const torch::Tensor& grad_z,
+      const torch::Tensor& weight,
+      const torch::Tensor& a,
+      double scaling) {
+    auto grad_x = torch::matmul(
+        gain.defined() ? grad * gain.transpose(-1, -2) : grad, weight);
+    grad_x.baddbmm_(
+        grad_z, a.expand({grad.size(0), a.size(-2), a.size(-1)}), 1, scaling);
+    return grad_x;
+  }
+
+  /// Autograd on the small tensors: from the gradients at a and g, those of
+  /// the down-projections, the router and the gate, into `result`; returns
+  /// the gradient at the pooled input (undefined where the router is off).
+  static torch::Tensor mixing_backward(
+      const torch::autograd::variable_list& saved,
+      const functional::StyleInjectFuncOptions& options,
+      const torch::Tensor& grad_a,
+      const torch::Tensor& grad_g,
+      const std::array<bool, kInputs>& wanted,
+      torch::autograd::variable_list& result) {
+    const torch::AutoGradMode grad_mode(true);
+    std::vector<torch::Tensor> leaves;
+    std::vector<size_t> positions;
+    const auto leaf = [&](const torch::Tensor& t, bool want, size_t at) {
+      if (!t.defined() || !want) {
+        return t;
+      }
+      leaves.push_back(t.detach().requires_grad_());
+      positions.push_back(at);
+      return leaves.back();
+    };
+    const functional::AdapterTensors adapter{
+        leaf(saved[kA], wanted[kA], kA),
+        saved[kB],
+        leaf(saved[kRouterWeight], wanted[kRouterWeight], kRouterWeight),
+        leaf(saved[kRouterBias], wanted[kRouterBias], kRouterBias),
+        leaf(saved[kGate], wanted[kGate], kGate)};
+    const bool routed = routes(adapter, options) && wanted[kX];
+    const auto pooled = leaf(saved[9], routed, kInputs);
+    if (leaves.empty()) {
+      return torch::Tensor();
+    }
+    const auto mixed = mixing(saved[kX], pooled, adapter, options);
+    std::vector<torch::Tensor> outputs, grad_outputs;
+    for (const auto& pair :
+         {std::make_pair(mixed.a, grad_a), std::make_pair(mixed.g, grad_g)}) {
+      if (pair.second.defined() && pair.first.requires_grad()) {
+        outputs.push_back(pair.first);
+        grad_outputs.push_back(pair.second);
+      }
+    }
+    if (outputs.empty()) {
+      return torch::Tensor();
+    }
+    const auto found = torch::autograd::grad(
+        outputs,
+        leaves,
+        grad_outputs,
+        /*retain_graph=*/false,
+        /*create_graph=*/false,
+        /*allow_unused=*/true);
+    torch::Tensor grad_pooled;
+    for (size_t k = 0; k < leaves.size(); ++k) {
+      if (positions[k] == kInputs) {
+        grad_pooled = found[k];
+      } else {
+        result[positions[k]] = found[k];
+      }
+    }
+    return grad_pooled;
+  }
+
+  /// Backward with create_graph (a gradient penalty): autograd through
+  /// composite_linear on the saved inputs, so that it differentiates again.
+  static void second_order_backward(
+      const torch::autograd::variable_list& saved,
+      const functional::StyleInjectFuncOptions& options,
+      const torch::Tensor& grad,
+      const std::array<bool, kInputs>& wanted,
+      torch::autograd::variable_list& result) {
+    // Views of the inputs, at which these gradients stop: the engine
+    // carries them further itself.
+    std::array<torch::Tensor, kInputs> inputs;
+    std::vector<torch::Tensor> wrt;
+    std::vector<size_t> positions;
+    for (size_t i = 0; i < kInputs; ++i) {
+      inputs[i] = saved[i].defined() ? saved[i].view_as(saved[i]) : saved[i];
+      if (wanted[i]) {
+        wrt.push_back(inputs[i]);
+        positions.push_back(i);
+      }
+    }
+    const auto h = composite_linear(
+        inputs[kX],
+        inputs[kWeight],
+        inputs[kBias],
+        {inputs[kA],
+         inputs[kB],
+         inputs[kRouterWeight],
+         inputs[kRouterBias],
+         inputs[kGate]},
+        options,
+        inputs[kGate].defined());
+    const auto found = torch::autograd::grad(
+        {h}, wrt, {grad}, /*retain_graph=*/true, /*create_graph=*/true);
+    for (size_t k = 0; k < wrt.size(); ++k) {
+      result[positions[k]] = found[k];
+    }
+  }
+};
+
+/// Whether style_inject_linear runs as one FusedLinear node: a frozen base
+/// (or no backward to come), one dtype for input, base, adapter and
+/// statistics (float32 or float64, no autocast), no dropout to apply, no
+/// style that wants a gradient, and instances with tokens.
+/// x: (N, L, d_in)
+inline bool fuses(
+    const torch::Tensor& x,
+    const torch::Tensor& weight,
+    const torch::Tensor& bias,
+    const functional::AdapterTensors& adapter,
+    const functional::StyleInjectFuncOptions& options) {
+  const auto dtype = x.scalar_type();
+  const bool grad = torch::GradMode::is_enabled();
+  const bool base_trains = grad &&
+      (weight.requires_grad() || (bias.defined() && bias.requires_grad()));
+  const auto& style = options.style();
+  return options.path() != ComputePath::kStacked && x.size(0) > 0 &&
+      x.size(1) > 0 && !autocast_enabled(x.device().type()) &&
+      adapter.lora_A.scalar_type() == dtype &&
+      statistics_dtype(dtype) == dtype && !base_trains &&
+      (!options.training() || options.dropout() == 0.0) &&
+      !(grad && style.defined() && style.requires_grad());
+}
+
+/// The form of FusedLinear for `path`. kAuto merges the weight where one
+/// weight serves every instance (a shared style): then the layer is the
+/// base's GEMM alone. Per instance, measured, neither form wins clearly,
+/// and the low-rank one keeps the base's own GEMM, so that an adapter at
+/// its initialisation (B = 0) gives the base's output bit for bit.
+inline FusedForm fused_form(
+    const functional::AdapterTensors& adapter,
+    const functional::StyleInjectFuncOptions& options) {
+  if (options.path() == ComputePath::kMergedWeight) {
+    return FusedForm::kWeight;
+  }
+  const bool shared = !routes(adapter, options) &&
+      !(options.style().defined() && options.style().dim() == 2);
+  return options.path() == ComputePath::kAuto && shared ? FusedForm::kWeight
+                                                        : FusedForm::kLowRank;
+}
+
+/// style_inject_linear through FusedLinear. x: (N, L, d_in)
+inline torch::Tensor fused_linear(
+    const torch::Tensor& x,
+    const torch::Tensor& weight,
+    const torch::Tensor& bias,
+    const functional::AdapterTensors& adapter,
+    const functional::StyleInjectFuncOptions& options) {
+  const auto optional = [](const torch::Tensor& t) {
+    return t.defined() ? c10::optional<torch::Tensor>(t) : c10::nullopt;
+  };
+  const bool differentiable = torch::GradMode::is_enabled() &&
+      (x.requires_grad() || adapter.lora_A.requires_grad() ||
+       adapter.lora_B.requires_grad() ||
+       (adapter.router_weight.defined() &&
+        adapter.router_weight.requires_grad()) ||
+       (adapter.gate.defined() && adapter.gate.requires_grad()));
+  return FusedLinear::apply(
+      x,
+      adapter.lora_A,
+      adapter.lora_B,
+      optional(adapter.router_weight),
+      optional(adapter.router_bias),
+      optional(adapter.gate),
+      weight,
+      optional(bias),
+      FusedSettings{options, fused_form(adapter, options), differentiable});
+}
+
 } // namespace detail
 
 namespace functional {
@@ -558,7 +1146,8 @@ inline torch::Tensor linear_style_weights(
   auto sizes =
       input.sizes().slice(0, input.dim() - (input.dim() >= 3 ? 2 : 1)).vec();
   sizes.push_back(adapter.lora_A.size(0));
-  const auto s = detail::style_weights(x, /*token_dims=*/{1}, adapter, options);
+  const auto s =
+      detail::input_style_weights(x, /*token_dims=*/{1}, adapter, options);
   return s.expand({x.size(0), s.size(-1)}).reshape(sizes);
 }
 
@@ -587,27 +1176,18 @@ inline torch::Tensor style_inject_linear(
   detail::check_linear_input(input, adapter, options);
   detail::check_input_dtype(detail::kLinearName, input, weight);
   const auto x = detail::linear_instances(input); // (N, L, d_in)
-  const auto s = detail::style_weights(x, /*token_dims=*/{1}, adapter, options);
-  const auto dtype = detail::adapter_dtype(input, adapter.lora_A);
-  const auto z = detail::linear_down_projection(
-      detail::branch_input(x, options).to(dtype),
-      adapter.lora_A.to(dtype),
-      s,
-      options.path()); // (N, L, r)
-  const auto base = torch::nn::functional::linear(x, weight, bias);
-  // The up-projection accumulates onto the base output inside its GEMM
-  // (beta = 1), in the adapter's dtype, rounded once to the base's.
-  auto h = torch::addmm(
-               base.view({-1, base.size(-1)}).to(dtype),
-               z.reshape({-1, z.size(-1)}),
-               adapter.lora_B.to(dtype).t(),
-               /*beta=*/1,
-               /*alpha=*/options.scaling() * options.scale())
-               .to(base.scalar_type())
-               .view(base.sizes());
-  if (adapter.gate.defined() && input.dim() >= 3) {
-    const auto g = detail::gate_factor(s, adapter.gate, options.scale());
-    h = detail::variance_gate(h, s.dim() == 2 ? g.unsqueeze(1) : g, {1});
+  const bool tokens = input.dim() >= 3;
+  const auto h = tokens && detail::fuses(x, weight, bias, adapter, options)
+      ? detail::fused_linear(x, weight, bias, adapter, options)
+      : detail::composite_linear(
+            x,
+            weight,
+            bias,
+            adapter,
+            options,
+            tokens && adapter.gate.defined());
+  if (input.dim() == 3) {
+    return h;
   }
   auto sizes = input.sizes().vec();
   sizes.back() = weight.size(0);
@@ -624,8 +1204,8 @@ inline torch::Tensor conv2d_style_weights(
     const AdapterTensors& adapter,
     const StyleInjectFuncOptions& options = {}) {
   detail::check_conv2d_input(input, adapter, options);
-  const auto s =
-      detail::style_weights(input, /*token_dims=*/{2, 3}, adapter, options);
+  const auto s = detail::input_style_weights(
+      input, /*token_dims=*/{2, 3}, adapter, options);
   return s.expand({input.size(0), s.size(-1)});
 }
 
@@ -657,8 +1237,8 @@ inline torch::Tensor style_inject_conv2d(
   detail::check_conv2d_adapter(weight, adapter, conv);
   detail::check_conv2d_input(input, adapter, options);
   detail::check_input_dtype(detail::kConv2dName, input, weight);
-  const auto s =
-      detail::style_weights(input, /*token_dims=*/{2, 3}, adapter, options);
+  const auto s = detail::input_style_weights(
+      input, /*token_dims=*/{2, 3}, adapter, options);
   const auto dtype = detail::adapter_dtype(input, adapter.lora_A);
   const auto z = detail::conv2d_down_projection(
       detail::branch_input(input, options).to(dtype),

@@ -15,8 +15,8 @@
 
 namespace styleinject {
 
-/// How the n branches' down-projections are computed (SPEC §2). Both paths
-/// give the same numbers; they differ only in cost.
+/// How the layer computes its update (SPEC §2). Every path gives the same
+/// numbers; they differ only in cost.
 enum class ComputePath {
   /// Pick the cheaper path from the input's shape. Default.
   kAuto,
@@ -26,6 +26,13 @@ enum class ComputePath {
   /// Run all n·r rows as one matmul, then mix the branch outputs: cheaper
   /// when each sample has a single token.
   kStacked,
+  /// Fold the whole update into one weight per sample,
+  /// `W0 + (alpha/r)·B·A_eff`, so that the layer is one GEMM of the base's
+  /// size (and, with no backward to come, the gate folds in too). kAuto does
+  /// this where one weight serves all samples (a fixed style, router off).
+  /// Linear with a token axis, a frozen base and one dtype for base and
+  /// adapter; elsewhere the same as kMerged.
+  kMergedWeight,
 };
 
 /// Options for a StyleInject adapter on a Linear or Conv2d layer.
@@ -81,7 +88,8 @@ struct StyleInjectOptions {
   /// adaptation. Default: true
   TORCH_ARG(bool, gate) = true;
 
-  /// Down-projection compute path; both give the same numbers. Default: kAuto
+  /// How the update is computed; every path gives the same numbers.
+  /// Default: kAuto
   TORCH_ARG(ComputePath, path) = ComputePath::kAuto;
 
   /// dtype of the adapter's parameters, e.g. torch::kFloat on a bfloat16
