@@ -1,26 +1,37 @@
-// styleinject_bench: what StyleInject costs per training step, measured side
-// by side with the base layer alone, LoRA of equal parameters, LoRA of rank
-// n·r, and StyleInject written naively as a loop over its branches (as
-// mixture-of-LoRA code does), at the layer shapes of Stable Diffusion 1.5's
-// UNet and of a DiT.
+// styleinject_bench: what StyleInject costs, measured side by side with the
+// base layer alone, LoRA written by hand (of equal parameters and of rank
+// n·r), the library's LoRA preset, and StyleInject written naively as a loop
+// over its branches (as mixture-of-LoRA code does): per layer at the shapes
+// of Stable Diffusion 1.5's UNet and of DiT-XL/2, and per whole fine-tune
+// step of the typeface example's model and of a stack of SD-1.5 blocks.
 //
-//   styleinject_bench [--quick] [--json PATH] [--repeats N]
+//   styleinject_bench [--quick] [--json PATH] [--rounds N]
 //                     [--device cpu|cuda] [--dtype float32|bfloat16|float16]
-//                     [--path auto|merged|stacked]
+//                     [--path auto|merged|stacked|merged_weight]
+//                     [--no-layers] [--no-models]
 //
-// Every method runs forward (no autograd) and forward+backward (base frozen,
-// adapter trainable, input requiring grad as inside a network). Times are
-// medians over repetitions. Memory, probed once per method with a counting
-// allocator (CPU; CUDA's caching allocator on CUDA) that is off while
-// timing: what the forward leaves allocated for backward besides its output
-// ("kept MB", for a consumer that keeps the output, as the next adapted
-// layer does); the same when the consumer keeps nothing ("kept+res": the
-// output goes into a residual add and is dropped); and the peak during the
-// forward.
+// Methods run interleaved, one step each per round, so that a slow moment
+// of the machine hits them all; the first round is a warm-up. Times are
+// medians over rounds, and every ratio is the median of the per-round
+// ratios with its interquartile range. Per layer: forward (no autograd);
+// forward + backward (base frozen, adapter trainable, input requiring grad
+// as inside a network); and for StyleInject, inference with a fixed style.
+// Memory, probed once per method with a counting allocator (CPU; CUDA's
+// caching allocator on CUDA) that is off while timing: what the forward
+// leaves allocated for backward besides its output ("kept MB", for a
+// consumer that keeps the output, as the next layer does); the same when
+// the consumer keeps nothing ("kept+res": the output goes into a residual
+// add); and the peak during the forward.
+//
+// The CPU figures mean something only on an optimised BLAS: the bench names
+// the BLAS it runs on and warns on the reference one.
+
+#include "../typeface/model.h"
 
 #include <styleinject/styleinject.h>
 
 #include <c10/core/CPUAllocator.h>
+#include <dlfcn.h>
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
@@ -31,9 +42,11 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <iostream>
+#include <map>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -92,23 +105,35 @@ std::vector<Shape> shapes(bool quick) {
     add("sd15.cross_kv.320", false, 77, 768, 320, true);
     add("sd15.cross_kv.640", false, 77, 768, 640, false);
     add("sd15.cross_kv.1280", false, 77, 768, 1280, false);
-    // DiT-XL/2 at 256 px: 256 tokens of width 1152.
-    add("dit_xl2.attn", false, 256, 1152, 1152, false);
+    // DiT-XL/2 at 256 px: 256 tokens of width 1152, attention and MLP.
+    add("dit_xl2.attn", false, 256, 1152, 1152, true);
+    add("dit_xl2.mlp_in", false, 256, 1152, 4608, false);
+    add("dit_xl2.mlp_out", false, 256, 4608, 1152, false);
     // SD 1.5's first ResBlock convolution.
     add("sd15.resblock.conv", true, 64, 320, 320, true);
   }
   return result;
 }
 
-enum class Method { kBase, kLoraEqual, kLoraNr, kNaive, kStyleInject };
+enum class Method { kBase, kLora, kLoraNr, kLoraPreset, kNaive, kStyleInject };
+constexpr std::array<Method, 6> kMethods{
+    Method::kBase,
+    Method::kLora,
+    Method::kLoraNr,
+    Method::kLoraPreset,
+    Method::kNaive,
+    Method::kStyleInject};
+
 const char* name_of(Method m) {
   switch (m) {
     case Method::kBase:
       return "base";
-    case Method::kLoraEqual:
-      return "lora_equal_params";
+    case Method::kLora:
+      return "lora";
     case Method::kLoraNr:
       return "lora_rank_nr";
+    case Method::kLoraPreset:
+      return "lora_preset";
     case Method::kNaive:
       return "styleinject_naive";
     case Method::kStyleInject:
@@ -270,11 +295,55 @@ void synchronize(const torch::Device& device) {
   }
 }
 
+/// Milliseconds that one call of `step` takes.
+double time_ms(const std::function<void()>& step, const torch::Device& device) {
+  synchronize(device);
+  const auto start = std::chrono::steady_clock::now();
+  step();
+  synchronize(device);
+  return std::chrono::duration<double, std::milli>(
+             std::chrono::steady_clock::now() - start)
+      .count();
+}
+
+/// The q-quantile of `values` (0.5: the median), by linear interpolation.
+double quantile(std::vector<double> values, double q) {
+  std::sort(values.begin(), values.end());
+  const double at = q * static_cast<double>(values.size() - 1);
+  const auto low = static_cast<size_t>(at);
+  const auto high = std::min(low + 1, values.size() - 1);
+  return values[low] +
+      (at - static_cast<double>(low)) * (values[high] - values[low]);
+}
+
+/// The median of the per-round ratios a[i] / b[i], and their quartiles.
+struct Ratio {
+  double median, low, high;
+  std::string text() const {
+    return fmt::format("{:.3f} ({:.2f}-{:.2f})", median, low, high);
+  }
+};
+Ratio ratio(const std::vector<double>& a, const std::vector<double>& b) {
+  std::vector<double> r;
+  for (size_t i = 0; i < a.size(); ++i) {
+    r.push_back(a[i] / b[i]);
+  }
+  return {quantile(r, 0.5), quantile(r, 0.25), quantile(r, 0.75)};
+}
+
+nlohmann::ordered_json to_json(const Ratio& r) {
+  return {{"median", r.median}, {"q1", r.low}, {"q3", r.high}};
+}
+
 // ---------------------------------------------------------------------------
-// One method on one shape: what to run, and what it trains.
+// One method on one layer shape: what to run, and what it trains.
+
+using Forward = std::function<torch::Tensor(const torch::Tensor&)>;
 
 struct Runner {
-  std::function<torch::Tensor(const torch::Tensor&)> forward;
+  Forward forward;
+  /// Inference with a fixed style (StyleInject only).
+  Forward fixed_style;
   std::vector<torch::Tensor> trainable;
   int64_t parameters = 0;
 };
@@ -287,146 +356,165 @@ int64_t count(const std::vector<torch::Tensor>& tensors) {
   return total;
 }
 
-/// LoRA's rank with about as many parameters as StyleInject on this shape.
-int64_t equal_params_rank(const Shape& shape, int64_t styleinject_params) {
-  const int64_t per_rank = (shape.conv ? shape.in * 9 : shape.in) + shape.out;
-  return std::max<int64_t>(
-      1, std::llround(double(styleinject_params) / double(per_rank)));
+/// The base layer's map for a shape: F::linear, or F::conv2d with padding
+/// for a 3×3 kernel.
+torch::Tensor project(
+    const torch::Tensor& x,
+    const torch::Tensor& w,
+    const torch::Tensor& b) {
+  if (w.dim() == 2) {
+    return F::linear(x, w, b);
+  }
+  return F::conv2d(
+      x, w, F::Conv2dFuncOptions().bias(b).padding(w.size(-1) == 3 ? 1 : 0));
 }
 
-template <typename Layer, typename Project>
-Runner make_runner(
-    Method method,
-    Layer layer,
-    std::vector<int64_t> token_dims,
-    Project project) {
+/// A trainable tensor of small random values.
+torch::Tensor trainable(
+    torch::IntArrayRef sizes,
+    const torch::TensorOptions& options) {
+  return (torch::randn(sizes, options) * 0.02).requires_grad_();
+}
+
+/// LoRA as one writes it by hand: base(x) + B(A(x)), A and B trainable.
+Runner hand_written_lora(
+    const Shape& shape,
+    int64_t rank,
+    const torch::Tensor& weight,
+    const torch::Tensor& bias) {
+  const auto options = weight.options();
+  const auto a = shape.conv ? trainable({rank, shape.in, 3, 3}, options)
+                            : trainable({rank, shape.in}, options);
+  const auto b = shape.conv ? trainable({shape.out, rank, 1, 1}, options)
+                            : trainable({shape.out, rank}, options);
   Runner runner;
+  runner.forward = [=](const torch::Tensor& x) {
+    return project(x, weight, bias) + project(project(x, a, {}), b, {});
+  };
+  runner.trainable = {a, b};
+  runner.parameters = a.numel() + b.numel();
+  return runner;
+}
+
+/// A library layer with an adapter of `options` (none for the base).
+template <typename Layer>
+Runner library_layer(
+    Layer layer,
+    const c10::optional<StyleInjectOptions>& options,
+    bool naive,
+    const torch::Device& device,
+    torch::ScalarType dtype) {
+  layer->weight.set_requires_grad(false);
+  layer->bias.set_requires_grad(false);
+  Runner runner;
+  if (options) {
+    layer->add_adapter(*options);
+  }
+  layer->to(device, dtype);
+  // Non-zero adapters, so that no branch of the math is trivially zero.
+  for (auto& p : layer->adapter_parameters()) {
+    torch::NoGradGuard no_grad;
+    p.normal_(0.0, 0.02);
+  }
   runner.trainable = layer->adapter_parameters();
   runner.parameters = count(runner.trainable);
-  if (method == Method::kNaive) {
+  const std::vector<int64_t> token_dims = layer->weight.dim() == 2
+      ? std::vector<int64_t>{1}
+      : std::vector<int64_t>{2, 3};
+  if (naive) {
     runner.forward = [=](const torch::Tensor& x) mutable {
       return naive_forward(*layer, x, token_dims, project);
     };
-  } else {
-    runner.forward = [=](const torch::Tensor& x) mutable { return layer(x); };
+    return runner;
+  }
+  runner.forward = [=](const torch::Tensor& x) mutable { return layer(x); };
+  if (options && options->branches() > 1) {
+    Layer fixed(std::dynamic_pointer_cast<typename Layer::ContainedType>(
+        layer->clone()));
+    fixed->set_style(
+        torch::tensor({0.1, 0.2, 0.3, 0.4}, torch::kDouble).to(device));
+    runner.fixed_style = [=](const torch::Tensor& x) mutable {
+      return fixed(x);
+    };
   }
   return runner;
+}
+
+/// The parameters of a StyleInject adapter of kBranches × kRank on a shape.
+int64_t styleinject_parameters(const Shape& shape) {
+  const int64_t in = shape.conv ? shape.in * 9 : shape.in;
+  return kBranches * kRank * in + kRank * shape.out +
+      kBranches * (shape.in + 1 + shape.out);
+}
+
+/// LoRA's rank with about as many parameters as StyleInject on this shape.
+int64_t equal_params_rank(const Shape& shape) {
+  const int64_t per_rank = (shape.conv ? shape.in * 9 : shape.in) + shape.out;
+  return std::max<int64_t>(
+      1,
+      std::llround(double(styleinject_parameters(shape)) / double(per_rank)));
 }
 
 Runner make(
     Method method,
     const Shape& shape,
+    const torch::Tensor& weight,
+    const torch::Tensor& bias,
     const torch::Device& device,
     torch::ScalarType dtype,
     styleinject::ComputePath path) {
-  const auto options = [&]() -> c10::optional<StyleInjectOptions> {
-    const auto styleinject =
-        StyleInjectOptions(kRank).branches(kBranches).path(path);
-    switch (method) {
-      case Method::kBase:
-        return c10::nullopt;
-      case Method::kLoraEqual: {
-        const int64_t params = shape.conv ? kBranches * kRank * shape.in * 9 +
-                kRank * shape.out + kBranches * (shape.in + 1 + shape.out)
-                                          : kBranches * kRank * shape.in +
-                kRank * shape.out + kBranches * (shape.in + 1 + shape.out);
-        return StyleInjectOptions::lora(equal_params_rank(shape, params));
-      }
-      case Method::kLoraNr:
-        return StyleInjectOptions::lora(kBranches * kRank);
-      case Method::kNaive:
-      case Method::kStyleInject:
-        return styleinject;
-    }
-    return c10::nullopt;
-  }();
+  if (method == Method::kLora || method == Method::kLoraNr) {
+    return hand_written_lora(
+        shape,
+        method == Method::kLora ? equal_params_rank(shape) : kBranches * kRank,
+        weight,
+        bias);
+  }
+  c10::optional<StyleInjectOptions> options;
+  if (method == Method::kLoraPreset) {
+    options = StyleInjectOptions::lora(equal_params_rank(shape));
+  } else if (method == Method::kNaive || method == Method::kStyleInject) {
+    options = StyleInjectOptions(kRank).branches(kBranches).path(path);
+  }
+  const bool naive = method == Method::kNaive;
   if (shape.conv) {
-    styleinject::StyleInjectConv2d layer(
-        torch::nn::Conv2dOptions(shape.in, shape.out, 3).padding(1));
-    layer->weight.set_requires_grad(false);
-    layer->bias.set_requires_grad(false);
-    if (options) {
-      layer->add_adapter(*options);
-    }
-    layer->to(device, dtype);
-    // Non-zero adapters, so that no branch of the math is trivially zero.
-    for (auto& p : layer->adapter_parameters()) {
-      torch::NoGradGuard no_grad;
-      p.normal_(0.0, 0.02);
-    }
-    return make_runner(
-        method,
-        layer,
-        {2, 3},
-        [](const torch::Tensor& x,
-           const torch::Tensor& w,
-           const torch::Tensor& b) {
-          return F::conv2d(
-              x,
-              w,
-              F::Conv2dFuncOptions().bias(b).padding(w.size(-1) == 3 ? 1 : 0));
-        });
+    return library_layer(
+        styleinject::StyleInjectConv2d(
+            torch::nn::Conv2dOptions(shape.in, shape.out, 3).padding(1)),
+        options,
+        naive,
+        device,
+        dtype);
   }
-  styleinject::StyleInjectLinear layer(shape.in, shape.out);
-  layer->weight.set_requires_grad(false);
-  layer->bias.set_requires_grad(false);
-  if (options) {
-    layer->add_adapter(*options);
-  }
-  layer->to(device, dtype);
-  for (auto& p : layer->adapter_parameters()) {
-    torch::NoGradGuard no_grad;
-    p.normal_(0.0, 0.02);
-  }
-  return make_runner(
-      method,
-      layer,
-      {1},
-      [](const torch::Tensor& x,
-         const torch::Tensor& w,
-         const torch::Tensor& b) { return F::linear(x, w, b); });
+  return library_layer(
+      styleinject::StyleInjectLinear(shape.in, shape.out),
+      options,
+      naive,
+      device,
+      dtype);
 }
 
 // ---------------------------------------------------------------------------
-// Measuring.
+// Measuring one layer shape.
 
-double median_ms(
-    const std::function<void()>& step,
-    int repeats,
-    const torch::Device& device) {
-  step(); // warm-up: allocator caches, kernel selection
-  std::vector<double> times;
-  for (int i = 0; i < repeats; ++i) {
-    synchronize(device);
-    const auto start = std::chrono::steady_clock::now();
-    step();
-    synchronize(device);
-    times.push_back(std::chrono::duration<double, std::milli>(
-                        std::chrono::steady_clock::now() - start)
-                        .count());
-  }
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
-
-struct Result {
+/// What one method gave on one shape: per-round times, and memory.
+struct LayerResult {
   Method method;
-  int64_t parameters;
-  double forward_ms, train_ms;
+  int64_t parameters = 0;
+  std::vector<double> forward_ms, train_ms, fixed_ms;
   /// What the forward leaves allocated for backward: besides its output
   /// (which a consumer such as the next layer keeps anyway), and when the
-  /// consumer keeps nothing (a residual add), where everything that keeps
-  /// the output alive is the layer's; and the peak during the forward, both
-  /// above what was allocated before it.
-  int64_t kept_bytes, kept_bytes_residual, peak_bytes;
+  /// consumer keeps nothing (a residual add); and the peak during the
+  /// forward, above what was allocated before it.
+  int64_t kept_bytes = 0, kept_bytes_residual = 0, peak_bytes = 0;
 };
 
-/// The memory figures of Result for one forward of `forward` on x.
+/// The memory figures of LayerResult for one forward of `forward` on x.
 void probe_memory(
-    const std::function<torch::Tensor(const torch::Tensor&)>& forward,
+    const Forward& forward,
     const torch::Tensor& x,
     const torch::Device& device,
-    Result& result) {
+    LayerResult& result) {
   MemoryProbe probe(device);
   synchronize(device);
   {
@@ -449,48 +537,295 @@ void probe_memory(
   }
 }
 
-Result measure(
-    Method method,
+std::vector<LayerResult> measure_layer(
     const Shape& shape,
     const torch::Device& device,
     torch::ScalarType dtype,
     styleinject::ComputePath path,
-    int repeats) {
+    int rounds) {
   torch::manual_seed(0);
-  auto runner = make(method, shape, device, dtype, path);
-  const auto tensor_options =
-      torch::TensorOptions().device(device).dtype(dtype);
+  const auto options = torch::TensorOptions().device(device).dtype(dtype);
+  const auto weight = shape.conv
+      ? torch::randn({shape.out, shape.in, 3, 3}, options) / 40
+      : torch::randn({shape.out, shape.in}, options) / 20;
+  const auto bias = torch::randn({shape.out}, options);
+  std::vector<Runner> runners;
+  std::vector<LayerResult> results;
+  for (const auto method : kMethods) {
+    runners.push_back(make(method, shape, weight, bias, device, dtype, path));
+    results.push_back({method, runners.back().parameters});
+  }
   const auto x = shape.conv
       ? torch::randn(
-            {shape.batch, shape.in, shape.tokens, shape.tokens}, tensor_options)
-      : torch::randn({shape.batch, shape.tokens, shape.in}, tensor_options);
+            {shape.batch, shape.in, shape.tokens, shape.tokens}, options)
+      : torch::randn({shape.batch, shape.tokens, shape.in}, options);
   const auto x_train = x.clone().requires_grad_(true);
-  Result result{method, runner.parameters, 0.0, 0.0, 0, 0, 0};
-  result.forward_ms = median_ms(
-      [&] {
-        torch::NoGradGuard no_grad;
-        runner.forward(x);
-      },
-      repeats,
-      device);
   torch::Tensor grad_out;
-  result.train_ms = median_ms(
-      [&] {
-        const auto out = runner.forward(x_train);
-        if (!grad_out.defined()) {
-          grad_out = torch::randn_like(out);
+  // Round 0 warms up: allocator caches, kernel selection.
+  for (int round = 0; round <= rounds; ++round) {
+    for (size_t m = 0; m < runners.size(); ++m) {
+      auto& runner = runners[m];
+      const auto forward = time_ms(
+          [&] {
+            torch::NoGradGuard no_grad;
+            runner.forward(x);
+          },
+          device);
+      const auto train = time_ms(
+          [&] {
+            const auto out = runner.forward(x_train);
+            if (!grad_out.defined()) {
+              grad_out = torch::randn_like(out);
+            }
+            out.backward(grad_out);
+            x_train.mutable_grad().reset();
+            for (auto& t : runner.trainable) {
+              t.mutable_grad().reset();
+            }
+          },
+          device);
+      const auto fixed = !runner.fixed_style ? 0.0
+                                             : time_ms(
+                                                   [&] {
+                                                     torch::NoGradGuard no_grad;
+                                                     runner.fixed_style(x);
+                                                   },
+                                                   device);
+      if (round > 0) {
+        results[m].forward_ms.push_back(forward);
+        results[m].train_ms.push_back(train);
+        if (runner.fixed_style) {
+          results[m].fixed_ms.push_back(fixed);
         }
-        out.backward(grad_out);
-        x_train.mutable_grad().reset();
-        for (auto& t : runner.trainable) {
-          t.mutable_grad().reset();
-        }
-      },
-      repeats,
-      device);
-  probe_memory(runner.forward, x_train, device, result);
-  return result;
+      }
+    }
+  }
+  for (size_t m = 0; m < runners.size(); ++m) {
+    probe_memory(runners[m].forward, x_train, device, results[m]);
+  }
+  return results;
 }
+
+// ---------------------------------------------------------------------------
+// Whole fine-tune steps: the typeface example's model, and a stack of
+// SD-1.5-shaped blocks built from the example's ResBlock and spatial
+// transformer.
+
+/// SD 1.5's down path in two levels: ResBlock + spatial transformer at
+/// 64×64×320, a strided convolution, the same at 32×32×640; text context of
+/// 77 tokens of width 768, timestep embedding of width 1280.
+struct SdStackImpl : torch::nn::Module {
+  SdStackImpl()
+      : res0(register_module("res0", typeface::ResBlock(320, 320, 1280))),
+        attn0(register_module(
+            "attn0",
+            typeface::SpatialTransformer(320, 768, 8))),
+        down(register_module("down", typeface::conv3x3(320, 640, 2))),
+        res1(register_module("res1", typeface::ResBlock(640, 640, 1280))),
+        attn1(register_module(
+            "attn1",
+            typeface::SpatialTransformer(640, 768, 8))) {}
+  torch::Tensor forward(
+      const torch::Tensor& x,
+      const torch::Tensor& time,
+      const torch::Tensor& context) {
+    auto h = attn0(res0(x, time), context);
+    h = down(h);
+    return attn1(res1(h, time), context);
+  }
+  typeface::ResBlock res0;
+  typeface::SpatialTransformer attn0;
+  styleinject::StyleInjectConv2d down;
+  typeface::ResBlock res1;
+  typeface::SpatialTransformer attn1;
+};
+TORCH_MODULE(SdStack);
+
+/// One model and the inputs of its training step.
+struct ModelCase {
+  std::string name, describe;
+  std::function<std::shared_ptr<torch::nn::Module>()> build;
+  /// The loss of one step on fixed inputs, given the model.
+  std::function<torch::Tensor(torch::nn::Module&, bool input_grad)> loss;
+};
+
+std::vector<ModelCase> model_cases(bool quick, const torch::Device& device) {
+  std::vector<ModelCase> cases;
+  const auto on = torch::TensorOptions().device(device);
+  {
+    auto config = typeface::ModelConfig::small();
+    config.vocabulary = 64;
+    const int64_t batch = 16;
+    torch::manual_seed(1);
+    const auto x =
+        torch::randn({batch, 1, config.image_size, config.image_size}, on);
+    const auto t = torch::randint(1000, {batch}, on.dtype(torch::kLong));
+    const auto ids = torch::randint(
+        config.vocabulary, {batch, config.context}, on.dtype(torch::kLong));
+    const auto target = torch::randn_like(x);
+    cases.push_back(
+        {"typeface.small",
+         fmt::format("typeface example model, batch {}", batch),
+         [config] {
+           return std::make_shared<typeface::TextToImageImpl>(config);
+         },
+         [=](torch::nn::Module& model, bool input_grad) {
+           const auto in = input_grad ? x.clone().requires_grad_() : x;
+           return F::mse_loss(
+               dynamic_cast<typeface::TextToImageImpl&>(model).forward(
+                   in, t, ids),
+               target);
+         }});
+  }
+  if (!quick) {
+    torch::manual_seed(2);
+    const auto x = torch::randn({1, 320, 64, 64}, on);
+    const auto time = torch::randn({1, 1280}, on);
+    const auto context = torch::randn({1, 77, 768}, on);
+    const auto target = torch::randn({1, 640, 32, 32}, on);
+    cases.push_back(
+        {"sd15.blocks",
+         "SD-1.5 blocks at 64x64x320 and 32x32x640, batch 1",
+         [] { return std::make_shared<SdStackImpl>(); },
+         [=](torch::nn::Module& model, bool input_grad) {
+           const auto in = input_grad ? x.clone().requires_grad_() : x;
+           return F::mse_loss(
+               dynamic_cast<SdStackImpl&>(model).forward(in, time, context),
+               target);
+         }});
+  }
+  return cases;
+}
+
+enum class Regime { kFrozen, kFull, kLora, kStyleInject };
+constexpr std::array<Regime, 4> kRegimes{
+    Regime::kFrozen,
+    Regime::kFull,
+    Regime::kLora,
+    Regime::kStyleInject};
+const char* name_of(Regime r) {
+  switch (r) {
+    case Regime::kFrozen:
+      return "frozen_base";
+    case Regime::kFull:
+      return "full_finetune";
+    case Regime::kLora:
+      return "lora";
+    case Regime::kStyleInject:
+      return "styleinject";
+  }
+  return "";
+}
+
+/// LoRA's parameters per unit of rank over the layers that carry an
+/// adapter: the sum of (in·k·k + out).
+int64_t lora_parameters_per_rank(torch::nn::Module& model) {
+  int64_t total = 0;
+  for (const auto& p : model.named_parameters()) {
+    const auto& key = p.key();
+    if (key.size() >= 6 && key.compare(key.size() - 6, 6, "lora_A") == 0) {
+      total += p.value()[0][0].numel(); // in·k·k
+    } else if (
+        key.size() >= 6 && key.compare(key.size() - 6, 6, "lora_B") == 0) {
+      total += p.value().size(0); // out
+    }
+  }
+  return total;
+}
+
+struct ModelResult {
+  Regime regime;
+  int64_t trainable = 0;
+  std::string adapter;
+  std::vector<double> step_ms;
+};
+
+std::vector<ModelResult> measure_model(
+    const ModelCase& model_case,
+    const torch::Device& device,
+    int rounds) {
+  const auto styleinject = StyleInjectOptions(kRank).branches(kBranches);
+  std::vector<std::shared_ptr<torch::nn::Module>> models;
+  std::vector<ModelResult> results;
+  int64_t styleinject_trainable = 0;
+  for (const auto regime :
+       {Regime::kStyleInject, Regime::kFrozen, Regime::kFull, Regime::kLora}) {
+    torch::manual_seed(3);
+    auto model = model_case.build();
+    model->to(device);
+    ModelResult result{regime};
+    if (regime == Regime::kFrozen) {
+      for (auto& p : model->parameters()) {
+        p.set_requires_grad(false);
+      }
+    } else if (regime == Regime::kStyleInject || regime == Regime::kLora) {
+      // LoRA of about StyleInject's parameters: its rank from the adapted
+      // layers' sizes.
+      StyleInjectOptions options = styleinject;
+      if (regime == Regime::kLora) {
+        auto probe = model_case.build();
+        styleinject::inject(
+            *probe, styleinject::Targets::all(), StyleInjectOptions::lora(1));
+        options = StyleInjectOptions::lora(std::max<int64_t>(
+            1,
+            std::llround(
+                double(styleinject_trainable) /
+                double(lora_parameters_per_rank(*probe)))));
+      }
+      const auto report =
+          styleinject::inject(*model, styleinject::Targets::all(), options);
+      model->to(device);
+      for (auto& p : styleinject::adapter_parameters(*model)) {
+        torch::NoGradGuard no_grad;
+        p.normal_(0.0, 0.02);
+      }
+      result.adapter = options.branches() == 1
+          ? fmt::format("LoRA r={}", options.rank())
+          : fmt::format("n={} r={}", options.branches(), options.rank());
+      if (regime == Regime::kStyleInject) {
+        styleinject_trainable = report.trainable_parameters;
+      }
+    }
+    for (const auto& p : model->parameters()) {
+      if (p.requires_grad()) {
+        result.trainable += p.numel();
+      }
+    }
+    model->train();
+    models.push_back(model);
+    results.push_back(result);
+  }
+  for (int round = 0; round <= rounds; ++round) {
+    for (size_t m = 0; m < models.size(); ++m) {
+      auto& model = *models[m];
+      const bool frozen = results[m].regime == Regime::kFrozen;
+      const auto ms = time_ms(
+          [&] {
+            model_case.loss(model, frozen).backward();
+            for (auto& p : model.parameters()) {
+              p.mutable_grad().reset();
+            }
+          },
+          device);
+      if (round > 0) {
+        results[m].step_ms.push_back(ms);
+      }
+    }
+  }
+  // In the order of kRegimes.
+  std::vector<ModelResult> ordered;
+  for (const auto regime : kRegimes) {
+    for (const auto& r : results) {
+      if (r.regime == regime) {
+        ordered.push_back(r);
+      }
+    }
+  }
+  return ordered;
+}
+
+// ---------------------------------------------------------------------------
+// The machine.
 
 std::string machine() {
   std::ifstream cpuinfo("/proc/cpuinfo");
@@ -503,22 +838,60 @@ std::string machine() {
   return "unknown CPU";
 }
 
+/// The BLAS this process runs its GEMMs on: the file whose sgemm_ the
+/// dynamic linker resolved (Debian's LibTorch takes whichever libblas.so.3
+/// is installed), else the one LibTorch was built with (PyPI's wheels link
+/// MKL in).
+std::string blas_in_use() {
+  Dl_info info{};
+  const auto* sgemm = dlsym(RTLD_DEFAULT, "sgemm_");
+  if (sgemm != nullptr && dladdr(sgemm, &info) != 0 &&
+      info.dli_fname != nullptr &&
+      std::string(info.dli_fname).find("libtorch") == std::string::npos) {
+    char* resolved = realpath(info.dli_fname, nullptr);
+    const std::string path = resolved ? resolved : info.dli_fname;
+    std::free(resolved);
+    return path;
+  }
+  const auto config = at::show_config();
+  const auto at = config.find("BLAS_INFO=");
+  return at == std::string::npos ? "unknown"
+                                 : "built in: " +
+          config.substr(at + 10, config.find_first_of(", \n", at) - at - 10);
+}
+
+/// How many threads the BLAS runs its GEMMs on, where it says (OpenBLAS
+/// keeps its own pool, beside LibTorch's threads); 0 if unknown.
+int blas_threads() {
+  using Query = int (*)();
+  const auto query =
+      reinterpret_cast<Query>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
+  return query ? query() : 0;
+}
+
+/// Debian's reference (netlib) BLAS, a GEMM some 40 times slower than
+/// OpenBLAS: timings on it say nothing about a real machine.
+bool is_reference_blas(const std::string& blas) {
+  return blas.find("/blas/libblas.so") != std::string::npos;
+}
+
 [[noreturn]] void usage(const std::string& problem) {
   std::cerr << "styleinject_bench: " << problem << "\n"
             << "usage: styleinject_bench [--quick] [--json PATH] "
-               "[--repeats N] [--device cpu|cuda] "
+               "[--rounds N] [--device cpu|cuda] "
                "[--dtype float32|bfloat16|float16] "
-               "[--path auto|merged|stacked]\n";
+               "[--path auto|merged|stacked|merged_weight] "
+               "[--no-layers] [--no-models]\n";
   std::exit(2);
 }
 
 } // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false;
+  bool quick = false, layers = true, models = true;
   std::string json_path, device_name = "cpu", dtype_name = "float32";
   std::string path_name = "auto";
-  int repeats = 0;
+  int rounds = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     const auto value = [&]() -> std::string {
@@ -531,11 +904,11 @@ int main(int argc, char** argv) {
       quick = true;
     } else if (arg == "--json") {
       json_path = value();
-    } else if (arg == "--repeats") {
+    } else if (arg == "--rounds") {
       const auto text = value();
-      repeats = std::atoi(text.c_str());
-      if (repeats < 1) {
-        usage("expected --repeats of at least 1, but got '" + text + "'");
+      rounds = std::atoi(text.c_str());
+      if (rounds < 1) {
+        usage("expected --rounds of at least 1, but got '" + text + "'");
       }
     } else if (arg == "--device") {
       device_name = value();
@@ -543,6 +916,10 @@ int main(int argc, char** argv) {
       dtype_name = value();
     } else if (arg == "--path") {
       path_name = value();
+    } else if (arg == "--no-layers") {
+      layers = false;
+    } else if (arg == "--no-models") {
+      models = false;
     } else {
       usage("unknown argument '" + arg + "'");
     }
@@ -569,23 +946,26 @@ int main(int argc, char** argv) {
   const std::vector<std::pair<std::string, styleinject::ComputePath>> paths{
       {"auto", styleinject::ComputePath::kAuto},
       {"merged", styleinject::ComputePath::kMerged},
-      {"stacked", styleinject::ComputePath::kStacked}};
+      {"stacked", styleinject::ComputePath::kStacked},
+      {"merged_weight", styleinject::ComputePath::kMergedWeight}};
   const auto path =
       std::find_if(paths.begin(), paths.end(), [&](const auto& p) {
         return p.first == path_name;
       });
   if (path == paths.end()) {
     usage(
-        "expected --path auto, merged or stacked, but got '" + path_name + "'");
+        "expected --path auto, merged, stacked or merged_weight, but got '" +
+        path_name + "'");
   }
-  if (repeats == 0) {
-    repeats = quick ? 5 : 9;
+  if (rounds == 0) {
+    rounds = quick ? 7 : 15;
   }
   const torch::Device device(device_name);
+  const auto blas = blas_in_use();
 
   const auto title = fmt::format(
       "StyleInject n={} r={} path {}; {} on {} ({} cores, {} threads), "
-      "LibTorch {}.{}, {}, median of {}",
+      "LibTorch {}.{}, {}, BLAS {}{}; {} rounds, methods interleaved",
       kBranches,
       kRank,
       path_name,
@@ -596,83 +976,133 @@ int main(int argc, char** argv) {
       TORCH_VERSION_MAJOR,
       TORCH_VERSION_MINOR,
       device_name,
-      repeats);
-  std::cout << title << "\n\n";
-  fmt::print(
-      "{:<20} {:<28} {:<18} {:>9} {:>9} {:>9} {:>7} {:>7} {:>8} {:>8} "
-      "{:>8} {:>8}\n",
-      "case",
-      "shape",
-      "method",
-      "params",
-      "fwd ms",
-      "train ms",
-      "vs base",
-      "vs LoRA",
-      "vs naive",
-      "kept MB",
-      "kept+res",
-      "peak MB");
+      blas,
+      blas_threads() > 0 ? fmt::format(" ({} threads)", blas_threads()) : "",
+      rounds);
+  std::cout << title << "\n";
+  if (!device.is_cuda() && is_reference_blas(blas)) {
+    std::cout << "\n*** WARNING: LibTorch runs on the reference BLAS (" << blas
+              << "), whose GEMMs are some 40x slower than an optimised one:\n"
+                 "*** these figures say nothing about a real machine. On "
+                 "Debian: apt-get install libopenblas0-pthread\n";
+  }
+  std::cout << "ratios: median of per-round ratios (interquartile range); "
+               "lora = hand-written LoRA of about StyleInject's parameters\n";
 
   nlohmann::ordered_json cases = nlohmann::ordered_json::array();
-  for (const auto& shape : shapes(quick)) {
-    std::vector<Result> results;
-    for (const auto method :
-         {Method::kBase,
-          Method::kLoraEqual,
-          Method::kLoraNr,
-          Method::kNaive,
-          Method::kStyleInject}) {
-      results.push_back(
-          measure(method, shape, device, dtype->second, path->second, repeats));
-    }
+  if (layers) {
+    fmt::print(
+        "\n{:<18} {:<26} {:<17} {:>8} {:>8} {:>9} {:>18} {:>18} {:>18} "
+        "{:>8} {:>8} {:>8}\n",
+        "case",
+        "shape",
+        "method",
+        "params",
+        "fwd ms",
+        "train ms",
+        "fwd / base",
+        "train / base",
+        "train / lora",
+        "kept MB",
+        "kept+res",
+        "peak MB");
+  }
+  for (const auto& shape : layers ? shapes(quick) : std::vector<Shape>{}) {
+    const auto results =
+        measure_layer(shape, device, dtype->second, path->second, rounds);
     const auto& base = results[0];
     const auto& lora = results[1];
-    const auto& naive = results[3];
     for (const auto& r : results) {
-      // Ratios of the forward+backward step; the JSON has both passes.
-      const auto ratios = [&](double Result::*ms) {
-        return std::array<double, 3>{
-            r.*ms / base.*ms,
-            r.*ms / lora.*ms,
-            (r.*ms - base.*ms) / (naive.*ms - base.*ms)};
-      };
-      const auto train = ratios(&Result::train_ms);
+      const auto forward = ratio(r.forward_ms, base.forward_ms);
+      const auto train = ratio(r.train_ms, base.train_ms);
+      const auto train_lora = ratio(r.train_ms, lora.train_ms);
       fmt::print(
-          "{:<20} {:<28} {:<18} {:>9} {:>9.2f} {:>9.2f} {:>7.3f} {:>7.3f} "
-          "{:>8.3f} {:>8.2f} {:>8.2f} {:>8.2f}\n",
+          "{:<18} {:<26} {:<17} {:>8} {:>8.2f} {:>9.2f} {:>18} {:>18} {:>18} "
+          "{:>8.2f} {:>8.2f} {:>8.2f}\n",
           shape.name,
           shape.describe(),
           name_of(r.method),
           r.parameters,
-          r.forward_ms,
-          r.train_ms,
-          train[0],
-          train[1],
-          train[2],
+          quantile(r.forward_ms, 0.5),
+          quantile(r.train_ms, 0.5),
+          forward.text(),
+          train.text(),
+          train_lora.text(),
           r.kept_bytes / 1e6,
           r.kept_bytes_residual / 1e6,
           r.peak_bytes / 1e6);
-      for (const auto& pass :
-           {std::make_pair("forward", &Result::forward_ms),
-            std::make_pair("forward_backward", &Result::train_ms)}) {
-        const auto ratio = ratios(pass.second);
-        cases.push_back(
-            {{"name",
-              shape.name + "/b" + std::to_string(shape.batch) + "/" +
-                  name_of(r.method) + "/" + pass.first},
-             {"shape", shape.describe()},
-             {"method", name_of(r.method)},
-             {"pass", pass.first},
-             {"trainable_parameters", r.parameters},
-             {"median_ms", r.*pass.second},
-             {"vs_base", ratio[0]},
-             {"vs_lora_equal_params", ratio[1]},
-             {"overhead_vs_naive", ratio[2]},
-             {"kept_bytes", r.kept_bytes},
-             {"kept_bytes_residual", r.kept_bytes_residual},
-             {"peak_forward_bytes", r.peak_bytes}});
+      nlohmann::ordered_json entry{
+          {"name",
+           shape.name + "/b" + std::to_string(shape.batch) + "/" +
+               name_of(r.method)},
+          {"shape", shape.describe()},
+          {"method", name_of(r.method)},
+          {"trainable_parameters", r.parameters},
+          {"forward_ms", quantile(r.forward_ms, 0.5)},
+          {"train_ms", quantile(r.train_ms, 0.5)},
+          {"forward_vs_base", to_json(forward)},
+          {"train_vs_base", to_json(train)},
+          {"train_vs_lora", to_json(train_lora)},
+          {"kept_bytes", r.kept_bytes},
+          {"kept_bytes_residual", r.kept_bytes_residual},
+          {"peak_forward_bytes", r.peak_bytes}};
+      if (!r.fixed_ms.empty()) {
+        const auto fixed = ratio(r.fixed_ms, base.forward_ms);
+        fmt::print(
+            "{:<18} {:<26} {:<17} {:>8} {:>8.2f} {:>9} {:>18}\n",
+            "",
+            "",
+            "  fixed style",
+            "",
+            quantile(r.fixed_ms, 0.5),
+            "-",
+            fixed.text());
+        entry["fixed_style_forward_ms"] = quantile(r.fixed_ms, 0.5);
+        entry["fixed_style_forward_vs_base"] = to_json(fixed);
       }
+      cases.push_back(entry);
+    }
+    std::cout << std::flush;
+  }
+
+  nlohmann::ordered_json model_json = nlohmann::ordered_json::array();
+  if (models) {
+    fmt::print(
+        "\n{:<16} {:<14} {:>11} {:>10} {:>18} {:>18}\n",
+        "model step",
+        "method",
+        "trainable",
+        "step ms",
+        "vs frozen base",
+        "vs lora");
+  }
+  for (const auto& model_case :
+       models ? model_cases(quick, device) : std::vector<ModelCase>{}) {
+    const auto results =
+        measure_model(model_case, device, std::max(3, rounds / 2));
+    const auto& frozen = results[0];
+    const auto& lora = results[2];
+    for (const auto& r : results) {
+      const auto vs_frozen = ratio(r.step_ms, frozen.step_ms);
+      const auto vs_lora = ratio(r.step_ms, lora.step_ms);
+      fmt::print(
+          "{:<16} {:<14} {:>11} {:>10.1f} {:>18} {:>18}  {}\n",
+          model_case.name,
+          name_of(r.regime),
+          r.trainable,
+          quantile(r.step_ms, 0.5),
+          vs_frozen.text(),
+          vs_lora.text(),
+          r.adapter);
+      model_json.push_back(
+          {{"name", model_case.name + "/" + name_of(r.regime)},
+           {"model", model_case.describe},
+           {"method", name_of(r.regime)},
+           {"adapter", r.adapter},
+           {"trainable_parameters", r.trainable},
+           {"step_ms", quantile(r.step_ms, 0.5)},
+           {"vs_frozen_base", to_json(vs_frozen)},
+           {"vs_lora", to_json(vs_lora)}});
     }
     std::cout << std::flush;
   }
@@ -682,16 +1112,19 @@ int main(int argc, char** argv) {
         {"machine", device.is_cuda() ? "CUDA" : machine()},
         {"cores", std::thread::hardware_concurrency()},
         {"threads", at::get_num_threads()},
+        {"blas", blas},
+        {"blas_threads", blas_threads()},
         {"libtorch",
          std::to_string(TORCH_VERSION_MAJOR) + "." +
              std::to_string(TORCH_VERSION_MINOR)},
         {"device", device_name},
         {"dtype", dtype_name},
         {"path", path_name},
-        {"repeats", repeats},
+        {"rounds", rounds},
         {"branches", kBranches},
         {"rank", kRank},
-        {"cases", cases}};
+        {"layers", cases},
+        {"models", model_json}};
     std::ofstream(json_path) << document.dump(2) << "\n";
     std::cout << "\nwrote " << json_path << "\n";
   }
