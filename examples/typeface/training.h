@@ -227,6 +227,48 @@ inline double scheduled_learning_rate(double lr, int64_t step, int64_t steps) {
 /// Decay of the pretraining's moving average of the weights.
 inline constexpr double kAverageDecay = 0.998;
 
+/// A batch's tensor on the runtime's device: on CUDA through pinned memory
+/// and an asynchronous copy, so that the host draws the next batch while the
+/// device still trains on this one.
+inline torch::Tensor on_device(const torch::Tensor& t, const Runtime& runtime) {
+  if (!runtime.device.is_cuda()) {
+    return t.to(runtime.device);
+  }
+  return t.pin_memory().to(runtime.device, /*non_blocking=*/true);
+}
+
+/// One optimizer step on the diffusion loss of a batch. Returns the loss,
+/// still on the device.
+inline torch::Tensor diffusion_step(
+    TextToImage& model,
+    const NoiseSchedule& schedule,
+    const Batch& batch,
+    torch::optim::Optimizer& optimizer,
+    const Runtime& runtime) {
+  optimizer.zero_grad();
+  torch::Tensor loss;
+  {
+    AutocastGuard autocast(runtime);
+    loss = diffusion_loss(
+        model,
+        schedule,
+        on_device(batch.images, runtime) * 2 - 1,
+        on_device(batch.ids, runtime));
+  }
+  loss.backward();
+  optimizer.step();
+  return loss.detach();
+}
+
+/// The loss for the progress bar, read back every tenth step and at the
+/// last only: each read makes the host wait for the device. -1: not read.
+inline double shown_loss(
+    const torch::Tensor& loss,
+    int64_t step,
+    int64_t steps) {
+  return step % 10 == 0 || step == steps ? loss.item<double>() : -1.0;
+}
+
 struct PretrainOptions {
   ModelConfig config = ModelConfig::small();
   int64_t steps = 3000;
@@ -354,6 +396,7 @@ inline void pretrain(
   std::mt19937_64 rng(options.seed * 1000003 + step);
   torch::manual_seed(options.seed * 1000003 + step);
   Progress progress("pretrain", options.steps, step);
+  const NoiseSchedule schedule(1000, runtime.device);
   model->train();
   while (step < options.steps) {
     set_learning_rate(
@@ -366,28 +409,17 @@ inline void pretrain(
         options.batch,
         rng,
         0.1);
-    optimizer.zero_grad();
-    torch::Tensor loss;
-    {
-      AutocastGuard autocast(runtime);
-      loss = diffusion_loss(
-          model,
-          NoiseSchedule(),
-          batch.images.to(runtime.device) * 2 - 1,
-          batch.ids.to(runtime.device));
-    }
-    loss.backward();
-    optimizer.step();
+    const auto loss =
+        diffusion_step(model, schedule, batch, optimizer, runtime);
     {
       torch::NoGradGuard no_grad;
       const double decay =
           std::min(kAverageDecay, (1.0 + step) / (10.0 + step));
-      for (size_t i = 0; i < weights.size(); ++i) {
-        averaged[i].mul_(decay).add_(weights[i], 1 - decay);
-      }
+      torch::_foreach_mul_(averaged, decay);
+      torch::_foreach_add_(averaged, weights, 1 - decay);
     }
     ++step;
-    progress.step(loss.item<double>());
+    progress.step(shown_loss(loss, step, options.steps));
     if (step % options.checkpoint_every == 0 || step == options.steps) {
       save();
     }
@@ -513,25 +545,16 @@ inline TextToImage finetune(
   std::mt19937_64 rng(options.seed * 1000003 + step + 17);
   torch::manual_seed(options.seed * 1000003 + step + 17);
   Progress progress("finetune " + options.method, options.steps, step);
+  const NoiseSchedule schedule(1000, runtime.device);
   model->train();
   const std::vector<int64_t> fonts = {style};
   while (step < options.steps) {
     const auto batch =
         draw_batch(renderer, tokenizer, fonts, shots, options.batch, rng, 0.1);
-    optimizer.zero_grad();
-    torch::Tensor loss;
-    {
-      AutocastGuard autocast(runtime);
-      loss = diffusion_loss(
-          model,
-          NoiseSchedule(),
-          batch.images.to(runtime.device) * 2 - 1,
-          batch.ids.to(runtime.device));
-    }
-    loss.backward();
-    optimizer.step();
+    const auto loss =
+        diffusion_step(model, schedule, batch, optimizer, runtime);
     ++step;
-    progress.step(loss.item<double>());
+    progress.step(shown_loss(loss, step, options.steps));
     if (step % options.checkpoint_every == 0 || step == options.steps) {
       save();
     }
