@@ -660,10 +660,9 @@ struct FusedSettings {
 /// `h = (1 + g) ⊙ u − g ⊙ mean_tok(u)`, where mean_tok(u) follows from
 /// mean_tok(x) with no pass over u, as u is linear in x. A gate that trains
 /// needs u in backward, which is kept. The backward is a few GEMMs and
-/// reductions over the activations, and autograd on the small tensors for
-/// the router's gradients, whose share of the input's gradient joins it
-/// without a pass of its own; second derivatives go through autograd on
-/// composite_linear.
+/// reductions over the activations, then the small tensors' own (the
+/// router's share of the input's gradient joins it without a pass of its
+/// own); second derivatives go through autograd on composite_linear.
 /// x: (N, L, d_in) with N, L > 0 -> (N, L, d_out)
 struct FusedLinear : torch::autograd::Function<FusedLinear> {
   // The tensors' positions among forward's arguments.
@@ -732,7 +731,8 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
          g,
          mean_u,
          z,
-         keep_u ? u : torch::Tensor()});
+         keep_u ? u : torch::Tensor(),
+         mixed.s});
     ctx->saved_data["merged_weight"] = settings.form == FusedForm::kWeight;
     ctx->saved_data["scaling"] = options.scaling();
     ctx->saved_data["scale"] = options.scale();
@@ -873,7 +873,7 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
       shift = g * sums.first / tokens;
       gain = (1 + g).unsqueeze(-1);
       if (sums.second.defined()) {
-        grad_g = sums.second - sums.first * mean_u;
+        grad_g = (sums.second - sums.first * mean_u).sum_to_size(g.sizes());
       }
     }
     // δ B, (N, L, r): the gradient at the low-rank activations z = a x.
@@ -899,7 +899,7 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
       result[kB] = scaling * grad_zt.sum(0);
     }
     // The router's and the gate's parameters, and the router's share of
-    // x's gradient, by autograd on the small tensors.
+    // x's gradient.
     const auto grad_pooled =
         mixing_backward(saved, options, grad_a, grad_g, wanted, result);
     if (wanted[kX]) {
@@ -978,9 +978,10 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
     return grad_x;
   }
 
-  /// Autograd on the small tensors: from the gradients at a and g, those of
-  /// the down-projections, the router and the gate, into `result`; returns
-  /// the gradient at the pooled input (undefined where the router is off).
+  /// The small tensors' backward, written out: from the gradients at
+  /// a = s · A and g = tanh(scale · s · G), those of A, G and the router
+  /// into `result`; returns the gradient at the pooled input (undefined
+  /// where the router does not read it).
   static torch::Tensor mixing_backward(
       const torch::autograd::variable_list& saved,
       const functional::StyleInjectFuncOptions& options,
@@ -988,56 +989,47 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
       const torch::Tensor& grad_g,
       const std::array<bool, kInputs>& wanted,
       torch::autograd::variable_list& result) {
-    const torch::AutoGradMode grad_mode(true);
-    std::vector<torch::Tensor> leaves;
-    std::vector<size_t> positions;
-    const auto leaf = [&](const torch::Tensor& t, bool want, size_t at) {
-      if (!t.defined() || !want) {
-        return t;
-      }
-      leaves.push_back(t.detach().requires_grad_());
-      positions.push_back(at);
-      return leaves.back();
+    const auto &lora_A = saved[kA], &gate = saved[kGate], &g = saved[11];
+    const auto& s = saved[15]; // (n) shared, or (N, n)
+    // sum over instances of s ⊗ t: the gradient of a branch-stacked tensor
+    // mixed by s. t: like s · branches -> (n, ...)
+    const auto by_branch = [&](const torch::Tensor& t,
+                               const torch::Tensor& of) {
+      const auto weights = s.dim() == 2 ? s : s.unsqueeze(0);
+      const auto flat = s.dim() == 2 ? t.flatten(1) : t.flatten().unsqueeze(0);
+      return weights.t().mm(flat).view_as(of);
     };
-    const functional::AdapterTensors adapter{
-        leaf(saved[kA], wanted[kA], kA),
-        saved[kB],
-        leaf(saved[kRouterWeight], wanted[kRouterWeight], kRouterWeight),
-        leaf(saved[kRouterBias], wanted[kRouterBias], kRouterBias),
-        leaf(saved[kGate], wanted[kGate], kGate)};
-    const bool routed = routes(adapter, options) && wanted[kX];
-    const auto pooled = leaf(saved[9], routed, kInputs);
-    if (leaves.empty()) {
+    torch::Tensor grad_s;
+    if (grad_a.defined()) {
+      if (wanted[kA]) {
+        result[kA] = by_branch(grad_a, lora_A);
+      }
+      grad_s =
+          torch::matmul(grad_a.flatten(s.dim() - 1), lora_A.flatten(1).t());
+    }
+    if (grad_g.defined()) {
+      const auto grad_logit = grad_g * (1 - g * g) * options.scale();
+      if (wanted[kGate]) {
+        result[kGate] = by_branch(grad_logit, gate);
+      }
+      const auto from_gate = torch::matmul(grad_logit, gate.t());
+      grad_s = grad_s.defined() ? grad_s + from_gate : from_gate;
+    }
+    const functional::AdapterTensors adapter = adapter_of(saved);
+    if (!grad_s.defined() || !routes(adapter, options)) {
       return torch::Tensor();
     }
-    const auto mixed = mixing(saved[kX], pooled, adapter, options);
-    std::vector<torch::Tensor> outputs, grad_outputs;
-    for (const auto& pair :
-         {std::make_pair(mixed.a, grad_a), std::make_pair(mixed.g, grad_g)}) {
-      if (pair.second.defined() && pair.first.requires_grad()) {
-        outputs.push_back(pair.first);
-        grad_outputs.push_back(pair.second);
-      }
+    // Softmax's backward, then the router's linear map.
+    const auto grad_logits = s *
+        (grad_s - (s * grad_s).sum(-1, /*keepdim=*/true)) /
+        options.temperature();
+    if (wanted[kRouterWeight]) {
+      result[kRouterWeight] = grad_logits.t().mm(saved[9]);
     }
-    if (outputs.empty()) {
-      return torch::Tensor();
+    if (wanted[kRouterBias]) {
+      result[kRouterBias] = grad_logits.sum(0);
     }
-    const auto found = torch::autograd::grad(
-        outputs,
-        leaves,
-        grad_outputs,
-        /*retain_graph=*/false,
-        /*create_graph=*/false,
-        /*allow_unused=*/true);
-    torch::Tensor grad_pooled;
-    for (size_t k = 0; k < leaves.size(); ++k) {
-      if (positions[k] == kInputs) {
-        grad_pooled = found[k];
-      } else {
-        result[positions[k]] = found[k];
-      }
-    }
-    return grad_pooled;
+    return wanted[kX] ? grad_logits.mm(adapter.router_weight) : torch::Tensor();
   }
 
   /// Backward with create_graph (a gradient penalty): autograd through
