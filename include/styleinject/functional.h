@@ -915,7 +915,7 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
       }
       result[kX] = merged.defined()
           ? input_grad_merged(grad, gain, merged)
-          : input_grad_low_rank(grad, gain, shift, grad_z, weight, a, scaling);
+          : input_grad_low_rank(grad, gain, grad_z, weight, a, scaling);
       if (shifted.defined()) {
         result[kX].sub_(shifted.unsqueeze(1));
       }
@@ -966,7 +966,6 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
   static torch::Tensor input_grad_low_rank(
       const torch::Tensor& grad,
       const torch::Tensor& gain,
-      const torch::Tensor& shift,
       const torch::Tensor& grad_z,
       const torch::Tensor& weight,
       const torch::Tensor& a,
