@@ -275,8 +275,10 @@ struct VarianceGate : torch::autograd::Function<VarianceGate> {
     torch::Tensor grad_u, grad_g;
     if (ctx->needs_input_grad(0)) {
       // dh_t/du_s = (1 + g) δ_ts - g / L.
-      grad_u = (grad_h * (1 + g) -
-                g * token_mean(grad_h, dims, dtype, /*keepdim=*/true))
+      grad_u = torch::addcmul(
+                   -g * token_mean(grad_h, dims, dtype, /*keepdim=*/true),
+                   grad_h,
+                   1 + g)
                    .to(u.scalar_type());
     }
     if (ctx->needs_input_grad(1)) {
@@ -805,15 +807,6 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
                                : torch::Tensor()};
   }
 
-  /// a · pooled per instance: the mean of z = a x over the tokens.
-  /// -> (N, r)
-  static torch::Tensor pooled_down(
-      const torch::Tensor& pooled,
-      const torch::Tensor& a) {
-    return a.dim() == 2 ? torch::nn::functional::linear(pooled, a)
-                        : torch::bmm(a, pooled.unsqueeze(-1)).squeeze(-1);
-  }
-
   /// mean_tok(u) = W0 mean_tok(x) + b0 + c·B (a mean_tok(x)). -> (N, d_out)
   static torch::Tensor update_mean(
       const torch::Tensor& pooled,
@@ -824,7 +817,7 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
       double scaling) {
     return torch::addmm(
         torch::nn::functional::linear(pooled, weight, bias),
-        pooled_down(pooled, a),
+        instance_vector(pooled, a.transpose(-1, -2)), // a mean_tok(x)
         lora_B.t(),
         1,
         scaling);
@@ -893,7 +886,8 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
           : instance_matmul(x, a.transpose(-1, -2));
       auto grad_zt = torch::bmm(grad.transpose(1, 2), z); // (N, d_out, r)
       if (g.defined()) {
-        const auto z_sum = tokens * pooled_down(pooled, a);
+        const auto z_sum =
+            tokens * instance_vector(pooled, a.transpose(-1, -2));
         grad_zt = gain * grad_zt - shift.unsqueeze(-1) * z_sum.unsqueeze(1);
       }
       result[kB] = scaling * grad_zt.sum(0);
