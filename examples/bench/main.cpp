@@ -860,13 +860,14 @@ std::string blas_in_use() {
           config.substr(at + 10, config.find_first_of(", \n", at) - at - 10);
 }
 
-/// How many threads the BLAS runs its GEMMs on, where it says (OpenBLAS
-/// keeps its own pool, beside LibTorch's threads); 0 if unknown.
-int blas_threads() {
+/// How many threads `blas` runs its GEMMs on, where it says: OpenBLAS keeps
+/// its own pool, beside LibTorch's threads. 0 if unknown (or another BLAS:
+/// Debian's LAPACK can load OpenBLAS beside the reference BLAS).
+int blas_threads(const std::string& blas) {
   using Query = int (*)();
   const auto query =
       reinterpret_cast<Query>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
-  return query ? query() : 0;
+  return query && blas.find("openblas") != std::string::npos ? query() : 0;
 }
 
 /// Debian's reference (netlib) BLAS, a GEMM some 40 times slower than
@@ -977,7 +978,8 @@ int main(int argc, char** argv) {
       TORCH_VERSION_MINOR,
       device_name,
       blas,
-      blas_threads() > 0 ? fmt::format(" ({} threads)", blas_threads()) : "",
+      blas_threads(blas) > 0 ? fmt::format(" ({} threads)", blas_threads(blas))
+                             : "",
       rounds);
   std::cout << title << "\n";
   if (!device.is_cuda() && is_reference_blas(blas)) {
@@ -1113,7 +1115,7 @@ int main(int argc, char** argv) {
         {"cores", std::thread::hardware_concurrency()},
         {"threads", at::get_num_threads()},
         {"blas", blas},
-        {"blas_threads", blas_threads()},
+        {"blas_threads", blas_threads(blas)},
         {"libtorch",
          std::to_string(TORCH_VERSION_MAJOR) + "." +
              std::to_string(TORCH_VERSION_MINOR)},
