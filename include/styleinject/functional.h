@@ -943,8 +943,7 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
   static torch::Tensor instance_vector(
       const torch::Tensor& v,
       const torch::Tensor& m) {
-    return m.dim() == 2 ? torch::mm(v, m)
-                        : torch::bmm(v.unsqueeze(1), m).squeeze(1);
+    return instance_matmul(v.unsqueeze(1), m).squeeze(1);
   }
 
   /// grad ((1 + g) ⊙ W) with the merged weight; the shift comes after.
