@@ -37,7 +37,78 @@ struct ReferenceLinear {
   double scaling = 1.0;
   double scale = 1.0;
   double temperature = 1.0;
+  /// SPEC §3b's variant; kScale uses `gate` (undefined: no gate).
+  styleinject::GateMode gate_mode = styleinject::GateMode::kScale;
 };
+
+/// SPEC §3 and §3b on one channel of one instance, naively: the frozen
+/// path's output h0 and the update dh over the tokens, and g = tanh(scale ·
+/// s · G) of the scale gate -> h.
+inline std::vector<double> reference_gate(
+    const std::vector<double>& h0,
+    const std::vector<double>& dh,
+    styleinject::GateMode mode,
+    double g) {
+  const auto L = static_cast<double>(h0.size());
+  std::vector<double> u(h0.size());
+  double mean_u = 0, mean_h0 = 0, mean_dh = 0;
+  for (size_t t = 0; t < h0.size(); ++t) {
+    u[t] = h0[t] + dh[t];
+    mean_u += u[t] / L;
+    mean_h0 += h0[t] / L;
+    mean_dh += dh[t] / L;
+  }
+  double var_u = 0, var_h0 = 0;
+  for (size_t t = 0; t < h0.size(); ++t) {
+    var_u += (u[t] - mean_u) * (u[t] - mean_u) / L;
+    var_h0 += (h0[t] - mean_h0) * (h0[t] - mean_h0) / L;
+  }
+  const double eps = 1e-5;
+  const double k = (std::sqrt(var_u) + eps) / (std::sqrt(var_h0) + eps);
+  std::vector<double> h(h0.size());
+  for (size_t t = 0; t < h0.size(); ++t) {
+    switch (mode) {
+      case styleinject::GateMode::kOff:
+        h[t] = u[t];
+        break;
+      case styleinject::GateMode::kScale:
+        h[t] = u[t] + g * (u[t] - mean_u);
+        break;
+      case styleinject::GateMode::kAdain:
+        h[t] = mean_h0 + k * (h0[t] - mean_h0);
+        break;
+      case styleinject::GateMode::kResidual:
+        h[t] = h0[t] + dh[t] - mean_dh;
+        break;
+    }
+  }
+  return h;
+}
+
+/// The gate mode of the reference on an input with or without tokens.
+inline styleinject::GateMode reference_mode(
+    const ReferenceLinear& p,
+    bool has_tokens) {
+  const bool off = !has_tokens ||
+      (p.gate_mode == styleinject::GateMode::kScale && !p.gate.defined());
+  return off ? styleinject::GateMode::kOff : p.gate_mode;
+}
+
+/// g = tanh(scale · s · G) of channel o (0 without G).
+inline double reference_gate_factor(
+    const ReferenceLinear& p,
+    const torch::Tensor& G,
+    const std::vector<double>& s,
+    int64_t o) {
+  if (!G.defined()) {
+    return 0.0;
+  }
+  double mixed = 0.0;
+  for (size_t j = 0; j < s.size(); ++j) {
+    mixed += s[j] * G[static_cast<int64_t>(j)][o].item<double>();
+  }
+  return std::tanh(p.scale * mixed);
+}
 
 /// SPEC §1-3 written out naively in float64: explicit loops over instances,
 /// tokens, branches and channels, explicit per-instance statistics.
@@ -96,7 +167,10 @@ inline torch::Tensor reference_forward(
         s[j] /= total;
       }
     }
-    // §2: u = W0 x + b0 + scale * scaling * B (sum_j s_j A_j x), per token.
+    // §2: h0 = W0 x + b0 and dh = scale * scaling * B (sum_j s_j A_j x),
+    // per token, kept per channel for §3.
+    std::vector<std::vector<double>> h0(d_out, std::vector<double>(L));
+    auto dh = h0;
     for (int64_t t = 0; t < L; ++t) {
       std::vector<double> z(r, 0.0);
       for (int64_t j = 0; j < n; ++j) {
@@ -117,23 +191,19 @@ inline torch::Tensor reference_forward(
         for (int64_t q = 0; q < r; ++q) {
           update += Ba[o][q] * z[q];
         }
-        oa[i][t][o] = u + p.scale * p.scaling * update;
+        h0[o][t] = u;
+        dh[o][t] = p.scale * p.scaling * update;
       }
     }
-    // §3: h = u + g (u - mean_tok(u)), g = tanh(scale · s · G).
-    if (G.defined() && has_tokens) {
-      for (int64_t o = 0; o < d_out; ++o) {
-        double mean = 0.0, mixed = 0.0;
-        for (int64_t t = 0; t < L; ++t) {
-          mean += oa[i][t][o] / L;
-        }
-        for (int64_t j = 0; j < n; ++j) {
-          mixed += s[j] * G[j][o].item<double>();
-        }
-        const double g = std::tanh(p.scale * mixed);
-        for (int64_t t = 0; t < L; ++t) {
-          oa[i][t][o] += g * (oa[i][t][o] - mean);
-        }
+    // §3: the gate, per channel over the tokens.
+    for (int64_t o = 0; o < d_out; ++o) {
+      const auto h = reference_gate(
+          h0[o],
+          dh[o],
+          reference_mode(p, has_tokens),
+          reference_gate_factor(p, G, s, o));
+      for (int64_t t = 0; t < L; ++t) {
+        oa[i][t][o] = h[t];
       }
     }
   }
@@ -167,6 +237,7 @@ ReferenceLinear reference_of(const Layer& layer, double scale = 1.0) {
   p.scaling = layer.adapter_options->scaling();
   p.scale = scale;
   p.temperature = layer.adapter_options->temperature();
+  p.gate_mode = layer.adapter_options->gate();
   return p;
 }
 
@@ -317,7 +388,10 @@ inline torch::Tensor reference_conv2d_forward(
         s[j] /= total;
       }
     }
-    // §2: u = W0 * x + b0 + scale * scaling * B (sum_j s_j A_j * x).
+    // §2: h0 = W0 * x + b0 and dh = scale * scaling * B (sum_j s_j A_j *
+    // x), kept per channel over the positions for §3.
+    std::vector<std::vector<double>> h0(C_out, std::vector<double>(Ho * Wo));
+    auto dh = h0;
     for (int64_t y = 0; y < Ho; ++y) {
       for (int64_t xo = 0; xo < Wo; ++xo) {
         std::vector<double> z(r, 0.0);
@@ -347,27 +421,21 @@ inline torch::Tensor reference_conv2d_forward(
           for (int64_t q = 0; q < r; ++q) {
             update += Ba[o][q][0][0] * z[q];
           }
-          oa[i][o][y][xo] = u + p.scale * p.scaling * update;
+          h0[o][y * Wo + xo] = u;
+          dh[o][y * Wo + xo] = p.scale * p.scaling * update;
         }
       }
     }
-    // §3: h = u + g (u - mean_hw(u)), g = tanh(scale · s · G).
-    if (G.defined()) {
-      for (int64_t o = 0; o < C_out; ++o) {
-        double mean = 0.0, mixed = 0.0;
-        for (int64_t y = 0; y < Ho; ++y) {
-          for (int64_t xo = 0; xo < Wo; ++xo) {
-            mean += oa[i][o][y][xo] / (Ho * Wo);
-          }
-        }
-        for (int64_t j = 0; j < n; ++j) {
-          mixed += s[j] * G[j][o].item<double>();
-        }
-        const double g = std::tanh(p.scale * mixed);
-        for (int64_t y = 0; y < Ho; ++y) {
-          for (int64_t xo = 0; xo < Wo; ++xo) {
-            oa[i][o][y][xo] += g * (oa[i][o][y][xo] - mean);
-          }
+    // §3: the gate, per channel over H'×W'.
+    for (int64_t o = 0; o < C_out; ++o) {
+      const auto h = reference_gate(
+          h0[o],
+          dh[o],
+          reference_mode(p, /*has_tokens=*/true),
+          reference_gate_factor(p, G, s, o));
+      for (int64_t y = 0; y < Ho; ++y) {
+        for (int64_t xo = 0; xo < Wo; ++xo) {
+          oa[i][o][y][xo] = h[y * Wo + xo];
         }
       }
     }

@@ -260,7 +260,7 @@ TEST_CASE("Conv2d pretty_print is one line", "[conv2d]") {
       with.str() ==
       "styleinject::StyleInjectConv2d(in_channels=320, out_channels=640, "
       "kernel_size=[3, 3], stride=[2, 2], rank=4, branches=4, alpha=4, "
-      "router=true, gate=true)");
+      "router=true, gate=scale)");
   CHECK(
       without.str() ==
       "styleinject::StyleInjectConv2d(in_channels=3, out_channels=8, "

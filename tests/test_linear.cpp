@@ -443,13 +443,13 @@ TEST_CASE("pretty_print is LibTorch's one line", "[linear]") {
       print(StyleInjectLinear(
           torch::nn::LinearOptions(320, 640), StyleInjectOptions(4))) ==
       "styleinject::StyleInjectLinear(in_features=320, out_features=640, bias=true, "
-      "rank=4, branches=4, alpha=4, router=true, gate=true)");
+      "rank=4, branches=4, alpha=4, router=true, gate=scale)");
   CHECK(
       print(StyleInjectLinear(
           torch::nn::LinearOptions(8, 4).bias(false),
           StyleInjectOptions::lora(16).alpha(32))) ==
       "styleinject::StyleInjectLinear(in_features=8, out_features=4, bias=false, "
-      "rank=16, branches=1, alpha=32, router=false, gate=false)");
+      "rank=16, branches=1, alpha=32, router=false, gate=off)");
   CHECK(
       print(StyleInjectLinear(
           torch::nn::LinearOptions(8, 4),
@@ -460,7 +460,7 @@ TEST_CASE("pretty_print is LibTorch's one line", "[linear]") {
               .temperature(0.5))) ==
       "styleinject::StyleInjectLinear(in_features=8, out_features=4, bias=true, "
       "rank=2, branches=3, alpha=2, dropout=0.1, rslora=true, temperature=0.5, "
-      "router=true, gate=true)");
+      "router=true, gate=scale)");
 }
 
 namespace {
@@ -1166,7 +1166,7 @@ TEST_CASE(
     CHECK(
         text.str() ==
         "styleinject::StyleInjectLinear(in_features=6, out_features=5, "
-        "bias=true, rank=2, branches=3, alpha=2, router=true, gate=true, "
+        "bias=true, rank=2, branches=3, alpha=2, router=true, gate=scale, "
         "dtype=float32)");
   }
 }

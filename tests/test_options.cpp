@@ -18,7 +18,7 @@ TEST_CASE("StyleInjectOptions defaults", "[options]") {
   CHECK_FALSE(options.rslora());
   CHECK(options.temperature() == 1.0);
   CHECK(options.router());
-  CHECK(options.gate());
+  CHECK(options.gate() == styleinject::GateMode::kScale);
   CHECK(options.path() == styleinject::ComputePath::kAuto);
   CHECK_FALSE(options.dtype().has_value());
 }
@@ -35,7 +35,7 @@ TEST_CASE("the LoRA preset is one branch, no router, no gate", "[options]") {
   CHECK(lora.rank() == 16);
   CHECK(lora.branches() == 1);
   CHECK_FALSE(lora.router());
-  CHECK_FALSE(lora.gate());
+  CHECK(lora.gate() == styleinject::GateMode::kOff);
   CHECK(lora.scaling() == 2.0);
 }
 

@@ -66,6 +66,11 @@ struct StyleInjectFuncOptions {
   TORCH_ARG(torch::Tensor, style) = {};
   /// Down-projection compute path. Default: kAuto
   TORCH_ARG(ComputePath, path) = ComputePath::kAuto;
+  /// The variance gate (SPEC §3b). kScale uses the adapter's `gate` tensor
+  /// and is off where it is undefined; kAdain and kResidual have no
+  /// parameters, and neither has kOff: with them `gate` must be undefined.
+  /// Default: kScale
+  TORCH_ARG(GateMode, gate) = GateMode::kScale;
 };
 
 } // namespace functional
@@ -74,6 +79,9 @@ namespace detail {
 
 inline constexpr const char* kLinearName = "styleinject::StyleInjectLinear";
 inline constexpr const char* kConv2dName = "styleinject::StyleInjectConv2d";
+
+/// SPEC's eps wherever a division by a standard deviation appears.
+inline constexpr double kEps = 1e-5;
 
 /// The dtype of per-instance statistics: float32 for half types, the
 /// tensor's own dtype otherwise (SPEC: at least float32).
@@ -292,6 +300,52 @@ struct VarianceGate : torch::autograd::Function<VarianceGate> {
   }
 };
 
+/// The gate an adapter applies: options.gate(), where kScale without a
+/// `gate` tensor is off.
+inline GateMode gate_mode(
+    const functional::AdapterTensors& adapter,
+    const functional::StyleInjectFuncOptions& options) {
+  return options.gate() == GateMode::kScale && !adapter.gate.defined()
+      ? GateMode::kOff
+      : options.gate();
+}
+
+/// Whether a gate mode takes no parameters but both the frozen path's
+/// output and the update (kAdain, kResidual).
+inline bool parameter_free(GateMode mode) {
+  return mode == GateMode::kAdain || mode == GateMode::kResidual;
+}
+
+/// SPEC §3b's parameter-free gates, composed by autograd, on the frozen
+/// path's output h0 and the update dh, with statistics over `token_dims` in
+/// float32 or wider; the output has h0's dtype. A variance is clamped away
+/// from 0 before its square root, so that a constant channel (one token)
+/// has a finite gradient; the values move by less than 1e-15.
+inline torch::Tensor parameter_free_gate(
+    const torch::Tensor& h0,
+    const torch::Tensor& dh,
+    GateMode mode,
+    torch::IntArrayRef token_dims) {
+  const NoAutocast no_autocast;
+  const auto dtype =
+      c10::promoteTypes(statistics_dtype(h0.scalar_type()), dh.scalar_type());
+  const auto base = h0.to(dtype), update = dh.to(dtype);
+  if (mode == GateMode::kResidual) {
+    return (base + (update - update.mean(token_dims, /*keepdim=*/true)))
+        .to(h0.scalar_type());
+  }
+  TORCH_INTERNAL_ASSERT(mode == GateMode::kAdain);
+  const auto spread = [&](const torch::Tensor& t) {
+    return t.var(token_dims, /*unbiased=*/false, /*keepdim=*/true)
+               .clamp_min(1e-30)
+               .sqrt() +
+        kEps;
+  };
+  const auto mean = base.mean(token_dims, /*keepdim=*/true);
+  const auto k = spread(base + update) / spread(base);
+  return torch::addcmul(mean, base - mean, k).to(h0.scalar_type());
+}
+
 /// Applies the variance gate; see VarianceGate.
 /// u: (N, L, d_out) or (N, C, H, W), g: broadcastable to u's statistics
 ///   -> u's shape
@@ -327,13 +381,20 @@ inline torch::Tensor instance_linear(
 }
 
 /// Checks the device of an input, and a fixed style if given, against an
-/// adapter; `instances` is the input's number of instances.
+/// adapter, and that the gate mode fits the adapter's tensors; `instances`
+/// is the input's number of instances.
 inline void check_input_against_adapter(
     const char* layer,
     const torch::Tensor& input,
     int64_t instances,
     const functional::AdapterTensors& adapter,
     const functional::StyleInjectFuncOptions& options) {
+  TORCH_CHECK_VALUE(
+      !adapter.gate.defined() || options.gate() == GateMode::kScale,
+      layer,
+      ": the adapter has a gate tensor, which only GateMode::kScale uses, "
+      "but the gate mode is ",
+      gate_mode_name(options.gate()));
   const auto& lora_A = adapter.lora_A;
   TORCH_CHECK(
       input.device() == lora_A.device(),
@@ -602,9 +663,9 @@ inline torch::Tensor gate_factor(
 /// style_inject_linear as autograd composes it from SPEC's formula: the
 /// style weights and gate factor from the router, the down-projection by
 /// `options.path()`, the up-projection accumulated onto the base's output,
-/// then the variance gate (`gated`: there is a gate and a token axis). It
-/// runs where FusedLinear does not (a base that trains, mixed dtypes,
-/// autocast, dropout, no token axis), and for second derivatives.
+/// then the gate (where there is a token axis). It runs where FusedLinear
+/// does not (a base that trains, mixed dtypes, autocast, dropout, no token
+/// axis, a parameter-free gate), and for second derivatives.
 /// x: (N, L, d_in) -> (N, L, d_out)
 inline torch::Tensor composite_linear(
     const torch::Tensor& x,
@@ -612,7 +673,7 @@ inline torch::Tensor composite_linear(
     const torch::Tensor& bias,
     const functional::AdapterTensors& adapter,
     const functional::StyleInjectFuncOptions& options,
-    bool gated) {
+    bool tokens) {
   const auto s = input_style_weights(x, /*token_dims=*/{1}, adapter, options);
   const auto dtype = adapter_dtype(x, adapter.lora_A);
   const auto z = linear_down_projection(
@@ -621,6 +682,12 @@ inline torch::Tensor composite_linear(
       s,
       options.path()); // (N, L, r)
   const auto base = torch::nn::functional::linear(x, weight, bias);
+  const double factor = options.scaling() * options.scale();
+  const auto gate = tokens ? gate_mode(adapter, options) : GateMode::kOff;
+  if (parameter_free(gate)) {
+    const auto dh = torch::matmul(z, adapter.lora_B.to(dtype).t()) * factor;
+    return parameter_free_gate(base, dh, gate, {1});
+  }
   // The up-projection accumulates onto the base output inside its GEMM
   // (beta = 1), in the adapter's dtype, rounded once to the base's.
   const auto h = torch::addmm(
@@ -628,10 +695,10 @@ inline torch::Tensor composite_linear(
                      z.reshape({-1, z.size(-1)}),
                      adapter.lora_B.to(dtype).t(),
                      /*beta=*/1,
-                     /*alpha=*/options.scaling() * options.scale())
+                     /*alpha=*/factor)
                      .to(base.scalar_type())
                      .view(base.sizes());
-  if (!gated) {
+  if (gate == GateMode::kOff) {
     return h;
   }
   const auto g = gate_factor(s, adapter.gate, options.scale());
@@ -1054,7 +1121,7 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
          inputs[kRouterBias],
          inputs[kGate]},
         options,
-        inputs[kGate].defined());
+        /*tokens=*/true);
     const auto found = torch::autograd::grad(
         {h}, wrt, {grad}, /*retain_graph=*/true, /*create_graph=*/true);
     for (size_t k = 0; k < wrt.size(); ++k) {
@@ -1084,7 +1151,8 @@ inline bool fuses(
       adapter.lora_A.scalar_type() == dtype &&
       statistics_dtype(dtype) == dtype && !base_trains &&
       (!options.training() || options.dropout() == 0.0) &&
-      !(grad && style.defined() && style.requires_grad());
+      !(grad && style.defined() && style.requires_grad()) &&
+      !parameter_free(options.gate());
 }
 
 /// The form of FusedLinear for `path`. kAuto merges the weight where one
@@ -1182,13 +1250,7 @@ inline torch::Tensor style_inject_linear(
   const bool tokens = input.dim() >= 3;
   const auto h = tokens && detail::fuses(x, weight, bias, adapter, options)
       ? detail::fused_linear(x, weight, bias, adapter, options)
-      : detail::composite_linear(
-            x,
-            weight,
-            bias,
-            adapter,
-            options,
-            tokens && adapter.gate.defined());
+      : detail::composite_linear(x, weight, bias, adapter, options, tokens);
   if (input.dim() == 3) {
     return h;
   }
@@ -1250,26 +1312,34 @@ inline torch::Tensor style_inject_conv2d(
       conv,
       options.path()); // (N, r, H', W')
   const auto base = F::conv2d(input, weight, conv);
-  // The 1×1 up-projection accumulates onto the base output inside a batched
-  // GEMM (beta = 1), in the adapter's dtype, rounded once to the base's.
   const int64_t instances = base.size(0), channels = base.size(1);
   const int64_t positions = base.size(2) * base.size(3), rank = z.size(1);
-  auto h = torch::baddbmm(
-               base.view({instances, channels, positions}).to(dtype),
-               adapter.lora_B.to(dtype)
-                   .view({1, channels, rank})
-                   .expand({instances, channels, rank}),
-               z.reshape({instances, rank, positions}),
-               /*beta=*/1,
-               /*alpha=*/options.scaling() * options.scale())
-               .to(base.scalar_type())
-               .view(base.sizes());
-  if (adapter.gate.defined()) {
-    const auto g = detail::gate_factor(s, adapter.gate, options.scale());
-    h = detail::variance_gate(
-        h, g.view({s.dim() == 2 ? instances : 1, channels, 1, 1}), {2, 3});
+  const double factor = options.scaling() * options.scale();
+  const auto up = adapter.lora_B.to(dtype)
+                      .view({1, channels, rank})
+                      .expand({instances, channels, rank});
+  const auto gate = detail::gate_mode(adapter, options);
+  if (detail::parameter_free(gate)) {
+    const auto dh = torch::bmm(up, z.reshape({instances, rank, positions}));
+    return detail::parameter_free_gate(
+        base, (dh * factor).view(base.sizes()), gate, {2, 3});
   }
-  return h;
+  // The 1×1 up-projection accumulates onto the base output inside a batched
+  // GEMM (beta = 1), in the adapter's dtype, rounded once to the base's.
+  const auto h = torch::baddbmm(
+                     base.view({instances, channels, positions}).to(dtype),
+                     up,
+                     z.reshape({instances, rank, positions}),
+                     /*beta=*/1,
+                     /*alpha=*/factor)
+                     .to(base.scalar_type())
+                     .view(base.sizes());
+  if (gate == GateMode::kOff) {
+    return h;
+  }
+  const auto g = detail::gate_factor(s, adapter.gate, options.scale());
+  return detail::variance_gate(
+      h, g.view({s.dim() == 2 ? instances : 1, channels, 1, 1}), {2, 3});
 }
 
 } // namespace functional

@@ -138,7 +138,7 @@ class StyleInjectLayerImpl
     std::vector<std::pair<std::string, std::vector<int64_t>>> shapes{
         {"lora_A", Traits::lora_A_shape(options, branches, rank)},
         {"lora_B", Traits::lora_B_shape(options, rank)}};
-    if (adapter.gate()) {
+    if (adapter.gate() == GateMode::kScale) {
       shapes.push_back({"gate", {branches, Traits::out_features(options)}});
     }
     if (adapter.router()) {
@@ -278,7 +278,7 @@ class StyleInjectLayerImpl
 
   /// One line, as LibTorch prints its layers, e.g.
   /// `styleinject::StyleInjectLinear(in_features=8, out_features=4,
-  /// bias=true, rank=2, branches=4, alpha=2, router=true, gate=true)`. The
+  /// bias=true, rank=2, branches=4, alpha=2, router=true, gate=scale)`. The
   /// stream's formatting is left as it was.
   void pretty_print(std::ostream& stream) const override {
     std::ostringstream text;
@@ -297,7 +297,8 @@ class StyleInjectLayerImpl
       if (adapter->temperature() != 1.0) {
         text << ", temperature=" << adapter->temperature();
       }
-      text << ", router=" << adapter->router() << ", gate=" << adapter->gate();
+      text << ", router=" << adapter->router()
+           << ", gate=" << gate_mode_name(adapter->gate());
       if (adapter->dtype()) {
         text << ", dtype=" << detail::adapter_dtype_name(*adapter->dtype());
       }
@@ -429,7 +430,7 @@ class StyleInjectLayerImpl
           "router", torch::nn::Linear(Traits::in_features(options), branches));
       router->to(weight.device(), dtype);
     }
-    gate = adapter_options->gate()
+    gate = adapter_options->gate() == GateMode::kScale
         ? this->register_parameter(
               "gate",
               torch::empty(
@@ -486,7 +487,8 @@ class StyleInjectLayerImpl
         .dropout(adapter_options->dropout())
         .training(this->is_training())
         .style(style_)
-        .path(adapter_options->path());
+        .path(adapter_options->path())
+        .gate(adapter_options->gate());
   }
 
   bool enabled_ = true;

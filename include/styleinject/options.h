@@ -35,6 +35,44 @@ enum class ComputePath {
   kMergedWeight,
 };
 
+/// The variance gate of SPEC §3b: how the adapted feature `u = h0 + dh`
+/// (h0 the frozen path's output, dh the low-rank update) becomes the
+/// layer's output. Statistics are per instance and channel, over the tokens
+/// (Linear) or H×W (Conv2d); each variant is the identity at initialisation.
+/// Where the input has no token axis, every gate is off (`h = u`).
+enum class GateMode {
+  /// `h = u`: the plain multi-branch update (SPEC's DMA alone).
+  kOff,
+  /// `h = u + g ⊙ (u - mean(u))`, `g = tanh(s · gate)`: each channel's
+  /// spread times (1 + g), chosen per instance by the router; the mean
+  /// kept. The only variant with parameters (`gate`, n × d_out).
+  kScale,
+  /// `h = mean(h0) + k ⊙ (h0 - mean(h0))`, `k = (std(u) + eps) /
+  /// (std(h0) + eps)`: content and mean from the frozen path, the spread
+  /// from the adapted one (AdaIN). The update reaches the output only
+  /// through the spread it gives.
+  kAdain,
+  /// `h = h0 + (dh - mean(dh))`: only the zero-mean part of the update,
+  /// so each channel's mean stays the base's.
+  kResidual,
+};
+
+/// The name of a gate mode in records and messages: "off", "scale",
+/// "adain", "residual".
+inline const char* gate_mode_name(GateMode mode) {
+  switch (mode) {
+    case GateMode::kOff:
+      return "off";
+    case GateMode::kScale:
+      return "scale";
+    case GateMode::kAdain:
+      return "adain";
+    case GateMode::kResidual:
+      return "residual";
+  }
+  return "?";
+}
+
 /// Options for a StyleInject adapter on a Linear or Conv2d layer.
 ///
 /// Example:
@@ -50,6 +88,12 @@ struct StyleInjectOptions {
   /// router, no gate, `h = W0 x + b0 + (alpha / r) B A dropout(x)`.
   static StyleInjectOptions lora(int64_t rank) {
     return StyleInjectOptions(rank).branches(1).router(false).gate(false);
+  }
+
+  /// `gate(true)` is GateMode::kScale, `gate(false)` GateMode::kOff.
+  StyleInjectOptions& gate(bool on) {
+    gate_ = on ? GateMode::kScale : GateMode::kOff;
+    return *this;
   }
 
   /// The factor in front of `B (sum_i s_i A_i x)`: `alpha / r`, or
@@ -84,9 +128,9 @@ struct StyleInjectOptions {
   /// 1/n. Default: true
   TORCH_ARG(bool, router) = true;
 
-  /// Input-conditioned variance gate (SPEC §3); off: plain multi-branch
-  /// adaptation. Default: true
-  TORCH_ARG(bool, gate) = true;
+  /// The input-conditioned variance gate (SPEC §3, variants §3b).
+  /// Default: kScale
+  TORCH_ARG(GateMode, gate) = GateMode::kScale;
 
   /// How the update is computed; every path gives the same numbers.
   /// Default: kAuto

@@ -69,6 +69,47 @@ inline nlohmann::ordered_json parse_json(
   return json;
 }
 
+/// A gate mode as records keep it: true (kScale) and false (kOff), as
+/// before there were variants, so that such files still load in older
+/// versions; the variants by name ("adain", "residual").
+inline nlohmann::ordered_json gate_record(GateMode mode) {
+  if (mode == GateMode::kScale || mode == GateMode::kOff) {
+    return mode == GateMode::kScale;
+  }
+  return gate_mode_name(mode);
+}
+
+/// The gate mode of a record's 'gate': true, false, or a mode's name.
+inline GateMode gate_from_record(
+    const nlohmann::ordered_json& record,
+    const std::string& where,
+    const std::string& source) {
+  const auto& gate =
+      record.contains("gate") ? record["gate"] : nlohmann::ordered_json();
+  c10::optional<GateMode> found;
+  if (gate.is_boolean()) {
+    found = gate.get<bool>() ? GateMode::kScale : GateMode::kOff;
+  }
+  for (const auto mode :
+       {GateMode::kOff,
+        GateMode::kScale,
+        GateMode::kAdain,
+        GateMode::kResidual}) {
+    if (gate.is_string() && gate.get<std::string>() == gate_mode_name(mode)) {
+      found = mode;
+    }
+  }
+  TORCH_CHECK(
+      found.has_value(),
+      where,
+      ": expected 'gate' to be true, false, \"off\", \"scale\", \"adain\" "
+      "or \"residual\" in ",
+      source,
+      ", but got ",
+      gate.dump());
+  return *found;
+}
+
 /// An adapter's options as a JSON record (what files and checkpoints keep):
 /// rank, branches, alpha (null: the rank), dropout, rslora, temperature,
 /// router, gate, dtype (null: the base's). The compute path is a choice of
@@ -83,7 +124,7 @@ inline nlohmann::ordered_json options_to_json(
       {"rslora", options.rslora()},
       {"temperature", options.temperature()},
       {"router", options.router()},
-      {"gate", options.gate()},
+      {"gate", gate_record(options.gate())},
       {"dtype", nullptr}};
   if (options.alpha()) {
     record["alpha"] = *options.alpha();
@@ -143,7 +184,7 @@ inline StyleInjectOptions options_from_json(
                      .rslora(boolean("rslora"))
                      .temperature(number("temperature"))
                      .router(boolean("router"))
-                     .gate(boolean("gate"));
+                     .gate(gate_from_record(record, where, source));
   const auto& alpha =
       record.contains("alpha") ? record["alpha"] : nlohmann::ordered_json();
   TORCH_CHECK(
