@@ -5,6 +5,8 @@
 #include <catch2/catch.hpp>
 
 #include "demo.h"
+#include "experiment.h"
+#include "statistics.h"
 
 #include <torch/torch.h>
 
@@ -295,4 +297,141 @@ TEST_CASE(
       (picture * 255).round().to(torch::kUInt8).flatten().contiguous();
   CHECK(std::equal(pixels.begin(), pixels.end(), expected.data_ptr<uint8_t>()));
   fs::remove(path);
+}
+
+TEST_CASE("the Fréchet distance matches the 2x2 closed form", "[typeface]") {
+  // Two sets of 2-D features with correlated, non-commuting covariances.
+  torch::manual_seed(3);
+  const auto a =
+      torch::randn({400, 2}, torch::kDouble)
+          .mm(torch::tensor({{1.0, 0.4}, {0.0, 0.7}}, torch::kDouble)) +
+      torch::tensor({0.5, -1.0}, torch::kDouble);
+  const auto b =
+      torch::randn({300, 2}, torch::kDouble)
+          .mm(torch::tensor({{0.6, -0.5}, {0.2, 1.3}}, torch::kDouble));
+  // The reference: sample moments written out, and sqrt of a 2x2 PSD
+  // matrix M by its closed form (M + sqrt(det M) I) / sqrt(tr M + 2 sqrt(det
+  // M)).
+  const auto moments = [](const torch::Tensor& x) {
+    const auto n = x.size(0);
+    double m[2] = {0, 0}, c[2][2] = {{0, 0}, {0, 0}};
+    for (int64_t i = 0; i < n; ++i) {
+      for (int d = 0; d < 2; ++d) {
+        m[d] += x[i][d].item<double>() / n;
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      for (int d = 0; d < 2; ++d) {
+        for (int e = 0; e < 2; ++e) {
+          c[d][e] += (x[i][d].item<double>() - m[d]) *
+              (x[i][e].item<double>() - m[e]) / (n - 1);
+        }
+      }
+    }
+    return std::make_tuple(
+        std::array<double, 2>{m[0], m[1]},
+        std::array<std::array<double, 2>, 2>{
+            {{c[0][0], c[0][1]}, {c[1][0], c[1][1]}}});
+  };
+  using M2 = std::array<std::array<double, 2>, 2>;
+  const auto root = [](const M2& m) {
+    const double det = m[0][0] * m[1][1] - m[0][1] * m[1][0];
+    const double s = std::sqrt(det);
+    const double t = std::sqrt(m[0][0] + m[1][1] + 2 * s);
+    return M2{
+        {{(m[0][0] + s) / t, m[0][1] / t}, {m[1][0] / t, (m[1][1] + s) / t}}};
+  };
+  const auto product = [](const M2& x, const M2& y) {
+    M2 z{};
+    for (int i = 0; i < 2; ++i) {
+      for (int j = 0; j < 2; ++j) {
+        z[i][j] = x[i][0] * y[0][j] + x[i][1] * y[1][j];
+      }
+    }
+    return z;
+  };
+  const auto [ma, ca] = moments(a);
+  const auto [mb, cb] = moments(b);
+  const auto ra = root(ca);
+  const auto inner = root(product(product(ra, cb), ra));
+  const double expected = std::pow(ma[0] - mb[0], 2) +
+      std::pow(ma[1] - mb[1], 2) + ca[0][0] + ca[1][1] + cb[0][0] + cb[1][1] -
+      2 * (inner[0][0] + inner[1][1]);
+  CHECK(frechet_distance(a, b) == Approx(expected).epsilon(1e-9));
+  CHECK(frechet_distance(a, a) == Approx(0).margin(1e-9));
+  CHECK_THAT(
+      error_text([] {
+        frechet_distance(torch::zeros({1, 2}), torch::zeros({3, 2}));
+      }),
+      Catch::Contains("N, M >= 2"));
+}
+
+TEST_CASE("the paired bootstrap interval", "[typeface]") {
+  // A constant difference: the interval is that constant.
+  const Grid constant(5, std::vector<double>(7, 0.25));
+  const auto exact = paired_bootstrap({constant});
+  CHECK(exact.mean == Approx(0.25));
+  CHECK(exact.low == Approx(0.25));
+  CHECK(exact.high == Approx(0.25));
+
+  // The mean is the mean of the strata's means, whatever their sizes.
+  const Grid small{{1.0, 3.0}, {1.0, 3.0}};
+  const Grid large(4, std::vector<double>(10, -1.0));
+  CHECK(paired_bootstrap({small, large}).mean == Approx(0.5));
+
+  // Noise around 0.5 with 5 seeds x 40 prompts: the interval holds the
+  // mean, excludes 0, and is at least as wide as the naive normal interval
+  // over the 200 independent values, at most twice (resampling both seeds
+  // and prompts is conservative where neither adds variance of its own).
+  std::mt19937_64 rng(9);
+  std::normal_distribution<double> noise(0.5, 1.0);
+  Grid grid(5, std::vector<double>(40));
+  double sum = 0, sq = 0;
+  for (auto& row : grid) {
+    for (auto& v : row) {
+      v = noise(rng);
+      sum += v;
+      sq += v * v;
+    }
+  }
+  const double n = 200, mean = sum / n;
+  const double se = std::sqrt((sq / n - mean * mean) / n);
+  const auto interval = paired_bootstrap({grid});
+  CHECK(interval.mean == Approx(mean));
+  CHECK(interval.low < mean);
+  CHECK(interval.high > mean);
+  CHECK(interval.low > 0);
+  const double width = interval.high - interval.low;
+  CHECK(width > 0.9 * 2 * 1.96 * se);
+  CHECK(width < 2.0 * 2 * 1.96 * se);
+  CHECK(verdict(interval, true) == "better");
+  CHECK(verdict(interval, false) == "worse");
+  CHECK(verdict(Interval{0.1, -0.1, 0.3}, true) == "no difference");
+}
+
+TEST_CASE("the experiments' arms", "[typeface]") {
+  const auto config = tiny_config();
+  const auto few_shot = setting_arms("few-shot", config);
+  REQUIRE(few_shot.size() == 4);
+  CHECK(few_shot[0].label == "StyleInject");
+  // LoRA's rank is the one whose count is nearest StyleInject's.
+  const auto si = few_shot[0].parameters;
+  const auto lora = few_shot[1].parameters;
+  const auto per_rank =
+      adapter_parameter_count(config, styleinject::StyleInjectOptions::lora(1));
+  CHECK(std::abs(lora - si) <= per_rank / 2);
+  CHECK(few_shot[2].parameters == 2 * lora);
+  const auto ablation = setting_arms("ablation", config);
+  for (const auto& arm : ablation) {
+    CAPTURE(arm.label);
+    if (arm.label.rfind("n=", 0) == 0) {
+      // n at equal parameters: within one rank step of the default.
+      auto one_more = arm.adapter;
+      one_more.rank(arm.adapter.rank() + 1);
+      CHECK(
+          std::abs(arm.parameters - si) <=
+          adapter_parameter_count(config, one_more) - arm.parameters);
+    }
+  }
+  CHECK(slug("LoRA r=15 (equal time)") == "lora-r-15-equal-time");
 }

@@ -7,8 +7,10 @@
 //       --prompt "the letter g in lobster style" --out g.png
 //   typeface eval --adapter runs/si/adapters.safetensors --style lobster
 //   typeface demo                     # all of it, into results/
+//   typeface experiment --setting few-shot [--quick]
 
 #include "demo.h"
+#include "experiment.h"
 
 #include <CLI/CLI.hpp>
 
@@ -248,15 +250,94 @@ int main(int argc, char** argv) {
   demo_cmd->add_option("--results", demo.results, "output folder")
       ->capture_default_str();
 
+  // judge
+  ExperimentOptions experiment;
+  std::string judge_dir;
+  auto* judge_cmd = app.add_subcommand(
+      "judge",
+      "train (or load) the experiments' judge, an ensemble of glyph "
+      "classifiers, and print its held-out accuracy");
+  shared(judge_cmd);
+  judge_cmd->add_option(
+      "--out", judge_dir, "its folder (default: the cache's)");
+  judge_cmd->add_option("--members", experiment.judge_members)
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  judge_cmd->add_option("--steps", experiment.judge_steps)
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+
+  // experiment
+  auto* experiment_cmd = app.add_subcommand(
+      "experiment",
+      "StyleInject against LoRA (few-shot) or its own variants (ablation), "
+      "with seeds, several images per prompt and paired 95 % intervals");
+  shared(experiment_cmd);
+  experiment_cmd->add_option("--setting", experiment.setting)
+      ->check(CLI::IsMember({"few-shot", "ablation"}))
+      ->capture_default_str();
+  experiment_cmd->add_flag(
+      "--quick",
+      experiment.quick,
+      "one style, one K, 2 seeds, 2 images per prompt, 40 steps, no search");
+  experiment_cmd
+      ->add_option(
+          "--styles", experiment.styles, "new styles (default: all six)")
+      ->delimiter(',');
+  experiment_cmd->add_option("--shots", experiment.shots, "K values")
+      ->delimiter(',')
+      ->capture_default_str();
+  experiment_cmd->add_option("--seeds", experiment.seeds)
+      ->check(CLI::Range(2, 1000))
+      ->capture_default_str();
+  experiment_cmd->add_option("--images", experiment.images, "per prompt")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  experiment_cmd->add_option("--steps", experiment.steps, "fine-tune steps")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  experiment_cmd
+      ->add_option(
+          "--lrs", experiment.lrs, "learning rates searched for every arm")
+      ->delimiter(',')
+      ->capture_default_str();
+  experiment_cmd->add_option(
+      "--base", base_dir, "base model folder (default: the cache's)");
+  experiment_cmd->add_option(
+      "--judge", judge_dir, "the judge's folder (default: the cache's)");
+  experiment_cmd
+      ->add_option(
+          "--judge-members",
+          experiment.judge_members,
+          "classifiers in the judge")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  experiment_cmd
+      ->add_option(
+          "--judge-steps", experiment.judge_steps, "training steps of each")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  experiment_cmd->add_option("--results", experiment.results, "output folder")
+      ->capture_default_str();
+
   CLI11_PARSE(app, argc, argv);
 
   try {
     const auto runtime = runtime_of(device, dtype);
     torch::manual_seed(seed);
     const auto model_config = config();
-    const auto base = base_dir.empty()
-        ? fs::path(cache) / ("base-" + model_size)
-        : fs::path(base_dir);
+    // The shipped base model and judge (assets/) unless told otherwise;
+    // `pretrain` writes into the cache.
+    const auto shipped_or_cached = [&](const std::string& name) {
+      const auto shipped = shipped_assets() / (name + "-" + model_size);
+      return fs::exists(shipped) ? shipped
+                                 : fs::path(cache) / (name + "-" + model_size);
+    };
+    const auto base = !base_dir.empty() ? fs::path(base_dir)
+        : *pretrain_cmd ? fs::path(cache) / ("base-" + model_size)
+                        : shipped_or_cached("base");
+    const auto judge_path =
+        judge_dir.empty() ? shipped_or_cached("judge") : fs::path(judge_dir);
     if (*pretrain_cmd) {
       pre.config = model_config;
       pre.seed = seed;
@@ -314,6 +395,30 @@ int main(int argc, char** argv) {
       } else {
         write_text(metrics_file, text);
       }
+    } else if (*judge_cmd) {
+      GlyphRenderer renderer(
+          all_fonts(), model_config.image_size, font_paths());
+      const auto dir = judge_dir.empty()
+          ? fs::path(cache) / ("judge-" + model_size)
+          : fs::path(judge_dir);
+      const auto judge = load_or_train_judge(
+          dir,
+          experiment.judge_members,
+          experiment.judge_steps,
+          renderer,
+          runtime);
+      std::cout << judge.report.dump(2) << "\njudge in " << dir.string()
+                << "\n";
+    } else if (*experiment_cmd) {
+      experiment.config = model_config;
+      experiment.model_size = model_size;
+      experiment.base_dir = base;
+      experiment.judge_dir = judge_path;
+      experiment.seed = seed;
+      if (experiment.quick) {
+        experiment.make_quick();
+      }
+      run_experiment(experiment, font_paths(), runtime);
     } else if (*demo_cmd) {
       demo.config = model_config;
       demo.model_size = model_size;

@@ -106,6 +106,67 @@ void save_atomically(const T& value, const fs::path& path) {
   write_text(path, stream.str());
 }
 
+/// Saves a module's parameters and buffers, by qualified name, as a
+/// safetensors file (atomically), with `metadata`.
+inline void save_weights(
+    const torch::nn::Module& module,
+    const fs::path& path,
+    const std::map<std::string, std::string>& metadata) {
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
+  for (const auto& item : module.named_parameters()) {
+    tensors.emplace_back(item.key(), item.value());
+  }
+  for (const auto& item : module.named_buffers()) {
+    tensors.emplace_back(item.key(), item.value());
+  }
+  write_text(
+      path,
+      styleinject::detail::safetensors::serialize(
+          tensors, metadata, path.string()));
+}
+
+/// Loads what save_weights wrote into a module with the same names and
+/// shapes (all of them, nothing else); returns the file's metadata.
+inline std::map<std::string, std::string> load_weights(
+    torch::nn::Module& module,
+    const fs::path& path) {
+  namespace st = styleinject::detail::safetensors;
+  const auto bytes = st::read_file(path.string(), path.string());
+  auto contents = st::parse(
+      reinterpret_cast<const uint8_t*>(bytes.data()),
+      bytes.size(),
+      path.string());
+  auto targets = module.named_parameters();
+  for (const auto& item : module.named_buffers()) {
+    targets.insert(item.key(), item.value());
+  }
+  TORCH_CHECK(
+      contents.tensors.size() == targets.size(),
+      path.string(),
+      ": expected ",
+      targets.size(),
+      " tensors, but the file has ",
+      contents.tensors.size());
+  for (const auto& [name, tensor] : contents.tensors) {
+    const auto* target = targets.find(name);
+    TORCH_CHECK(
+        target != nullptr && target->sizes() == tensor.sizes(),
+        path.string(),
+        ": tensor '",
+        name,
+        "' of shape ",
+        tensor.sizes(),
+        " fits no tensor of the model",
+        target ? " (it has " + c10::str(target->sizes()) + ")" : "");
+  }
+  // Checked first, so that a file that does not fit changes nothing.
+  torch::NoGradGuard no_grad;
+  for (const auto& [name, tensor] : contents.tensors) {
+    targets[name].copy_(tensor);
+  }
+  return contents.metadata;
+}
+
 /// Writes a (H, W) image with values in [0, 1] as an 8-bit grayscale PNG.
 inline void write_png(const fs::path& path, const torch::Tensor& image) {
   TORCH_CHECK(
@@ -279,9 +340,24 @@ struct PretrainOptions {
   bool resume = false;
 };
 
-/// The files of a base model: its weights and what they were trained with.
+/// The files of a base model: its (averaged) weights as safetensors, and
+/// what they were trained with.
 inline fs::path model_file(const fs::path& dir) {
+  return dir / "model.safetensors";
+}
+
+/// Where versions before 0.5 kept the weights (torch::save).
+inline fs::path legacy_model_file(const fs::path& dir) {
   return dir / "model.pt";
+}
+
+/// Loads a base model's weights from `dir` into `model`.
+inline void load_model_weights(TextToImage& model, const fs::path& dir) {
+  if (!fs::exists(model_file(dir)) && fs::exists(legacy_model_file(dir))) {
+    torch::load(model, legacy_model_file(dir).string());
+    return;
+  }
+  load_weights(*model, model_file(dir));
 }
 inline fs::path config_file(const fs::path& dir) {
   return dir / "config.json";
@@ -289,7 +365,8 @@ inline fs::path config_file(const fs::path& dir) {
 
 /// Whether `dir` holds a base model whose pretraining finished.
 inline bool base_complete(const fs::path& dir) {
-  if (!fs::exists(config_file(dir)) || !fs::exists(model_file(dir))) {
+  if (!fs::exists(config_file(dir)) ||
+      !(fs::exists(model_file(dir)) || fs::exists(legacy_model_file(dir)))) {
     return false;
   }
   const auto json = read_json(config_file(dir));
@@ -301,12 +378,13 @@ inline TextToImage load_base(const fs::path& dir, torch::Device device) {
   if (!fs::exists(config_file(dir))) {
     throw std::runtime_error(
         "no base model in " + dir.string() +
-        " (expected config.json and model.pt); run `typeface pretrain --out " +
+        " (expected config.json and model.safetensors); run `typeface "
+        "pretrain --out " +
         dir.string() + "` first");
   }
   const auto json = read_json(config_file(dir));
   TextToImage model(ModelConfig::from_json(json.at("model")));
-  torch::load(model, model_file(dir).string());
+  load_model_weights(model, dir);
   model->to(device);
   return model;
 }
@@ -363,13 +441,20 @@ inline void pretrain(
           config.to_json().dump());
     }
     torch::load(model, training_file.string(), runtime.device);
-    torch::load(average, model_file(dir).string(), runtime.device);
+    load_model_weights(average, dir);
+    average->to(runtime.device);
     torch::load(optimizer, (dir / "optimizer.pt").string(), runtime.device);
     step = state.at("step");
   }
   const auto save = [&] {
     save_atomically(model, training_file);
-    save_atomically(average, model_file(dir));
+    save_weights(
+        *average,
+        model_file(dir),
+        {{"what", "typeface base model (EMA weights)"},
+         {"step", std::to_string(step)},
+         {"steps", std::to_string(options.steps)},
+         {"seed", std::to_string(options.seed)}});
     save_atomically(optimizer, dir / "optimizer.pt");
     write_text(
         config_file(dir),
@@ -467,11 +552,17 @@ struct FinetuneOptions {
   int64_t checkpoint_every = 100;
   uint64_t seed = 0;
   bool resume = false;
+  /// Adapter options that replace those of method, rank and branches (the
+  /// experiments' arms).
+  c10::optional<styleinject::StyleInjectOptions> adapter;
 };
 
 /// The adapter options of a method.
 inline styleinject::StyleInjectOptions adapter_options(
     const FinetuneOptions& options) {
+  if (options.adapter) {
+    return *options.adapter;
+  }
   if (options.method == "lora") {
     return styleinject::StyleInjectOptions::lora(options.rank);
   }
@@ -487,12 +578,14 @@ inline styleinject::StyleInjectOptions adapter_options(
 /// base model, on `shots` characters of `style`: only the adapter
 /// parameters reach the optimizer. Saves adapters.safetensors (and
 /// optimizer + state for --resume) into `dir`; returns the adapted model.
+/// `curve`, if given, receives (step, loss) every tenth step.
 inline TextToImage finetune(
     const FinetuneOptions& options,
     const fs::path& base_dir,
     const fs::path& dir,
     GlyphRenderer& renderer,
-    const Runtime& runtime) {
+    const Runtime& runtime,
+    std::vector<std::pair<int64_t, double>>* curve = nullptr) {
   const Tokenizer tokenizer;
   const auto style = font_index(options.style);
   if (catalogue()[style].base) {
@@ -554,7 +647,11 @@ inline TextToImage finetune(
     const auto loss =
         diffusion_step(model, schedule, batch, optimizer, runtime);
     ++step;
-    progress.step(shown_loss(loss, step, options.steps));
+    const double shown = shown_loss(loss, step, options.steps);
+    progress.step(shown);
+    if (curve != nullptr && shown >= 0) {
+      curve->emplace_back(step, shown);
+    }
     if (step % options.checkpoint_every == 0 || step == options.steps) {
       save();
     }

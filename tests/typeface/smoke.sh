@@ -46,4 +46,29 @@ e=json.load(open(sys.argv[1])); s=json.load(open(sys.argv[2]))
 assert 0 <= e["alignment"] <= 1 and 0 <= e["style_fit"] <= 1, e
 assert e["test_characters"] and not set(e["test_characters"]) & set(s["shots"]), (e, s)' \
   "$work/eval.json" "$work/ft/state.json"
+# The experiment's quick mode on the tiny model, with a judge of two
+# members: every file of the report, and every run's per-prompt scores.
+"$typeface" experiment $tiny --quick --steps 4 --judge-members 2 \
+  --judge-steps 20 --results "$work/experiment"
+for file in summary.md metrics.json grids/lobster-k16.png; do
+  test -s "$work/experiment/few-shot/$file" ||
+    { echo "FAIL: no experiment/few-shot/$file" >&2; exit 1; }
+done
+python3 -c 'import json,sys
+m=json.load(open(sys.argv[1]))
+assert [a["label"].split(" ")[0] for a in m["arms"]] == ["StyleInject", "LoRA", "LoRA", "LoRA"], m["arms"]
+assert len(m["runs"]) == 4 * 2, len(m["runs"])
+for r in m["runs"]:
+    assert len(r["alignment"]) == len(m["runs"][0]["alignment"]) > 0, r
+    assert all(0 <= v <= 1 for v in r["alignment"] + r["retention"] + r["font_kept"]), r
+d=m["results"]["16"]["differences"]["LoRA r=%d" % m["arms"][1]["options"]["rank"]]
+assert d["alignment"]["all"]["low"] <= d["alignment"]["all"]["mean"] <= d["alignment"]["all"]["high"], d' \
+  "$work/experiment/few-shot/metrics.json"
+# A second run reuses every run on disk (it trains nothing).
+"$typeface" experiment $tiny --quick --steps 4 --judge-members 2 \
+  --results "$work/experiment" 2>&1 | tee "$work/experiment.log"
+if grep -q "finetune" "$work/experiment.log"; then
+  echo "FAIL: the second experiment fine-tuned again" >&2
+  exit 1
+fi
 echo "smoke run passed"

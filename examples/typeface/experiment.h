@@ -1,0 +1,1016 @@
+#pragma once
+// `typeface experiment`: StyleInject against LoRA (few-shot) and against
+// its own variants (ablation), with power. Every arm trains on the same
+// data stream for a seed and is judged on the same prompts and the same
+// initial noise, several images per prompt; differences are paired and get
+// 95 % bootstrap intervals over seeds and prompts. Results in
+// results/<setting>/: summary.md, metrics.json, grids (and plots, where
+// python3 has matplotlib). Runs already on disk are reused, so an
+// interrupted experiment goes on where it stopped.
+
+#include "demo.h"
+#include "statistics.h"
+
+#include <styleinject/styleinject.h>
+
+#include <cstdlib>
+#include <iomanip>
+#include <map>
+#include <sstream>
+
+namespace typeface {
+
+/// The folder of the shipped base models and judges.
+inline fs::path shipped_assets() {
+  return fs::path(TYPEFACE_SOURCE_DIR) / "assets";
+}
+
+// ------------------------------------------------------------------ judge
+
+/// The judge: glyph classifiers trained with different seeds, whose
+/// averaged probabilities score images. One classifier's verdicts move
+/// from one training to the next by more than the methods differ; the
+/// ensemble's move less, and it is trained once and shipped.
+struct Judge {
+  std::vector<GlyphClassifier> members;
+  ordered_json report; // held-out accuracies, per member and ensemble
+};
+
+/// What the judge says of a batch of images.
+struct Scores {
+  torch::Tensor characters; // (N, characters) mean probabilities
+  torch::Tensor fonts; // (N, fonts)
+  torch::Tensor features; // (N, 256) the first member's penultimate layer
+  torch::Tensor votes; // (members, N) each member's character
+};
+
+inline Scores score(Judge& judge, const torch::Tensor& images) {
+  torch::NoGradGuard no_grad;
+  Scores scores;
+  std::vector<torch::Tensor> votes;
+  for (auto& member : judge.members) {
+    member->eval();
+    const auto device = member->character->weight.device();
+    const auto h = member->features->forward(images.to(device, torch::kFloat));
+    const auto characters = torch::softmax(member->character(h), 1).cpu();
+    const auto fonts = torch::softmax(member->font(h), 1).cpu();
+    if (!scores.features.defined()) {
+      scores.features = h.cpu();
+      scores.characters = torch::zeros_like(characters);
+      scores.fonts = torch::zeros_like(fonts);
+    }
+    const auto share = 1.0 / static_cast<double>(judge.members.size());
+    scores.characters += characters * share;
+    scores.fonts += fonts * share;
+    votes.push_back(characters.argmax(1));
+  }
+  scores.votes = torch::stack(votes);
+  return scores;
+}
+
+/// The held-out accuracy of a judge on fresh renders of every font: with
+/// the training's jitter, and (`moved`) at smaller sizes and larger offsets
+/// than any training render.
+inline ordered_json judge_accuracy(
+    Judge& judge,
+    GlyphRenderer& renderer,
+    bool moved,
+    uint64_t seed) {
+  const Tokenizer tokenizer;
+  std::mt19937_64 rng(seed);
+  double characters = 0, fonts = 0;
+  std::vector<double> members(judge.members.size(), 0.0);
+  int64_t count = 0;
+  for (int round = 0; round < 8; ++round) {
+    auto batch = draw_batch(
+        renderer,
+        tokenizer,
+        renderer.fonts(),
+        typeface::characters(),
+        256,
+        rng);
+    if (moved) {
+      // 80 % of the size, shifted by up to 1/8 of it.
+      const auto size = batch.images.size(-1);
+      const auto small = torch::nn::functional::interpolate(
+          batch.images,
+          torch::nn::functional::InterpolateFuncOptions()
+              .size(std::vector<int64_t>{size * 4 / 5, size * 4 / 5})
+              .mode(torch::kBilinear)
+              .align_corners(false));
+      auto canvas = torch::zeros_like(batch.images);
+      std::uniform_int_distribution<int64_t> offset(0, size - size * 4 / 5);
+      for (int64_t i = 0; i < canvas.size(0); ++i) {
+        const auto y = offset(rng), x = offset(rng);
+        canvas[i]
+            .slice(1, y, y + small.size(2))
+            .slice(2, x, x + small.size(3))
+            .copy_(small[i]);
+      }
+      batch.images = canvas;
+    }
+    const auto scores = score(judge, batch.images);
+    characters +=
+        scores.characters.argmax(1).eq(batch.characters).sum().item<double>();
+    fonts += scores.fonts.argmax(1).eq(batch.fonts).sum().item<double>();
+    for (size_t m = 0; m < members.size(); ++m) {
+      members[m] += scores.votes[m].eq(batch.characters).sum().item<double>();
+    }
+    count += batch.images.size(0);
+  }
+  ordered_json report{
+      {"renders", count},
+      {"character_accuracy", characters / count},
+      {"font_accuracy", fonts / count}};
+  for (auto& m : members) {
+    report["member_character_accuracy"].push_back(m / count);
+  }
+  return report;
+}
+
+/// The judge of `dir` (classifier-<i>.safetensors and judge.json), trained
+/// there first where it is missing: `members` classifiers, seeds 0, 1, ...
+inline Judge load_or_train_judge(
+    const fs::path& dir,
+    int64_t members,
+    int64_t steps,
+    GlyphRenderer& renderer,
+    const Runtime& runtime) {
+  Judge judge;
+  const bool trained = fs::exists(dir / "judge.json");
+  for (int64_t i = 0; i < members; ++i) {
+    GlyphClassifier classifier(
+        renderer.size(),
+        static_cast<int64_t>(characters().size()),
+        static_cast<int64_t>(catalogue().size()));
+    const auto file =
+        dir / ("classifier-" + std::to_string(i) + ".safetensors");
+    if (trained) {
+      load_weights(*classifier, file);
+      classifier->to(runtime.device);
+    } else {
+      train_classifier(classifier, renderer, steps, i, runtime);
+      save_weights(
+          *classifier,
+          file,
+          {{"command",
+            "typeface experiment (judge member " + std::to_string(i) + ")"},
+           {"steps", std::to_string(steps)},
+           {"seed", std::to_string(i)}});
+    }
+    judge.members.push_back(classifier);
+  }
+  if (trained) {
+    judge.report = read_json(dir / "judge.json");
+    return judge;
+  }
+  judge.report = {
+      {"members", members},
+      {"steps", steps},
+      {"held_out", judge_accuracy(judge, renderer, false, 7777)},
+      {"held_out_moved", judge_accuracy(judge, renderer, true, 8888)}};
+  write_text(dir / "judge.json", judge.report.dump(2));
+  return judge;
+}
+
+// ------------------------------------------------------------------- arms
+
+/// One configuration that the experiment fine-tunes and judges.
+struct Arm {
+  std::string label;
+  styleinject::StyleInjectOptions adapter;
+  int64_t parameters = 0;
+  double lr = 3e-3;
+  double steps_factor = 1; // > 1: LoRA given StyleInject's wall-clock time
+};
+
+/// The rank whose adapter count on `config` comes nearest to `target`. The
+/// count is linear in the rank, so two counts give it.
+inline int64_t rank_for(
+    const ModelConfig& config,
+    styleinject::StyleInjectOptions options,
+    int64_t target) {
+  const auto one = adapter_parameter_count(config, options.rank(1));
+  const auto per_rank = adapter_parameter_count(config, options.rank(2)) - one;
+  return std::max<int64_t>(
+      1, 1 + std::llround(static_cast<double>(target - one) / per_rank));
+}
+
+inline Arm make_arm(
+    const ModelConfig& config,
+    std::string label,
+    styleinject::StyleInjectOptions adapter) {
+  Arm arm{std::move(label), adapter};
+  arm.parameters = adapter_parameter_count(config, adapter);
+  return arm;
+}
+
+/// The arms of a setting; the first is the reference of every comparison.
+/// few-shot: StyleInject with the library's defaults, LoRA of about its
+/// parameter count, LoRA of twice that, and the first LoRA given
+/// StyleInject's wall-clock time. ablation: the defaults, then one change
+/// each (n at equal parameters).
+inline std::vector<Arm> setting_arms(
+    const std::string& setting,
+    const ModelConfig& config) {
+  using styleinject::GateMode;
+  using styleinject::StyleInjectOptions;
+  const StyleInjectOptions defaults(4);
+  std::vector<Arm> arms{make_arm(config, "StyleInject", defaults)};
+  const auto target = arms[0].parameters;
+  if (setting == "few-shot") {
+    const auto rank = rank_for(config, StyleInjectOptions::lora(1), target);
+    arms.push_back(make_arm(
+        config,
+        "LoRA r=" + std::to_string(rank),
+        StyleInjectOptions::lora(rank)));
+    arms.push_back(make_arm(
+        config,
+        "LoRA r=" + std::to_string(2 * rank),
+        StyleInjectOptions::lora(2 * rank)));
+    auto timed = arms[1];
+    timed.label += " (equal time)";
+    arms.push_back(timed);
+    return arms;
+  }
+  arms.push_back(make_arm(
+      config, "router off", StyleInjectOptions(defaults).router(false)));
+  arms.push_back(make_arm(
+      config, "gate off", StyleInjectOptions(defaults).gate(GateMode::kOff)));
+  arms.push_back(make_arm(
+      config,
+      "gate adain",
+      StyleInjectOptions(defaults).gate(GateMode::kAdain)));
+  arms.push_back(make_arm(
+      config,
+      "gate residual",
+      StyleInjectOptions(defaults).gate(GateMode::kResidual)));
+  for (const int64_t n : {1, 2, 8}) {
+    auto options = StyleInjectOptions(defaults).branches(n);
+    options.rank(rank_for(config, options, target));
+    arms.push_back(make_arm(
+        config,
+        "n=" + std::to_string(n) + " r=" + std::to_string(options.rank()),
+        options));
+  }
+  for (const double tau : {0.5, 2.0}) {
+    std::ostringstream label;
+    label << "temperature " << tau;
+    arms.push_back(make_arm(
+        config, label.str(), StyleInjectOptions(defaults).temperature(tau)));
+  }
+  return arms;
+}
+
+// --------------------------------------------------------------- settings
+
+struct ExperimentOptions {
+  std::string setting = "few-shot"; // or "ablation"
+  bool quick = false;
+  ModelConfig config = ModelConfig::small();
+  std::string model_size = "small";
+  fs::path base_dir; // the pretrained base model
+  fs::path judge_dir; // the judge (trained there if missing)
+  int64_t judge_members = 3;
+  int64_t judge_steps = 1500;
+  std::vector<std::string> styles; // empty: every new style
+  std::vector<int64_t> shots = {16, 4};
+  int64_t seeds = 5;
+  int64_t images = 4; // per prompt, each from its own noise
+  int64_t base_prompts = 24;
+  int64_t steps = 150;
+  std::vector<double> lrs = {1e-3, 3e-3, 1e-2}; // the search's candidates
+  fs::path results = "results";
+  uint64_t seed = 0;
+
+  /// The quick mode's cuts: one style, one K, two seeds, two images per
+  /// prompt, few steps, no learning-rate search.
+  void make_quick() {
+    quick = true;
+    styles = {"lobster"};
+    shots = {shots[0]};
+    seeds = 2;
+    images = 2;
+    base_prompts = 12;
+    steps = std::min<int64_t>(steps, 40);
+    lrs = {3e-3};
+  }
+};
+
+inline std::vector<std::string> experiment_styles(
+    const ExperimentOptions& options) {
+  if (!options.styles.empty()) {
+    return options.styles;
+  }
+  std::vector<std::string> styles;
+  for (const auto& font : catalogue()) {
+    if (!font.base) {
+      styles.push_back(font.name);
+    }
+  }
+  return styles;
+}
+
+// ------------------------------------------------------------------- runs
+
+/// A file-system name for a label: "LoRA r=15 (equal time)" ->
+/// "lora-r-15-equal-time".
+inline std::string slug(const std::string& label) {
+  std::string out;
+  for (const char c : label) {
+    if (std::isalnum(static_cast<unsigned char>(c)) || c == '.') {
+      out += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    } else if (!out.empty() && out.back() != '-') {
+      out += '-';
+    }
+  }
+  while (!out.empty() && out.back() == '-') {
+    out.pop_back();
+  }
+  return out;
+}
+
+/// Every prompt `images` times, image-major: image k of prompt p is at
+/// k · P + p, so that each image gets its own initial noise and every arm
+/// the same noise for it.
+inline Prompts repeated(const Prompts& prompts, int64_t images) {
+  Prompts all;
+  for (int64_t k = 0; k < images; ++k) {
+    all.insert(all.end(), prompts.begin(), prompts.end());
+  }
+  return all;
+}
+
+/// Per prompt, the mean over its images of a per-image score.
+/// values: (images · P) image-major -> P
+inline std::vector<double> per_prompt(
+    const torch::Tensor& values,
+    int64_t prompts) {
+  const auto means = values.to(torch::kDouble).view({-1, prompts}).mean(0);
+  return {means.data_ptr<double>(), means.data_ptr<double>() + prompts};
+}
+
+/// One fine-tuned model judged: per-prompt scores (means over the images)
+/// of the style's test characters and of the base-font prompts.
+inline ordered_json judge_model(
+    TextToImage& model,
+    Judge& judge,
+    int64_t style,
+    const std::string& test_characters,
+    const ExperimentOptions& options,
+    const Runtime& runtime,
+    torch::Tensor& test_images,
+    torch::Tensor& test_features) {
+  Prompts test;
+  for (const char c : test_characters) {
+    test.emplace_back(style, c);
+  }
+  const auto base = base_font_prompts(options.base_prompts);
+  SamplerOptions sampler;
+  test_images =
+      generate(model, repeated(test, options.images), sampler, runtime);
+  const auto base_images =
+      generate(model, repeated(base, options.images), sampler, runtime);
+  const auto expected = [](const Prompts& prompts, int64_t images) {
+    std::vector<int64_t> chars, fonts;
+    for (const auto& [font, c] : repeated(prompts, images)) {
+      chars.push_back(static_cast<int64_t>(characters().find(c)));
+      fonts.push_back(font);
+    }
+    return std::make_pair(torch::tensor(chars), torch::tensor(fonts));
+  };
+  const auto on_test = score(judge, test_images);
+  const auto on_base = score(judge, base_images);
+  const auto [test_chars, test_fonts] = expected(test, options.images);
+  const auto [base_chars, base_fonts] = expected(base, options.images);
+  test_features = on_test.features;
+  const auto member_alignment =
+      on_test.votes.eq(test_chars).to(torch::kDouble).mean(1).contiguous();
+  const auto P = static_cast<int64_t>(test.size());
+  const auto B = static_cast<int64_t>(base.size());
+  return {
+      {"alignment", per_prompt(on_test.characters.argmax(1).eq(test_chars), P)},
+      {"style_fit",
+       per_prompt(
+           on_test.fonts.gather(1, test_fonts.unsqueeze(1)).squeeze(1), P)},
+      {"retention", per_prompt(on_base.characters.argmax(1).eq(base_chars), B)},
+      {"font_kept", per_prompt(on_base.fonts.argmax(1).eq(base_fonts), B)},
+      {"judge_agreement",
+       on_test.votes.eq(on_test.votes[0])
+           .all(0)
+           .to(torch::kDouble)
+           .mean()
+           .item<double>()},
+      // What each member alone would have said of the alignment.
+      {"member_alignment",
+       std::vector<double>(
+           member_alignment.data_ptr<double>(),
+           member_alignment.data_ptr<double>() + member_alignment.numel())}};
+}
+
+/// The measures of a run, how each is named in the report, and whether
+/// higher is better.
+struct Measure {
+  const char* key;
+  const char* title;
+  bool higher_is_better;
+};
+inline const std::vector<Measure>& measures() {
+  static const std::vector<Measure> list{
+      {"alignment", "alignment", true},
+      {"style_fit", "style fit", true},
+      {"retention", "retention (character)", true},
+      {"font_kept", "retention (font)", true}};
+  return list;
+}
+
+// ----------------------------------------------------------------- driver
+
+/// What one arm gave on one (shots, style, seed): its scores.json.
+struct Run {
+  ordered_json scores;
+  torch::Tensor features; // the judge's features of its test images
+  torch::Tensor grid_row; // image 0 of every test prompt
+};
+
+/// Fine-tunes and judges one arm on one (shots, style, seed), or reads what
+/// an earlier experiment left in `dir`.
+inline Run run_arm(
+    const Arm& arm,
+    const FinetuneOptions& base_options,
+    const Split& split,
+    Judge& judge,
+    const ExperimentOptions& options,
+    GlyphRenderer& renderer,
+    const Runtime& runtime,
+    const fs::path& dir) {
+  Run run;
+  const auto scores_file = dir / "scores.json";
+  const auto images_file = dir / "test_images.safetensors";
+  if (fs::exists(scores_file) && fs::exists(images_file)) {
+    run.scores = read_json(scores_file);
+    const auto bytes = styleinject::detail::safetensors::read_file(
+        images_file.string(), images_file.string());
+    const auto contents = styleinject::detail::safetensors::parse(
+        reinterpret_cast<const uint8_t*>(bytes.data()),
+        bytes.size(),
+        images_file.string());
+    run.features = contents.tensors.at(0).second;
+    run.grid_row = contents.tensors.at(1).second;
+    return run;
+  }
+  auto tune = base_options;
+  tune.adapter = arm.adapter;
+  tune.lr = arm.lr;
+  tune.steps = std::llround(base_options.steps * arm.steps_factor);
+  tune.checkpoint_every = tune.steps;
+  std::vector<std::pair<int64_t, double>> curve;
+  const auto start = std::chrono::steady_clock::now();
+  auto model = finetune(tune, options.base_dir, dir, renderer, runtime, &curve);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+          .count();
+  torch::Tensor images;
+  run.scores = judge_model(
+      model,
+      judge,
+      font_index(tune.style),
+      split.test,
+      options,
+      runtime,
+      images,
+      run.features);
+  run.scores["seconds"] = seconds;
+  run.scores["steps"] = tune.steps;
+  run.scores["lr"] = tune.lr;
+  run.scores["loss"] = curve;
+  run.grid_row = images.slice(0, 0, static_cast<int64_t>(split.test.size()));
+  write_text(
+      images_file,
+      styleinject::detail::safetensors::serialize(
+          {{"features", run.features}, {"grid_row", run.grid_row}},
+          {},
+          images_file.string()));
+  write_text(scores_file, run.scores.dump());
+  fs::remove(dir / "optimizer.pt");
+  return run;
+}
+
+/// The learning rate of an arm: the candidate with the lowest validation
+/// loss (held-out characters, never test ones) after a fine-tune of the
+/// first style and K at seed 1000, the same budget for every arm.
+inline double search_learning_rate(
+    const Arm& arm,
+    const FinetuneOptions& base_options,
+    const Split& split,
+    const ExperimentOptions& options,
+    GlyphRenderer& renderer,
+    const Runtime& runtime,
+    ordered_json& record) {
+  if (options.lrs.size() == 1) {
+    return options.lrs[0];
+  }
+  double best = options.lrs[0], best_loss = -1;
+  for (const double lr : options.lrs) {
+    std::ostringstream name;
+    name << slug(arm.label) << "-lr" << lr;
+    const auto dir = options.results / "lr-search" / name.str();
+    double loss = 0;
+    if (fs::exists(dir / "validation.json")) {
+      loss = read_json(dir / "validation.json").at("loss");
+    } else {
+      auto tune = base_options;
+      tune.adapter = arm.adapter;
+      tune.lr = lr;
+      tune.seed = 1000;
+      tune.checkpoint_every = tune.steps;
+      auto model = finetune(tune, options.base_dir, dir, renderer, runtime);
+      loss = validation_loss(
+          model, renderer, font_index(tune.style), split.validation, runtime);
+      write_text(dir / "validation.json", ordered_json{{"loss", loss}}.dump());
+    }
+    record[std::to_string(lr)] = loss;
+    if (best_loss < 0 || loss < best_loss) {
+      best_loss = loss;
+      best = lr;
+    }
+  }
+  return best;
+}
+
+/// Seconds per fine-tune step of an arm, the median of three short runs.
+inline double seconds_per_step(
+    const Arm& arm,
+    const FinetuneOptions& base_options,
+    const ExperimentOptions& options,
+    GlyphRenderer& renderer,
+    const Runtime& runtime) {
+  std::vector<double> times;
+  for (int round = 0; round < 3; ++round) {
+    auto tune = base_options;
+    tune.adapter = arm.adapter;
+    tune.steps = 10;
+    tune.checkpoint_every = tune.steps;
+    const auto start = std::chrono::steady_clock::now();
+    finetune(
+        tune, options.base_dir, options.results / "timing", renderer, runtime);
+    times.push_back(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+            .count());
+  }
+  std::sort(times.begin(), times.end());
+  fs::remove_all(options.results / "timing");
+  return times[1] / 10;
+}
+
+/// Renders of the test characters of a style with the training's jitter,
+/// `per_character` each: the real side of the Fréchet distance.
+inline torch::Tensor real_features(
+    Judge& judge,
+    GlyphRenderer& renderer,
+    int64_t style,
+    const std::string& test_characters,
+    int64_t per_character) {
+  std::mt19937_64 rng(4242);
+  std::vector<torch::Tensor> renders;
+  for (int64_t k = 0; k < per_character; ++k) {
+    for (const char c : test_characters) {
+      renders.push_back(renderer.render(style, c, &rng));
+    }
+  }
+  return score(judge, torch::stack(renders).unsqueeze(1)).features;
+}
+
+inline std::string fixed(double value, int digits = 3) {
+  std::ostringstream text;
+  text << std::fixed << std::setprecision(digits) << value;
+  return text.str();
+}
+
+/// A markdown table's separator row of `columns` columns.
+inline std::string separator(size_t columns) {
+  std::string row = "|";
+  for (size_t c = 0; c < columns; ++c) {
+    row += " --- |";
+  }
+  return row;
+}
+
+inline std::string interval_text(const Interval& interval) {
+  return (interval.mean >= 0 ? "+" : "") + fixed(interval.mean) + " [" +
+      fixed(interval.low) + ", " + fixed(interval.high) + "]";
+}
+
+/// Every run of a setting: [shots][style][arm][seed].
+using Runs = std::vector<std::vector<std::vector<std::vector<Run>>>>;
+
+/// The per-prompt scores of `measure` of one arm over the seeds.
+inline Grid arm_grid(
+    const std::vector<Run>& seeds,
+    const std::string& measure) {
+  Grid grid;
+  for (const auto& run : seeds) {
+    grid.push_back(run.scores.at(measure).get<std::vector<double>>());
+  }
+  return grid;
+}
+
+inline Grid difference(const Grid& a, const Grid& b) {
+  Grid d = a;
+  for (size_t i = 0; i < d.size(); ++i) {
+    for (size_t j = 0; j < d[i].size(); ++j) {
+      d[i][j] -= b[i][j];
+    }
+  }
+  return d;
+}
+
+/// The Fréchet distance of an arm's test images (pooled over the seeds
+/// `picks`) to real renders.
+inline double pooled_distance(
+    const std::vector<Run>& seeds,
+    const std::vector<size_t>& picks,
+    const torch::Tensor& real) {
+  std::vector<torch::Tensor> features;
+  for (const auto i : picks) {
+    features.push_back(seeds[i].features);
+  }
+  return frechet_distance(torch::cat(features), real);
+}
+
+/// The paired bootstrap interval over seeds of FID(a) − FID(b).
+inline Interval distance_difference(
+    const std::vector<Run>& a,
+    const std::vector<Run>& b,
+    const torch::Tensor& real,
+    int64_t resamples = 200) {
+  std::vector<size_t> picks(a.size());
+  std::iota(picks.begin(), picks.end(), 0);
+  Interval interval;
+  interval.mean =
+      pooled_distance(a, picks, real) - pooled_distance(b, picks, real);
+  std::mt19937_64 rng(2);
+  std::uniform_int_distribution<size_t> pick(0, a.size() - 1);
+  std::vector<double> values;
+  for (int64_t r = 0; r < resamples; ++r) {
+    for (auto& p : picks) {
+      p = pick(rng);
+    }
+    values.push_back(
+        pooled_distance(a, picks, real) - pooled_distance(b, picks, real));
+  }
+  std::sort(values.begin(), values.end());
+  interval.low = values[static_cast<size_t>(0.025 * (values.size() - 1))];
+  interval.high = values[static_cast<size_t>(0.975 * (values.size() - 1))];
+  return interval;
+}
+
+/// summary.md, metrics.json, grids/ and plots/ of a finished experiment.
+inline void write_experiment_report(
+    const ExperimentOptions& options,
+    const std::vector<std::string>& styles,
+    const std::vector<Arm>& arms,
+    const Runs& runs,
+    Judge& judge,
+    GlyphRenderer& renderer,
+    ordered_json& report) {
+  std::ostringstream md;
+  md << "# Typeface experiment: " << options.setting
+     << (options.quick ? " (quick)" : "") << "\n\n"
+     << "Styles: " << styles.size() << " (" << report["styles"].dump() << "); "
+     << options.seeds << " seeds; " << options.images
+     << " images per prompt (each with its "
+     << "own initial noise, the same for every arm); " << options.steps
+     << " fine-tune steps; learning rate per arm from "
+     << report["lr_candidates"].dump()
+     << " by validation loss on held-out characters. Judge: "
+     << options.judge_members << " classifiers, held-out character accuracy "
+     << fixed(judge.report["held_out"]["character_accuracy"]) << " (font "
+     << fixed(judge.report["held_out"]["font_accuracy"])
+     << "), at other sizes and positions "
+     << fixed(judge.report["held_out_moved"]["character_accuracy"]) << ".\n\n"
+     << "| arm | adapter parameters | lr | steps | fine-tune time |\n"
+     << "| --- | --- | --- | --- | --- |\n";
+  for (size_t a = 0; a < arms.size(); ++a) {
+    double seconds = 0;
+    int64_t count = 0;
+    for (const auto& shots : runs) {
+      for (const auto& style : shots) {
+        for (const auto& run : style[a]) {
+          seconds += run.scores.at("seconds").get<double>();
+          ++count;
+        }
+      }
+    }
+    md << "| " << arms[a].label << " | " << arms[a].parameters << " | "
+       << arms[a].lr << " | " << report["arms"][a]["steps"] << " | "
+       << fixed(seconds / count, 0) << " s |\n";
+  }
+  for (size_t k = 0; k < runs.size(); ++k) {
+    const auto shots = options.shots[k];
+    const auto split = split_characters(shots);
+    md << "\n## K = " << shots << " shots\n\n"
+       << "Mean over styles, seeds and prompts (95 % interval):\n\n| arm |";
+    for (const auto& m : measures()) {
+      md << " " << m.title << " |";
+    }
+    md << " FID |\n" << separator(measures().size() + 2) << "\n";
+    // Means per arm, then FIDs per style.
+    std::vector<std::vector<double>> fid(arms.size());
+    std::vector<torch::Tensor> real;
+    for (size_t si = 0; si < styles.size(); ++si) {
+      real.push_back(real_features(
+          judge,
+          renderer,
+          font_index(styles[si]),
+          split.test,
+          2 * options.images));
+      std::vector<size_t> all(options.seeds);
+      std::iota(all.begin(), all.end(), 0);
+      for (size_t a = 0; a < arms.size(); ++a) {
+        fid[a].push_back(pooled_distance(runs[k][si][a], all, real[si]));
+      }
+    }
+    for (size_t a = 0; a < arms.size(); ++a) {
+      md << "| " << arms[a].label << " |";
+      for (const auto& m : measures()) {
+        std::vector<Grid> strata;
+        for (size_t si = 0; si < styles.size(); ++si) {
+          strata.push_back(arm_grid(runs[k][si][a], m.key));
+        }
+        const auto mean = paired_bootstrap(strata, 1000);
+        md << " " << fixed(mean.mean) << " [" << fixed(mean.low) << ", "
+           << fixed(mean.high) << "] |";
+        report["results"][std::to_string(shots)]["means"][arms[a].label]
+              [m.key] = {
+                  {"mean", mean.mean}, {"low", mean.low}, {"high", mean.high}};
+        for (size_t si = 0; si < styles.size(); ++si) {
+          const auto own = paired_bootstrap({strata[si]}, 1000);
+          report["results"][std::to_string(shots)]["per_style"][styles[si]]
+                [arms[a].label][m.key] = {
+                    {"mean", own.mean}, {"low", own.low}, {"high", own.high}};
+        }
+      }
+      const double mean_fid =
+          std::accumulate(fid[a].begin(), fid[a].end(), 0.0) / fid[a].size();
+      md << " " << fixed(mean_fid, 1) << " |\n";
+      report["results"][std::to_string(shots)]["fid"][arms[a].label] = fid[a];
+    }
+    // Paired differences against the first arm.
+    for (size_t a = 1; a < arms.size(); ++a) {
+      md << "\n"
+         << arms[0].label << " − " << arms[a].label
+         << " (paired over seeds and prompts; 95 % bootstrap interval; "
+            "verdict for "
+         << arms[0].label << "):\n\n| measure | all styles |";
+      for (const auto& style : styles) {
+        md << " " << style << " |";
+      }
+      md << "\n" << separator(styles.size() + 2) << "\n";
+      for (const auto& m : measures()) {
+        std::vector<Grid> strata;
+        for (size_t si = 0; si < styles.size(); ++si) {
+          strata.push_back(difference(
+              arm_grid(runs[k][si][0], m.key),
+              arm_grid(runs[k][si][a], m.key)));
+        }
+        const auto all = paired_bootstrap(strata);
+        md << "| " << m.title << " | " << interval_text(all) << " "
+           << verdict(all, m.higher_is_better) << " |";
+        auto& record = report["results"][std::to_string(shots)]["differences"]
+                             [arms[a].label][m.key];
+        record["all"] = {
+            {"mean", all.mean},
+            {"low", all.low},
+            {"high", all.high},
+            {"verdict", verdict(all, m.higher_is_better)}};
+        for (size_t si = 0; si < styles.size(); ++si) {
+          const auto one = paired_bootstrap({strata[si]});
+          md << " " << interval_text(one) << " |";
+          record[styles[si]] = {
+              {"mean", one.mean},
+              {"low", one.low},
+              {"high", one.high},
+              {"verdict", verdict(one, m.higher_is_better)}};
+        }
+        md << "\n";
+      }
+      md << "| FID (lower is better) | |";
+      for (size_t si = 0; si < styles.size(); ++si) {
+        const auto one =
+            distance_difference(runs[k][si][0], runs[k][si][a], real[si]);
+        md << " " << interval_text(one) << " " << verdict(one, false) << " |";
+        report["results"][std::to_string(shots)]["differences"][arms[a].label]
+              ["fid"][styles[si]] = {
+                  {"mean", one.mean},
+                  {"low", one.low},
+                  {"high", one.high},
+                  {"verdict", verdict(one, false)}};
+      }
+      md << "\n";
+    }
+    // Grids: the real font, then every arm's first seed.
+    for (size_t si = 0; si < styles.size(); ++si) {
+      std::vector<torch::Tensor> rows, real_row;
+      for (const char c : split.test) {
+        real_row.push_back(
+            renderer.render(font_index(styles[si]), c, nullptr).unsqueeze(0));
+      }
+      rows.push_back(torch::stack(real_row));
+      for (size_t a = 0; a < arms.size(); ++a) {
+        rows.push_back(runs[k][si][a][0].grid_row);
+      }
+      write_png(
+          options.results / "grids" /
+              (slug(styles[si]) + "-k" + std::to_string(shots) + ".png"),
+          grid(rows, 2));
+    }
+  }
+  // Every run's scores, for whoever wants to look again.
+  double agreement = 0;
+  int64_t count = 0;
+  for (size_t k = 0; k < runs.size(); ++k) {
+    for (size_t si = 0; si < styles.size(); ++si) {
+      for (size_t a = 0; a < arms.size(); ++a) {
+        for (size_t seed = 0; seed < runs[k][si][a].size(); ++seed) {
+          auto entry = runs[k][si][a][seed].scores;
+          entry["shots"] = options.shots[k];
+          entry["style"] = styles[si];
+          entry["arm"] = arms[a].label;
+          entry["seed"] = options.seed + seed;
+          agreement += entry["judge_agreement"].get<double>();
+          ++count;
+          report["runs"].push_back(entry);
+        }
+      }
+    }
+  }
+  report["judge_agreement_on_generated"] = agreement / count;
+  md << "\nThe judge's members agree on the character of "
+     << fixed(100 * agreement / count, 1)
+     << " % of the generated test images. Grids (rows: the real font, then "
+        "each arm's first seed) in grids/; every run's per-prompt scores in "
+        "metrics.json.\n";
+  write_text(options.results / "metrics.json", report.dump(1));
+  write_text(options.results / "summary.md", md.str());
+  std::cout << md.str();
+}
+
+/// Draws results/plots/ with plot.py, through the first python3 that has
+/// matplotlib ($TYPEFACE_PYTHON, python3, /usr/bin/python3); says how to
+/// get one where none has.
+inline void make_plots(const fs::path& results) {
+  const auto quoted = [](const std::string& text) {
+    std::string out = "'";
+    for (const char c : text) {
+      out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+    }
+    return out + "'";
+  };
+  std::vector<std::string> pythons{"python3", "/usr/bin/python3"};
+  if (const char* own = std::getenv("TYPEFACE_PYTHON"); own && *own) {
+    pythons.insert(pythons.begin(), own);
+  }
+  const auto script = fs::path(TYPEFACE_SOURCE_DIR) / "plot.py";
+  for (const auto& python : pythons) {
+    const auto probe =
+        quoted(python) + " -c 'import matplotlib' >/dev/null 2>&1";
+    if (std::system(probe.c_str()) == 0) {
+      const auto command = quoted(python) + " " + quoted(script.string()) +
+          " " + quoted(results.string());
+      if (std::system(command.c_str()) != 0) {
+        std::cerr << "plot.py failed: " << command << "\n";
+      }
+      return;
+    }
+  }
+  std::cerr << "no plots: no python3 with matplotlib found (Debian: apt "
+               "install python3-matplotlib; or set TYPEFACE_PYTHON)\n";
+}
+
+/// The whole experiment of `options.setting`, into results/<setting>/.
+inline void run_experiment(
+    ExperimentOptions options,
+    const std::map<std::string, std::string>& font_paths,
+    const Runtime& runtime) {
+  const auto begin = std::chrono::steady_clock::now();
+  const auto elapsed = [&] {
+    return std::chrono::duration<double>(
+               std::chrono::steady_clock::now() - begin)
+        .count();
+  };
+  if (options.setting != "few-shot" && options.setting != "ablation") {
+    throw std::invalid_argument(
+        "--setting must be few-shot or ablation, but got '" + options.setting +
+        "'");
+  }
+  options.results = options.results / options.setting;
+  const auto styles = experiment_styles(options);
+  for (const auto& style : styles) {
+    if (catalogue()[font_index(style)].base) {
+      throw std::invalid_argument(
+          "'" + style + "' is a base font, not a new style");
+    }
+  }
+  GlyphRenderer renderer(all_fonts(), options.config.image_size, font_paths);
+  load_base(options.base_dir, runtime.device); // fails early where missing
+  auto judge = load_or_train_judge(
+      options.judge_dir,
+      options.judge_members,
+      options.judge_steps,
+      renderer,
+      runtime);
+  ordered_json report{
+      {"setting", options.setting},
+      {"quick", options.quick},
+      {"styles", styles},
+      {"shots", options.shots},
+      {"seeds", options.seeds},
+      {"images_per_prompt", options.images},
+      {"base_prompts", options.base_prompts},
+      {"steps", options.steps},
+      {"lr_candidates", options.lrs},
+      {"base", read_json(config_file(options.base_dir))},
+      {"judge", judge.report}};
+
+  // The arms, their learning rates (searched on the first style and K)
+  // and the wall-clock factor of the equal-time arm.
+  auto arms = setting_arms(options.setting, options.config);
+  FinetuneOptions first;
+  first.style = styles[0];
+  first.shots = options.shots[0];
+  first.steps = options.steps;
+  const auto first_split = split_characters(first.shots);
+  for (auto& arm : arms) {
+    if (arm.label.find("(equal time)") != std::string::npos) {
+      arm.lr = arms[1].lr;
+      // Measured once per results folder, so that a resumed experiment
+      // gives this arm the steps it gave it before.
+      const auto timing_file = options.results / "timing.json";
+      if (!fs::exists(timing_file)) {
+        write_text(
+            timing_file,
+            ordered_json{
+                {arms[0].label,
+                 seconds_per_step(arms[0], first, options, renderer, runtime)},
+                {arm.label,
+                 seconds_per_step(arm, first, options, renderer, runtime)}}
+                .dump(2));
+      }
+      const auto timing = read_json(timing_file);
+      arm.steps_factor = std::max(
+          1.0,
+          timing.at(arms[0].label).get<double>() /
+              timing.at(arm.label).get<double>());
+      report["seconds_per_step"] = timing;
+    } else {
+      arm.lr = search_learning_rate(
+          arm,
+          first,
+          first_split,
+          options,
+          renderer,
+          runtime,
+          report["lr_search"][arm.label]);
+    }
+    report["arms"].push_back(
+        {{"label", arm.label},
+         {"options", styleinject::detail::options_to_json(arm.adapter)},
+         {"parameters", arm.parameters},
+         {"lr", arm.lr},
+         {"steps", std::llround(options.steps * arm.steps_factor)}});
+  }
+
+  // Every (shots, style, seed, arm).
+  Runs runs(options.shots.size());
+  for (size_t k = 0; k < options.shots.size(); ++k) {
+    const auto split = split_characters(options.shots[k]);
+    for (const auto& style : styles) {
+      runs[k].emplace_back(arms.size());
+      for (int64_t seed = 0; seed < options.seeds; ++seed) {
+        for (size_t a = 0; a < arms.size(); ++a) {
+          FinetuneOptions tune;
+          tune.style = style;
+          tune.shots = options.shots[k];
+          tune.steps = options.steps;
+          tune.seed = options.seed + seed;
+          const auto dir = options.results / "runs" /
+              (slug(style) + "-k" + std::to_string(tune.shots)) /
+              (slug(arms[a].label) + "-seed" + std::to_string(tune.seed));
+          std::cerr << "[" << fixed(elapsed(), 0) << " s] " << style
+                    << ", K=" << tune.shots << ", seed " << tune.seed << ": "
+                    << arms[a].label << "\n";
+          runs[k].back()[a].push_back(run_arm(
+              arms[a], tune, split, judge, options, renderer, runtime, dir));
+        }
+      }
+    }
+  }
+  report["run_seconds"] = elapsed();
+  write_experiment_report(options, styles, arms, runs, judge, renderer, report);
+  make_plots(options.results);
+  std::cout << "results in " << options.results.string() << " ("
+            << fixed(elapsed(), 0) << " s)\n";
+}
+
+} // namespace typeface

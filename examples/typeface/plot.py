@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Plots of a `typeface experiment` result folder (metrics.json):
+
+  plots/scores-k<K>.png  each measure per style and arm, 95 % interval whiskers
+  plots/loss-k<K>.png    each arm's fine-tune loss, mean over styles and seeds
+
+Usage: plot.py RESULTS_DIR   (e.g. results/few-shot)
+"""
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+MEASURES = [
+    ("alignment", "alignment"),
+    ("style_fit", "style fit"),
+    ("retention", "retention (character)"),
+    ("font_kept", "retention (font)"),
+]
+
+
+def scores_plot(metrics, shots, results, out):
+    arms = [arm["label"] for arm in metrics["arms"]]
+    styles = metrics["styles"]
+    groups = styles + ["all styles"]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    axes = axes.flatten()
+    axes[-1].axis("off")
+    width = 0.8 / len(arms)
+    for ax, (key, title) in zip(axes, MEASURES):
+        for a, arm in enumerate(arms):
+            means, low, high = [], [], []
+            for style in styles:
+                cell = results["per_style"][style][arm][key]
+                means.append(cell["mean"])
+                low.append(cell["mean"] - cell["low"])
+                high.append(cell["high"] - cell["mean"])
+            cell = results["means"][arm][key]
+            means.append(cell["mean"])
+            low.append(cell["mean"] - cell["low"])
+            high.append(cell["high"] - cell["mean"])
+            xs = [g + (a - (len(arms) - 1) / 2) * width for g in range(len(groups))]
+            ax.bar(xs, means, width, yerr=[low, high], capsize=2, label=arm)
+        ax.set_title(title)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups, rotation=30, ha="right")
+        ax.set_ylim(0, 1)
+    ax = axes[len(MEASURES)]
+    for a, arm in enumerate(arms):
+        xs = [g + (a - (len(arms) - 1) / 2) * width for g in range(len(styles))]
+        ax.bar(xs, results["fid"][arm], width, label=arm)
+    ax.set_title("FID to real renders (lower is better)")
+    ax.set_xticks(range(len(styles)))
+    ax.set_xticklabels(styles, rotation=30, ha="right")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{metrics['setting']}, K = {shots}: mean and 95 % interval over seeds and prompts")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def loss_plot(metrics, shots, out):
+    curves = defaultdict(lambda: defaultdict(list))
+    for run in metrics["runs"]:
+        if run["shots"] == shots:
+            for step, loss in run["loss"]:
+                curves[run["arm"]][step].append(loss)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm, by_step in curves.items():
+        steps = sorted(by_step)
+        ax.plot(steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], label=arm)
+    ax.set_xlabel("fine-tune step")
+    ax.set_ylabel("diffusion loss (every 10th step)")
+    ax.set_title(f"{metrics['setting']}, K = {shots}: mean over styles and seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def main():
+    folder = Path(sys.argv[1])
+    metrics = json.loads((folder / "metrics.json").read_text())
+    plots = folder / "plots"
+    plots.mkdir(exist_ok=True)
+    for shots, results in metrics["results"].items():
+        scores_plot(metrics, shots, results, plots / f"scores-k{shots}.png")
+        loss_plot(metrics, int(shots), plots / f"loss-k{shots}.png")
+    print(f"plots in {plots}")
+
+
+if __name__ == "__main__":
+    main()
