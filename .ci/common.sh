@@ -10,8 +10,8 @@ jobs=$(nproc)
 # 1.13 with OpenBLAS (Debian's LibTorch runs its GEMMs on whichever
 # libblas.so.3 is installed, and the reference one it gets otherwise is some
 # 40 times slower), nlohmann-json, fmt, Catch2 2, and venv for the PyPI
-# side; for the typeface example FreeType, fontconfig, libpng, CLI11 and its
-# fonts.
+# side; for the typeface example FreeType, fontconfig, libpng, CLI11, its
+# fonts and matplotlib (the experiments' plots).
 install_missing() {
   local wanted=(ca-certificates cmake g++ make clang libclang-rt-dev
     libtorch-dev libopenblas0-pthread nlohmann-json3-dev libfmt-dev catch2
@@ -19,7 +19,7 @@ install_missing() {
     fontconfig
     fonts-dejavu-core fonts-liberation fonts-freefont-ttf fonts-lobster
     fonts-humor-sans fonts-comic-neue fonts-ebgaramond fonts-dkg-handwriting
-    fonts-isabella)
+    fonts-isabella python3-matplotlib)
   local missing=() package
   for package in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null |
@@ -50,16 +50,22 @@ install_pypi_torch() {
 # detection wants nvcc on PATH. Machines of this project's kind have the
 # toolkit in /usr/local/cuda.
 require_cuda_toolkit() {
-  if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
-    export PATH=/usr/local/cuda/bin:$PATH
-  fi
-  if ! command -v nvcc >/dev/null; then
+  if ! have_cuda_toolkit; then
     echo "error: building against PyPI's torch (a CUDA build) needs a CUDA" \
       "toolkit, but found no nvcc on PATH or in /usr/local/cuda." >&2
     echo "Install the CUDA toolkit (https://developer.nvidia.com/cuda-downloads)," \
       "then run this again." >&2
     exit 1
   fi
+}
+
+# Whether a CUDA toolkit is found (nvcc on PATH or in /usr/local/cuda),
+# with PATH extended to it.
+have_cuda_toolkit() {
+  if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
+    export PATH=/usr/local/cuda/bin:$PATH
+  fi
+  command -v nvcc >/dev/null
 }
 
 pypi_torch_prefix() {

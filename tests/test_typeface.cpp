@@ -4,7 +4,7 @@
 
 #include <catch2/catch.hpp>
 
-#include "demo.h"
+#include "evaluation.h"
 #include "experiment.h"
 #include "statistics.h"
 

@@ -8,7 +8,7 @@
 // python3 has matplotlib). Runs already on disk are reused, so an
 // interrupted experiment goes on where it stopped.
 
-#include "demo.h"
+#include "evaluation.h"
 #include "statistics.h"
 
 #include <styleinject/styleinject.h>
@@ -69,8 +69,8 @@ inline Scores score(Judge& judge, const torch::Tensor& images) {
 }
 
 /// The held-out accuracy of a judge on fresh renders of every font: with
-/// the training's jitter, and (`moved`) at smaller sizes and larger offsets
-/// than any training render.
+/// the renderer's jitter, and (`moved`) displaced as half of each training
+/// batch is (sizes down to 70 %, shifts up to 1/8), fresh draws of both.
 inline ordered_json judge_accuracy(
     Judge& judge,
     GlyphRenderer& renderer,
@@ -90,24 +90,7 @@ inline ordered_json judge_accuracy(
         256,
         rng);
     if (moved) {
-      // 80 % of the size, shifted by up to 1/8 of it.
-      const auto size = batch.images.size(-1);
-      const auto small = torch::nn::functional::interpolate(
-          batch.images,
-          torch::nn::functional::InterpolateFuncOptions()
-              .size(std::vector<int64_t>{size * 4 / 5, size * 4 / 5})
-              .mode(torch::kBilinear)
-              .align_corners(false));
-      auto canvas = torch::zeros_like(batch.images);
-      std::uniform_int_distribution<int64_t> offset(0, size - size * 4 / 5);
-      for (int64_t i = 0; i < canvas.size(0); ++i) {
-        const auto y = offset(rng), x = offset(rng);
-        canvas[i]
-            .slice(1, y, y + small.size(2))
-            .slice(2, x, x + small.size(3))
-            .copy_(small[i]);
-      }
-      batch.images = canvas;
+      batch.images = displace(batch.images, 0.7, 0.125, rng);
     }
     const auto scores = score(judge, batch.images);
     characters +=
@@ -130,6 +113,7 @@ inline ordered_json judge_accuracy(
 
 /// The judge of `dir` (classifier-<i>.safetensors and judge.json), trained
 /// there first where it is missing: `members` classifiers, seeds 0, 1, ...
+/// (a trained judge keeps its own number of members).
 inline Judge load_or_train_judge(
     const fs::path& dir,
     int64_t members,
@@ -138,6 +122,9 @@ inline Judge load_or_train_judge(
     const Runtime& runtime) {
   Judge judge;
   const bool trained = fs::exists(dir / "judge.json");
+  if (trained) {
+    members = read_json(dir / "judge.json").at("members");
+  }
   for (int64_t i = 0; i < members; ++i) {
     GlyphClassifier classifier(
         renderer.size(),
@@ -266,6 +253,7 @@ inline std::vector<Arm> setting_arms(
 
 struct ExperimentOptions {
   std::string setting = "few-shot"; // or "ablation"
+  std::string name; // of the results' subfolder; empty: the setting's
   bool quick = false;
   ModelConfig config = ModelConfig::small();
   std::string model_size = "small";
@@ -282,6 +270,20 @@ struct ExperimentOptions {
   std::vector<double> lrs = {1e-3, 3e-3, 1e-2}; // the search's candidates
   fs::path results = "results";
   uint64_t seed = 0;
+
+  /// `typeface demo`: the few-shot setting on one style, sized to run in
+  /// minutes (see README.md for its time), into results/demo.
+  static ExperimentOptions demo() {
+    ExperimentOptions options;
+    options.setting = "few-shot";
+    options.name = "demo";
+    options.styles = {"lobster"};
+    options.shots = {16};
+    options.seeds = 3;
+    options.images = 2;
+    options.lrs = {3e-3};
+    return options;
+  }
 
   /// The quick mode's cuts: one style, one K, two seeds, two images per
   /// prompt, few steps, no learning-rate search.
@@ -587,6 +589,12 @@ inline std::string fixed(double value, int digits = 3) {
   return text.str();
 }
 
+/// The mean of a JSON array of numbers.
+inline double mean(const ordered_json& values) {
+  const auto v = values.get<std::vector<double>>();
+  return std::accumulate(v.begin(), v.end(), 0.0) / v.size();
+}
+
 /// A markdown table's separator row of `columns` columns.
 inline std::string separator(size_t columns) {
   std::string row = "|";
@@ -689,6 +697,12 @@ inline void write_experiment_report(
      << fixed(judge.report["held_out"]["font_accuracy"])
      << "), at other sizes and positions "
      << fixed(judge.report["held_out_moved"]["character_accuracy"]) << ".\n\n"
+     << "The base model (no adapter) reads "
+     << fixed(mean(report["base_model"]["retention"]))
+     << " of its own fonts' prompts correctly (font "
+     << fixed(mean(report["base_model"]["font_kept"])) << "), and "
+     << fixed(mean(report["base_model"]["alignment"])) << " of " << styles[0]
+     << "'s test prompts.\n\n"
      << "| arm | adapter parameters | lr | steps | fine-tune time |\n"
      << "| --- | --- | --- | --- | --- |\n";
   for (size_t a = 0; a < arms.size(); ++a) {
@@ -904,7 +918,8 @@ inline void run_experiment(
         "--setting must be few-shot or ablation, but got '" + options.setting +
         "'");
   }
-  options.results = options.results / options.setting;
+  options.results =
+      options.results / (options.name.empty() ? options.setting : options.name);
   const auto styles = experiment_styles(options);
   for (const auto& style : styles) {
     if (catalogue()[font_index(style)].base) {
@@ -980,6 +995,27 @@ inline void run_experiment(
          {"lr", arm.lr},
          {"steps", std::llround(options.steps * arm.steps_factor)}});
   }
+
+  // The base model itself: on its own fonts' prompts (where retention
+  // starts from) and on the first style's test characters.
+  const auto base_file = options.results / "base-model.json";
+  if (!fs::exists(base_file)) {
+    auto model = load_base(options.base_dir, runtime.device);
+    torch::Tensor images, features;
+    write_text(
+        base_file,
+        judge_model(
+            model,
+            judge,
+            font_index(styles[0]),
+            first_split.test,
+            options,
+            runtime,
+            images,
+            features)
+            .dump());
+  }
+  report["base_model"] = read_json(base_file);
 
   // Every (shots, style, seed, arm).
   Runs runs(options.shots.size());

@@ -9,7 +9,6 @@
 //   typeface demo                     # all of it, into results/
 //   typeface experiment --setting few-shot [--quick]
 
-#include "demo.h"
 #include "experiment.h"
 
 #include <CLI/CLI.hpp>
@@ -218,41 +217,62 @@ int main(int argc, char** argv) {
           "--shots", shots, "the fine-tune's --shots (to hold out the rest)")
       ->capture_default_str();
   eval_cmd->add_option("--out", metrics_file, "JSON file (default: stdout)");
+  std::string judge_dir;
+  const auto judge_option = [&](CLI::App* command) {
+    command->add_option(
+        "--judge",
+        judge_dir,
+        "the judge's folder (default: the shipped one, else the cache's)");
+  };
+  judge_option(eval_cmd);
 
   // demo
-  DemoOptions demo;
+  ExperimentOptions demo = ExperimentOptions::demo();
+  int64_t pretrain_steps = PretrainOptions{}.steps;
   auto* demo_cmd = app.add_subcommand(
       "demo",
-      "pretrain or load the base, fine-tune StyleInject and LoRA, evaluate, write results/");
+      "the few-shot experiment on one style, small: fine-tune StyleInject and "
+      "LoRA on the shipped base model, judge, write results/");
   shared(demo_cmd);
-  demo_cmd->add_option("--style", demo.style)->capture_default_str();
-  demo_cmd->add_option("--shots", demo.shots)->capture_default_str();
+  demo_cmd->add_option("--style", demo.styles[0])->capture_default_str();
+  demo_cmd->add_option("--shots", demo.shots[0])->capture_default_str();
   demo_cmd->add_option("--seeds", demo.seeds, "seeds per method")
+      ->check(CLI::Range(2, 1000))
+      ->capture_default_str();
+  demo_cmd->add_option("--images", demo.images, "per prompt")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   demo_cmd->add_option("--steps", demo.steps, "fine-tune steps per run")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  demo_cmd->add_option("--pretrain-steps", demo.pretrain_steps)
+  demo_cmd
+      ->add_option(
+          "--pretrain-steps",
+          pretrain_steps,
+          "where no base model is shipped or cached: pretraining steps")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  demo_cmd->add_option("--classifier-steps", demo.classifier_steps)
+  demo_cmd
+      ->add_option(
+          "--judge-steps",
+          demo.judge_steps,
+          "where no judge is shipped or cached: its training steps")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   demo_cmd
       ->add_option(
           "--lrs",
           demo.lrs,
-          "learning rates to search for each method, comma-separated (the "
-          "best by validation loss wins); one value: that for all; default: "
-          "each method's winner of the README's search")
-      ->delimiter(',');
+          "learning rates searched for every method (one: no search)")
+      ->delimiter(',')
+      ->capture_default_str();
   demo_cmd->add_option("--results", demo.results, "output folder")
       ->capture_default_str();
 
+  judge_option(demo_cmd);
+
   // judge
   ExperimentOptions experiment;
-  std::string judge_dir;
   auto* judge_cmd = app.add_subcommand(
       "judge",
       "train (or load) the experiments' judge, an ensemble of glyph "
@@ -303,8 +323,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   experiment_cmd->add_option(
       "--base", base_dir, "base model folder (default: the cache's)");
-  experiment_cmd->add_option(
-      "--judge", judge_dir, "the judge's folder (default: the cache's)");
+  judge_option(experiment_cmd);
   experiment_cmd
       ->add_option(
           "--judge-members",
@@ -376,20 +395,28 @@ int main(int argc, char** argv) {
       }
       GlyphRenderer renderer(
           all_fonts(), model_config.image_size, font_paths());
-      auto classifier = cached_classifier(
-          fs::path(cache),
-          model_size,
-          demo.classifier_steps,
+      auto judge = load_or_train_judge(
+          judge_path,
+          experiment.judge_members,
+          experiment.judge_steps,
           renderer,
           runtime);
-      const auto metrics = evaluate(
+      torch::Tensor images, features;
+      auto metrics = judge_model(
           model,
-          classifier,
+          judge,
           font_index(style),
           split_characters(shots).test,
-          EvalOptions{},
-          runtime);
-      const auto text = metrics.json.dump(2);
+          experiment,
+          runtime,
+          images,
+          features);
+      for (const auto& measure : measures()) {
+        metrics[std::string(measure.key) + "_mean"] =
+            mean(metrics[measure.key]);
+      }
+      metrics["test_characters"] = split_characters(shots).test;
+      const auto text = metrics.dump(2);
       if (metrics_file.empty()) {
         std::cout << text << "\n";
       } else {
@@ -420,11 +447,24 @@ int main(int argc, char** argv) {
       }
       run_experiment(experiment, font_paths(), runtime);
     } else if (*demo_cmd) {
+      if (!base_complete(base)) {
+        PretrainOptions pre;
+        pre.config = model_config;
+        pre.steps = pretrain_steps;
+        pre.seed = seed;
+        pre.resume = fs::exists(config_file(base));
+        std::cerr << "no base model shipped or cached: pretraining into "
+                  << base << "\n";
+        GlyphRenderer renderer(
+            base_fonts(), model_config.image_size, font_paths());
+        pretrain(pre, base, renderer, runtime);
+      }
       demo.config = model_config;
       demo.model_size = model_size;
-      demo.cache = cache;
+      demo.base_dir = base;
+      demo.judge_dir = judge_path;
       demo.seed = seed;
-      run_demo(demo, font_paths(), runtime);
+      run_experiment(demo, font_paths(), runtime);
     }
   } catch (const c10::Error& error) {
     std::cerr << "error: " << error.what_without_backtrace() << "\n";

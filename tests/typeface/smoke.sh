@@ -1,8 +1,9 @@
 #!/bin/sh
 # smoke.sh TYPEFACE WORKDIR: the example end to end with the tiny model and a
-# few steps of everything: demo (pretrain, classifier, fine-tunes of
-# StyleInject and LoRA, evaluation, results/), then the single commands on
-# its outputs, including an interrupted fine-tune resumed.
+# few steps of everything: demo (pretrain, judge, fine-tunes of StyleInject
+# and LoRA, evaluation, results/), then the single commands on its outputs,
+# including an interrupted fine-tune resumed, and the experiment's quick
+# mode.
 set -eu
 typeface=$1
 work=$2
@@ -10,15 +11,15 @@ rm -rf "$work"
 mkdir -p "$work"
 tiny="--model tiny --cache $work/cache"
 
-"$typeface" demo $tiny --pretrain-steps 40 --classifier-steps 20 --steps 6 \
+"$typeface" demo $tiny --pretrain-steps 40 --judge-steps 20 --steps 6 \
   --seeds 2 --lrs 1e-3,3e-3 --results "$work/results"
-for file in summary.md metrics.json test_prompts.png base_prompts.png; do
-  test -s "$work/results/$file" || { echo "FAIL: no results/$file" >&2; exit 1; }
+for file in summary.md metrics.json grids/lobster-k16.png; do
+  test -s "$work/results/demo/$file" || { echo "FAIL: no results/demo/$file" >&2; exit 1; }
 done
-grep -q "StyleInject r=4 n=4" "$work/results/summary.md"
-grep -q "LoRA r=" "$work/results/summary.md"
-python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); assert len(m["runs"])==3 and all(len(r)==2 for r in m["runs"].values()), m["runs"].keys()' \
-  "$work/results/metrics.json"
+grep -q "StyleInject" "$work/results/demo/summary.md"
+grep -q "LoRA r=" "$work/results/demo/summary.md"
+python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); assert len(m["arms"])==4 and len(m["runs"])==4*2 and set(m["lr_search"]) == {a["label"] for a in m["arms"][:3]}, m.keys()' \
+  "$work/results/demo/metrics.json"
 
 # The cached base is reused: a second demo does not pretrain.
 "$typeface" demo $tiny --steps 2 --seeds 1 --results "$work/again" 2>&1 |
@@ -43,13 +44,14 @@ test -s "$work/sample.png"
 # eval scores held-out characters only: none of the fine-tune's shots.
 python3 -c 'import json,sys
 e=json.load(open(sys.argv[1])); s=json.load(open(sys.argv[2]))
-assert 0 <= e["alignment"] <= 1 and 0 <= e["style_fit"] <= 1, e
+assert 0 <= e["alignment_mean"] <= 1 and 0 <= e["style_fit_mean"] <= 1, e
+assert len(e["alignment"]) == len(e["test_characters"]), e
 assert e["test_characters"] and not set(e["test_characters"]) & set(s["shots"]), (e, s)' \
   "$work/eval.json" "$work/ft/state.json"
 # The experiment's quick mode on the tiny model, with a judge of two
 # members: every file of the report, and every run's per-prompt scores.
-"$typeface" experiment $tiny --quick --steps 4 --judge-members 2 \
-  --judge-steps 20 --results "$work/experiment"
+"$typeface" experiment $tiny --quick --steps 4 --judge "$work/judge2" \
+  --judge-members 2 --judge-steps 20 --results "$work/experiment"
 for file in summary.md metrics.json grids/lobster-k16.png; do
   test -s "$work/experiment/few-shot/$file" ||
     { echo "FAIL: no experiment/few-shot/$file" >&2; exit 1; }
@@ -65,7 +67,7 @@ d=m["results"]["16"]["differences"]["LoRA r=%d" % m["arms"][1]["options"]["rank"
 assert d["alignment"]["all"]["low"] <= d["alignment"]["all"]["mean"] <= d["alignment"]["all"]["high"], d' \
   "$work/experiment/few-shot/metrics.json"
 # A second run reuses every run on disk (it trains nothing).
-"$typeface" experiment $tiny --quick --steps 4 --judge-members 2 \
+"$typeface" experiment $tiny --quick --steps 4 --judge "$work/judge2" \
   --results "$work/experiment" 2>&1 | tee "$work/experiment.log"
 if grep -q "finetune" "$work/experiment.log"; then
   echo "FAIL: the second experiment fine-tuned again" >&2
