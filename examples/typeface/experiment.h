@@ -449,8 +449,21 @@ inline Run run_arm(
   Run run;
   const auto scores_file = dir / "scores.json";
   const auto images_file = dir / "test_images.safetensors";
+  // What a run on disk must have been made with to be reused.
+  const ordered_json settings{
+      {"steps", std::llround(base_options.steps * arm.steps_factor)},
+      {"lr", arm.lr},
+      {"images", options.images},
+      {"base_prompts", options.base_prompts},
+      {"adapter", styleinject::detail::options_to_json(arm.adapter)}};
   if (fs::exists(scores_file) && fs::exists(images_file)) {
     run.scores = read_json(scores_file);
+    if (run.scores.value("settings", ordered_json()) != settings) {
+      throw std::runtime_error(
+          dir.string() + " holds a run made with other settings (" +
+          run.scores.value("settings", ordered_json()).dump() + ", now " +
+          settings.dump() + "); use another --results folder");
+    }
     const auto bytes = styleinject::detail::safetensors::read_file(
         images_file.string(), images_file.string());
     const auto contents = styleinject::detail::safetensors::parse(
@@ -485,6 +498,7 @@ inline Run run_arm(
   run.scores["seconds"] = seconds;
   run.scores["steps"] = tune.steps;
   run.scores["lr"] = tune.lr;
+  run.scores["settings"] = settings;
   run.scores["loss"] = curve;
   run.grid_row = images.slice(0, 0, static_cast<int64_t>(split.test.size()));
   write_text(
