@@ -435,3 +435,30 @@ TEST_CASE("the experiments' arms", "[typeface]") {
   }
   CHECK(slug("LoRA r=15 (equal time)") == "lora-r-15-equal-time");
 }
+
+TEST_CASE(
+    "the shipped judge loads and reads fresh renders as it states",
+    "[typeface]") {
+  const auto dir = shipped_assets() / "judge-small";
+  REQUIRE(fs::exists(dir / "judge.json"));
+  GlyphRenderer renderer(all_fonts(), ModelConfig::small().image_size);
+  auto judge = load_or_train_judge(dir, 3, 1, renderer, Runtime{});
+  REQUIRE(judge.members.size() == 3);
+  const auto& stated = judge.report;
+  const auto plain = judge_accuracy(judge, renderer, false, 7777);
+  const auto moved = judge_accuracy(judge, renderer, true, 8888);
+  // The same renders as at training time; another LibTorch build may round
+  // a few logits the other way.
+  for (const char* key : {"character_accuracy", "font_accuracy"}) {
+    CAPTURE(key);
+    CHECK(
+        plain[key].get<double>() ==
+        Approx(stated["held_out"][key].get<double>()).margin(0.005));
+    CHECK(
+        moved[key].get<double>() ==
+        Approx(stated["held_out_moved"][key].get<double>()).margin(0.005));
+  }
+  // What the README states.
+  CHECK(plain["character_accuracy"].get<double>() >= 0.99);
+  CHECK(moved["character_accuracy"].get<double>() >= 0.95);
+}
