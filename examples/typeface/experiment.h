@@ -260,7 +260,7 @@ struct ExperimentOptions {
   fs::path base_dir; // the pretrained base model
   fs::path judge_dir; // the judge (trained there if missing)
   int64_t judge_members = 3;
-  int64_t judge_steps = 1500;
+  int64_t judge_steps = 2000;
   std::vector<std::string> styles; // empty: every new style
   std::vector<int64_t> shots = {16, 4};
   int64_t seeds = 5;
@@ -283,6 +283,18 @@ struct ExperimentOptions {
     options.images = 2;
     options.lrs = {3e-3};
     return options;
+  }
+
+  /// The ablation's defaults where not given: K = 16 only, and three
+  /// styles of different kinds (script, hand-drawn, serif), which keeps its
+  /// ten arms to hours rather than a day on a CPU.
+  void ablation_defaults(bool shots_given) {
+    if (!shots_given) {
+      shots = {16};
+    }
+    if (styles.empty()) {
+      styles = {"lobster", "humor sans", "eb garamond"};
+    }
   }
 
   /// The quick mode's cuts: one style, one K, two seeds, two images per

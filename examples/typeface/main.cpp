@@ -73,7 +73,7 @@ int main(int argc, char** argv) {
     command->add_option("--seed", seed, "random seed")->capture_default_str();
     command
         ->add_option(
-            "--cache", cache, "folder of the cached base model and classifier")
+            "--cache", cache, "folder of the cached base model and judge")
         ->capture_default_str();
     command
         ->add_option(
@@ -302,11 +302,16 @@ int main(int argc, char** argv) {
       "one style, one K, 2 seeds, 2 images per prompt, 40 steps, no search");
   experiment_cmd
       ->add_option(
-          "--styles", experiment.styles, "new styles (default: all six)")
+          "--styles",
+          experiment.styles,
+          "new styles (default: all six; ablation: lobster, humor sans, eb garamond)")
       ->delimiter(',');
-  experiment_cmd->add_option("--shots", experiment.shots, "K values")
-      ->delimiter(',')
-      ->capture_default_str();
+  auto* shots_option = experiment_cmd
+                           ->add_option(
+                               "--shots",
+                               experiment.shots,
+                               "K values (default: 16,4; ablation: 16)")
+                           ->delimiter(',');
   experiment_cmd->add_option("--seeds", experiment.seeds)
       ->check(CLI::Range(2, 1000))
       ->capture_default_str();
@@ -442,6 +447,9 @@ int main(int argc, char** argv) {
       experiment.base_dir = base;
       experiment.judge_dir = judge_path;
       experiment.seed = seed;
+      if (experiment.setting == "ablation") {
+        experiment.ablation_defaults(shots_option->count() > 0);
+      }
       if (experiment.quick) {
         experiment.make_quick();
       }
