@@ -28,9 +28,10 @@ inline fs::path shipped_assets() {
 // ------------------------------------------------------------------ judge
 
 /// The judge: glyph classifiers trained with different seeds, whose
-/// averaged probabilities score images. One classifier's verdicts move
-/// from one training to the next by more than the methods differ; the
-/// ensemble's move less, and it is trained once and shipped.
+/// averaged probabilities score images. One classifier's verdicts on
+/// generated glyphs moved from one training to the next by more than the
+/// methods differed; this one is trained once and shipped, so every run is
+/// judged by the same classifiers, and each member's verdict is kept too.
 struct Judge {
   std::vector<GlyphClassifier> members;
   ordered_json report; // held-out accuracies, per member and ensemble
@@ -693,48 +694,56 @@ inline Interval distance_difference(
     values.push_back(
         pooled_distance(a, picks, real) - pooled_distance(b, picks, real));
   }
-  std::sort(values.begin(), values.end());
-  interval.low = values[static_cast<size_t>(0.025 * (values.size() - 1))];
-  interval.high = values[static_cast<size_t>(0.975 * (values.size() - 1))];
-  return interval;
+  return percentile_interval(interval.mean, std::move(values));
 }
 
-/// summary.md, metrics.json, grids/ and plots/ of a finished experiment.
-inline void write_experiment_report(
-    const ExperimentOptions& options,
-    const std::vector<std::string>& styles,
-    const std::vector<Arm>& arms,
-    const Runs& runs,
-    Judge& judge,
-    GlyphRenderer& renderer,
-    ordered_json& report) {
+/// What the report's parts read: the finished runs and what made them.
+struct Finished {
+  const ExperimentOptions& options;
+  const std::vector<std::string>& styles;
+  const std::vector<Arm>& arms;
+  const Runs& runs;
+};
+
+inline ordered_json to_json(const Interval& interval) {
+  return {
+      {"mean", interval.mean}, {"low", interval.low}, {"high", interval.high}};
+}
+
+/// The report's opening: the settings, the judge, the base model, and a
+/// table of the arms with their mean fine-tune time.
+inline std::string settings_section(
+    const Finished& done,
+    const Judge& judge,
+    const ordered_json& report) {
+  const auto& options = done.options;
   std::ostringstream md;
   md << "# Typeface experiment: " << options.setting
      << (options.quick ? " (quick)" : "") << "\n\n"
-     << "Styles: " << styles.size() << " (" << report["styles"].dump() << "); "
-     << options.seeds << " seeds; " << options.images
-     << " images per prompt (each with its "
-     << "own initial noise, the same for every arm); " << options.steps
-     << " fine-tune steps; learning rate per arm from "
+     << "Styles: " << report["styles"].dump() << "; " << options.seeds
+     << " seeds; " << options.images
+     << " images per prompt (each with its own initial noise, the same for "
+        "every arm); "
+     << options.steps << " fine-tune steps; learning rate per arm from "
      << report["lr_candidates"].dump()
      << " by validation loss on held-out characters. Judge: "
-     << options.judge_members << " classifiers, held-out character accuracy "
+     << judge.members.size() << " classifiers, held-out character accuracy "
      << fixed(judge.report["held_out"]["character_accuracy"]) << " (font "
      << fixed(judge.report["held_out"]["font_accuracy"])
      << "), at other sizes and positions "
-     << fixed(judge.report["held_out_moved"]["character_accuracy"]) << ".\n\n"
-     << "The base model (no adapter) reads "
+     << fixed(judge.report["held_out_moved"]["character_accuracy"])
+     << ".\n\nThe base model (no adapter) reads "
      << fixed(mean(report["base_model"]["retention"]))
      << " of its own fonts' prompts correctly (font "
      << fixed(mean(report["base_model"]["font_kept"])) << "), and "
-     << fixed(mean(report["base_model"]["alignment"])) << " of " << styles[0]
-     << "'s test prompts.\n\n"
+     << fixed(mean(report["base_model"]["alignment"])) << " of "
+     << done.styles[0] << "'s test prompts.\n\n"
      << "| arm | adapter parameters | lr | steps | fine-tune time |\n"
-     << "| --- | --- | --- | --- | --- |\n";
-  for (size_t a = 0; a < arms.size(); ++a) {
+     << separator(5) << "\n";
+  for (size_t a = 0; a < done.arms.size(); ++a) {
     double seconds = 0;
     int64_t count = 0;
-    for (const auto& shots : runs) {
+    for (const auto& shots : done.runs) {
       for (const auto& style : shots) {
         for (const auto& run : style[a]) {
           seconds += run.scores.at("seconds").get<double>();
@@ -742,157 +751,195 @@ inline void write_experiment_report(
         }
       }
     }
-    md << "| " << arms[a].label << " | " << arms[a].parameters << " | "
-       << arms[a].lr << " | " << report["arms"][a]["steps"] << " | "
-       << fixed(seconds / count, 0) << " s |\n";
+    md << "| " << done.arms[a].label << " | " << done.arms[a].parameters
+       << " | " << done.arms[a].lr << " | " << report["arms"][a]["steps"]
+       << " | " << fixed(seconds / count, 0) << " s |\n";
   }
-  for (size_t k = 0; k < runs.size(); ++k) {
-    const auto shots = options.shots[k];
-    const auto split = split_characters(shots);
-    md << "\n## K = " << shots << " shots\n\n"
-       << "Mean over styles, seeds and prompts (95 % interval):\n\n| arm |";
+  return md.str();
+}
+
+/// Each arm's mean of every measure over styles, seeds and prompts with its
+/// interval, and its FID per style; into `md` and `results`.
+inline void means_section(
+    const Finished& done,
+    size_t k,
+    const std::vector<torch::Tensor>& real,
+    std::ostream& md,
+    ordered_json& results) {
+  md << "Mean over styles, seeds and prompts (95 % interval):\n\n| arm |";
+  for (const auto& m : measures()) {
+    md << " " << m.title << " |";
+  }
+  md << " FID |\n" << separator(measures().size() + 2) << "\n";
+  std::vector<size_t> every_seed(done.options.seeds);
+  std::iota(every_seed.begin(), every_seed.end(), 0);
+  for (size_t a = 0; a < done.arms.size(); ++a) {
+    const auto& label = done.arms[a].label;
+    md << "| " << label << " |";
     for (const auto& m : measures()) {
-      md << " " << m.title << " |";
+      std::vector<Grid> strata;
+      for (size_t si = 0; si < done.styles.size(); ++si) {
+        strata.push_back(arm_grid(done.runs[k][si][a], m.key));
+        results["per_style"][done.styles[si]][label][m.key] =
+            to_json(paired_bootstrap({strata.back()}, 1000));
+      }
+      const auto all = paired_bootstrap(strata, 1000);
+      md << " " << fixed(all.mean) << " [" << fixed(all.low) << ", "
+         << fixed(all.high) << "] |";
+      results["means"][label][m.key] = to_json(all);
     }
-    md << " FID |\n" << separator(measures().size() + 2) << "\n";
-    // Means per arm, then FIDs per style.
-    std::vector<std::vector<double>> fid(arms.size());
+    std::vector<double> fid;
+    for (size_t si = 0; si < done.styles.size(); ++si) {
+      fid.push_back(pooled_distance(done.runs[k][si][a], every_seed, real[si]));
+    }
+    md << " "
+       << fixed(std::accumulate(fid.begin(), fid.end(), 0.0) / fid.size(), 1)
+       << " |\n";
+    results["fid"][label] = fid;
+  }
+}
+
+/// The paired differences of the first arm and arm `a`, every measure, over
+/// all styles and per style, with verdicts; into `md` and `results`.
+inline void differences_section(
+    const Finished& done,
+    size_t k,
+    size_t a,
+    const std::vector<torch::Tensor>& real,
+    std::ostream& md,
+    ordered_json& results) {
+  const auto& reference = done.arms[0].label;
+  const auto& other = done.arms[a].label;
+  md << "\n"
+     << reference << " − " << other
+     << " (paired over seeds and prompts; 95 % bootstrap interval; verdict "
+        "for "
+     << reference << "):\n\n| measure | all styles |";
+  for (const auto& style : done.styles) {
+    md << " " << style << " |";
+  }
+  md << "\n" << separator(done.styles.size() + 2) << "\n";
+  const auto judged = [](const Interval& interval, bool higher_is_better) {
+    auto json = to_json(interval);
+    json["verdict"] = verdict(interval, higher_is_better);
+    return json;
+  };
+  for (const auto& m : measures()) {
+    auto& record = results["differences"][other][m.key];
+    std::vector<Grid> strata;
+    std::vector<Interval> per_style;
+    for (size_t si = 0; si < done.styles.size(); ++si) {
+      strata.push_back(difference(
+          arm_grid(done.runs[k][si][0], m.key),
+          arm_grid(done.runs[k][si][a], m.key)));
+      per_style.push_back(paired_bootstrap({strata.back()}));
+      record[done.styles[si]] = judged(per_style.back(), m.higher_is_better);
+    }
+    const auto all = paired_bootstrap(strata);
+    record["all"] = judged(all, m.higher_is_better);
+    md << "| " << m.title << " | " << interval_text(all) << " "
+       << verdict(all, m.higher_is_better) << " |";
+    for (const auto& interval : per_style) {
+      md << " " << interval_text(interval) << " |";
+    }
+    md << "\n";
+  }
+  md << "| FID (lower is better) | |";
+  for (size_t si = 0; si < done.styles.size(); ++si) {
+    const auto one =
+        distance_difference(done.runs[k][si][0], done.runs[k][si][a], real[si]);
+    md << " " << interval_text(one) << " " << verdict(one, false) << " |";
+    results["differences"][other]["fid"][done.styles[si]] = judged(one, false);
+  }
+  md << "\n";
+}
+
+/// grids/<style>-k<K>.png: the real font, then every arm's first seed.
+inline void write_grids(
+    const Finished& done,
+    size_t k,
+    const Split& split,
+    GlyphRenderer& renderer) {
+  for (size_t si = 0; si < done.styles.size(); ++si) {
+    const auto style = font_index(done.styles[si]);
+    std::vector<torch::Tensor> rows, real;
+    for (const char c : split.test) {
+      real.push_back(renderer.render(style, c, nullptr).unsqueeze(0));
+    }
+    rows.push_back(torch::stack(real));
+    for (size_t a = 0; a < done.arms.size(); ++a) {
+      rows.push_back(done.runs[k][si][a][0].grid_row);
+    }
+    write_png(
+        done.options.results / "grids" /
+            (slug(done.styles[si]) + "-k" +
+             std::to_string(done.options.shots[k]) + ".png"),
+        grid(rows, 2));
+  }
+}
+
+/// Every run's scores into report["runs"]; returns the judge members'
+/// mean agreement on the generated test images.
+inline double collect_runs(const Finished& done, ordered_json& report) {
+  double agreement = 0;
+  int64_t count = 0;
+  for (size_t k = 0; k < done.runs.size(); ++k) {
+    for (size_t si = 0; si < done.styles.size(); ++si) {
+      for (size_t a = 0; a < done.arms.size(); ++a) {
+        const auto& seeds = done.runs[k][si][a];
+        for (size_t seed = 0; seed < seeds.size(); ++seed) {
+          auto entry = seeds[seed].scores;
+          entry["shots"] = done.options.shots[k];
+          entry["style"] = done.styles[si];
+          entry["arm"] = done.arms[a].label;
+          entry["seed"] = done.options.seed + seed;
+          agreement += entry["judge_agreement"].get<double>();
+          ++count;
+          report["runs"].push_back(std::move(entry));
+        }
+      }
+    }
+  }
+  return agreement / count;
+}
+
+/// summary.md, metrics.json and grids/ of a finished experiment.
+inline void write_experiment_report(
+    const Finished& done,
+    Judge& judge,
+    GlyphRenderer& renderer,
+    ordered_json& report) {
+  std::ostringstream md;
+  md << settings_section(done, judge, report);
+  for (size_t k = 0; k < done.runs.size(); ++k) {
+    const auto shots = done.options.shots[k];
+    const auto split = split_characters(shots);
+    auto& results = report["results"][std::to_string(shots)];
     std::vector<torch::Tensor> real;
-    for (size_t si = 0; si < styles.size(); ++si) {
+    for (const auto& style : done.styles) {
       real.push_back(real_features(
           judge,
           renderer,
-          font_index(styles[si]),
+          font_index(style),
           split.test,
-          2 * options.images));
-      std::vector<size_t> all(options.seeds);
-      std::iota(all.begin(), all.end(), 0);
-      for (size_t a = 0; a < arms.size(); ++a) {
-        fid[a].push_back(pooled_distance(runs[k][si][a], all, real[si]));
-      }
+          2 * done.options.images));
     }
-    for (size_t a = 0; a < arms.size(); ++a) {
-      md << "| " << arms[a].label << " |";
-      for (const auto& m : measures()) {
-        std::vector<Grid> strata;
-        for (size_t si = 0; si < styles.size(); ++si) {
-          strata.push_back(arm_grid(runs[k][si][a], m.key));
-        }
-        const auto mean = paired_bootstrap(strata, 1000);
-        md << " " << fixed(mean.mean) << " [" << fixed(mean.low) << ", "
-           << fixed(mean.high) << "] |";
-        report["results"][std::to_string(shots)]["means"][arms[a].label]
-              [m.key] = {
-                  {"mean", mean.mean}, {"low", mean.low}, {"high", mean.high}};
-        for (size_t si = 0; si < styles.size(); ++si) {
-          const auto own = paired_bootstrap({strata[si]}, 1000);
-          report["results"][std::to_string(shots)]["per_style"][styles[si]]
-                [arms[a].label][m.key] = {
-                    {"mean", own.mean}, {"low", own.low}, {"high", own.high}};
-        }
-      }
-      const double mean_fid =
-          std::accumulate(fid[a].begin(), fid[a].end(), 0.0) / fid[a].size();
-      md << " " << fixed(mean_fid, 1) << " |\n";
-      report["results"][std::to_string(shots)]["fid"][arms[a].label] = fid[a];
+    md << "\n## K = " << shots << " shots\n\n";
+    means_section(done, k, real, md, results);
+    for (size_t a = 1; a < done.arms.size(); ++a) {
+      differences_section(done, k, a, real, md, results);
     }
-    // Paired differences against the first arm.
-    for (size_t a = 1; a < arms.size(); ++a) {
-      md << "\n"
-         << arms[0].label << " − " << arms[a].label
-         << " (paired over seeds and prompts; 95 % bootstrap interval; "
-            "verdict for "
-         << arms[0].label << "):\n\n| measure | all styles |";
-      for (const auto& style : styles) {
-        md << " " << style << " |";
-      }
-      md << "\n" << separator(styles.size() + 2) << "\n";
-      for (const auto& m : measures()) {
-        std::vector<Grid> strata;
-        for (size_t si = 0; si < styles.size(); ++si) {
-          strata.push_back(difference(
-              arm_grid(runs[k][si][0], m.key),
-              arm_grid(runs[k][si][a], m.key)));
-        }
-        const auto all = paired_bootstrap(strata);
-        md << "| " << m.title << " | " << interval_text(all) << " "
-           << verdict(all, m.higher_is_better) << " |";
-        auto& record = report["results"][std::to_string(shots)]["differences"]
-                             [arms[a].label][m.key];
-        record["all"] = {
-            {"mean", all.mean},
-            {"low", all.low},
-            {"high", all.high},
-            {"verdict", verdict(all, m.higher_is_better)}};
-        for (size_t si = 0; si < styles.size(); ++si) {
-          const auto one = paired_bootstrap({strata[si]});
-          md << " " << interval_text(one) << " |";
-          record[styles[si]] = {
-              {"mean", one.mean},
-              {"low", one.low},
-              {"high", one.high},
-              {"verdict", verdict(one, m.higher_is_better)}};
-        }
-        md << "\n";
-      }
-      md << "| FID (lower is better) | |";
-      for (size_t si = 0; si < styles.size(); ++si) {
-        const auto one =
-            distance_difference(runs[k][si][0], runs[k][si][a], real[si]);
-        md << " " << interval_text(one) << " " << verdict(one, false) << " |";
-        report["results"][std::to_string(shots)]["differences"][arms[a].label]
-              ["fid"][styles[si]] = {
-                  {"mean", one.mean},
-                  {"low", one.low},
-                  {"high", one.high},
-                  {"verdict", verdict(one, false)}};
-      }
-      md << "\n";
-    }
-    // Grids: the real font, then every arm's first seed.
-    for (size_t si = 0; si < styles.size(); ++si) {
-      std::vector<torch::Tensor> rows, real_row;
-      for (const char c : split.test) {
-        real_row.push_back(
-            renderer.render(font_index(styles[si]), c, nullptr).unsqueeze(0));
-      }
-      rows.push_back(torch::stack(real_row));
-      for (size_t a = 0; a < arms.size(); ++a) {
-        rows.push_back(runs[k][si][a][0].grid_row);
-      }
-      write_png(
-          options.results / "grids" /
-              (slug(styles[si]) + "-k" + std::to_string(shots) + ".png"),
-          grid(rows, 2));
-    }
+    write_grids(done, k, split, renderer);
   }
-  // Every run's scores, for whoever wants to look again.
-  double agreement = 0;
-  int64_t count = 0;
-  for (size_t k = 0; k < runs.size(); ++k) {
-    for (size_t si = 0; si < styles.size(); ++si) {
-      for (size_t a = 0; a < arms.size(); ++a) {
-        for (size_t seed = 0; seed < runs[k][si][a].size(); ++seed) {
-          auto entry = runs[k][si][a][seed].scores;
-          entry["shots"] = options.shots[k];
-          entry["style"] = styles[si];
-          entry["arm"] = arms[a].label;
-          entry["seed"] = options.seed + seed;
-          agreement += entry["judge_agreement"].get<double>();
-          ++count;
-          report["runs"].push_back(entry);
-        }
-      }
-    }
-  }
-  report["judge_agreement_on_generated"] = agreement / count;
+  const double agreement = collect_runs(done, report);
+  report["judge_agreement_on_generated"] = agreement;
   md << "\nThe judge's members agree on the character of "
-     << fixed(100 * agreement / count, 1)
+     << fixed(100 * agreement, 1)
      << " % of the generated test images. Grids (rows: the real font, then "
         "each arm's first seed) in grids/; every run's per-prompt scores in "
         "metrics.json.\n";
-  write_text(options.results / "metrics.json", report.dump(1));
-  write_text(options.results / "summary.md", md.str());
+  write_text(done.options.results / "metrics.json", report.dump(1));
+  write_text(done.options.results / "summary.md", md.str());
   std::cout << md.str();
 }
 
@@ -1069,7 +1116,8 @@ inline void run_experiment(
     }
   }
   report["run_seconds"] = elapsed();
-  write_experiment_report(options, styles, arms, runs, judge, renderer, report);
+  write_experiment_report(
+      Finished{options, styles, arms, runs}, judge, renderer, report);
   make_plots(options.results);
   std::cout << "results in " << options.results.string() << " ("
             << fixed(elapsed(), 0) << " s)\n";

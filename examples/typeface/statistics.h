@@ -9,19 +9,33 @@
 #include <cstdint>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace typeface {
-
-/// Paired differences of one stratum (a style): rows are seeds, columns
-/// prompts; each entry is one method's score minus the other's on the same
-/// seed and prompt.
-using Grid = std::vector<std::vector<double>>;
 
 /// A mean and its 95 % confidence interval.
 struct Interval {
   double mean = 0, low = 0, high = 0;
 };
+
+/// `mean` with the 2.5 and 97.5 percentiles of its bootstrap resamples.
+inline Interval percentile_interval(
+    double mean,
+    std::vector<double> resamples) {
+  TORCH_CHECK(!resamples.empty(), "percentile_interval: no resamples");
+  std::sort(resamples.begin(), resamples.end());
+  const auto quantile = [&](double q) {
+    return resamples[static_cast<size_t>(
+        std::lround(q * static_cast<double>(resamples.size() - 1)))];
+  };
+  return {mean, quantile(0.025), quantile(0.975)};
+}
+
+/// Paired differences of one stratum (a style): rows are seeds, columns
+/// prompts; each entry is one method's score minus the other's on the same
+/// seed and prompt.
+using Grid = std::vector<std::vector<double>>;
 
 /// The mean of the strata's means, and its 95 % percentile bootstrap
 /// interval: each resample draws, within every stratum, the seeds and the
@@ -76,14 +90,7 @@ inline Interval paired_bootstrap(
     redraw(prompts);
     means.push_back(mean_of(seeds, prompts));
   }
-  std::sort(means.begin(), means.end());
-  const auto quantile = [&](double q) {
-    return means[static_cast<size_t>(
-        std::lround(q * static_cast<double>(means.size() - 1)))];
-  };
-  interval.low = quantile(0.025);
-  interval.high = quantile(0.975);
-  return interval;
+  return percentile_interval(interval.mean, std::move(means));
 }
 
 /// "better", "worse" or "no difference" at 95 %, for a difference A − B of a
