@@ -7,10 +7,7 @@
 
 #include <styleinject/styleinject.h>
 
-#include <cmath>
-#include <iomanip>
 #include <numeric>
-#include <sstream>
 
 namespace typeface {
 

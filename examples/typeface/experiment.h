@@ -257,7 +257,6 @@ struct ExperimentOptions {
   std::string name; // of the results' subfolder; empty: the setting's
   bool quick = false;
   ModelConfig config = ModelConfig::small();
-  std::string model_size = "small";
   fs::path base_dir; // the pretrained base model
   fs::path judge_dir; // the judge (trained there if missing)
   int64_t judge_members = 3;

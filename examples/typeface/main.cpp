@@ -6,8 +6,9 @@
 //   typeface sample --adapter runs/si/adapters.safetensors \
 //       --prompt "the letter g in lobster style" --out g.png
 //   typeface eval --adapter runs/si/adapters.safetensors --style lobster
-//   typeface demo                     # all of it, into results/
-//   typeface experiment --setting few-shot [--quick]
+//   typeface judge                    # the judge's classifiers
+//   typeface experiment --setting few-shot [--quick]   # results/few-shot/
+//   typeface demo                     # a small few-shot run, results/demo/
 
 #include "experiment.h"
 
@@ -400,10 +401,11 @@ int main(int argc, char** argv) {
       }
       GlyphRenderer renderer(
           all_fonts(), model_config.image_size, font_paths());
+      const ExperimentOptions defaults;
       auto judge = load_or_train_judge(
           judge_path,
-          experiment.judge_members,
-          experiment.judge_steps,
+          defaults.judge_members,
+          defaults.judge_steps,
           renderer,
           runtime);
       torch::Tensor images, features;
@@ -412,7 +414,7 @@ int main(int argc, char** argv) {
           judge,
           font_index(style),
           split_characters(shots).test,
-          experiment,
+          defaults,
           runtime,
           images,
           features);
@@ -443,7 +445,6 @@ int main(int argc, char** argv) {
                 << "\n";
     } else if (*experiment_cmd) {
       experiment.config = model_config;
-      experiment.model_size = model_size;
       experiment.base_dir = base;
       experiment.judge_dir = judge_path;
       experiment.seed = seed;
@@ -468,7 +469,6 @@ int main(int argc, char** argv) {
         pretrain(pre, base, renderer, runtime);
       }
       demo.config = model_config;
-      demo.model_size = model_size;
       demo.base_dir = base;
       demo.judge_dir = judge_path;
       demo.seed = seed;
