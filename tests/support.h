@@ -210,6 +210,33 @@ inline torch::Tensor reference_forward(
   return out;
 }
 
+/// The reference's adapter tensors for the functional forms, in `dtype`
+/// (undefined ones stay so).
+inline styleinject::functional::AdapterTensors adapter_of(
+    const ReferenceLinear& p,
+    torch::Dtype dtype = torch::kDouble) {
+  const auto to = [&](const torch::Tensor& t) {
+    return t.defined() ? t.to(dtype) : t;
+  };
+  return {
+      to(p.lora_A),
+      to(p.lora_B),
+      to(p.router_weight),
+      to(p.router_bias),
+      to(p.gate)};
+}
+
+/// The reference's run-time settings as the functional forms take them.
+inline styleinject::functional::StyleInjectFuncOptions options_of(
+    const ReferenceLinear& p) {
+  return styleinject::functional::StyleInjectFuncOptions()
+      .scaling(p.scaling)
+      .scale(p.scale)
+      .temperature(p.temperature)
+      .style(p.style)
+      .gate(p.gate_mode);
+}
+
 /// Gives every adapter tensor of `layer` random, non-zero values, so that no
 /// term of the forward is trivially zero.
 template <typename Layer>

@@ -8,10 +8,12 @@
 
 namespace SF = styleinject::functional;
 using styleinject::ComputePath;
+using styleinject_test::adapter_of;
 using styleinject_test::close64;
 using styleinject_test::CpuAutocast;
 using styleinject_test::error_of;
 using styleinject_test::near_reference;
+using styleinject_test::options_of;
 using styleinject_test::reference_forward;
 using styleinject_test::ReferenceLinear;
 
@@ -35,29 +37,6 @@ ReferenceLinear random_layer(bool router, bool gate) {
     p.gate = torch::randn({kBranches, kOut}, f64);
   }
   return p;
-}
-
-/// The reference's adapter tensors in `dtype` (undefined ones stay so).
-SF::AdapterTensors adapter_of(
-    const ReferenceLinear& p,
-    torch::Dtype dtype = torch::kDouble) {
-  const auto to = [&](const torch::Tensor& t) {
-    return t.defined() ? t.to(dtype) : t;
-  };
-  return {
-      to(p.lora_A),
-      to(p.lora_B),
-      to(p.router_weight),
-      to(p.router_bias),
-      to(p.gate)};
-}
-
-SF::StyleInjectFuncOptions options_of(const ReferenceLinear& p) {
-  return SF::StyleInjectFuncOptions()
-      .scaling(p.scaling)
-      .scale(p.scale)
-      .temperature(p.temperature)
-      .style(p.style);
 }
 
 /// The reference on an input of any supported rank, shaped like the output.

@@ -14,9 +14,11 @@
 
 namespace SF = styleinject::functional;
 using styleinject::GateMode;
+using styleinject_test::adapter_of;
 using styleinject_test::close64;
 using styleinject_test::ConvGeometry;
 using styleinject_test::error_of;
+using styleinject_test::options_of;
 using styleinject_test::reference_conv2d_forward;
 using styleinject_test::reference_forward;
 using styleinject_test::ReferenceLinear;
@@ -51,18 +53,6 @@ ReferenceLinear random_adapter(GateMode mode, bool router, int64_t kernel = 0) {
   p.scaling = 1.5;
   p.scale = 0.7;
   return p;
-}
-
-SF::AdapterTensors adapter_of(const ReferenceLinear& p) {
-  return {p.lora_A, p.lora_B, p.router_weight, p.router_bias, p.gate};
-}
-
-SF::StyleInjectFuncOptions options_of(const ReferenceLinear& p) {
-  return SF::StyleInjectFuncOptions()
-      .scaling(p.scaling)
-      .scale(p.scale)
-      .style(p.style)
-      .gate(p.gate_mode);
 }
 
 const auto kModes = {
