@@ -18,23 +18,31 @@ inline std::vector<int64_t> all_fonts() {
 }
 
 /// Where the held-out characters go: the first `validation` of them choose
-/// the learning rate, the rest are the test prompts.
+/// the learning rate, the rest are the test prompts, or `test` of them
+/// spread evenly over the rest (0: all).
 struct Split {
   std::string shots, validation, test;
 };
 
-inline Split split_characters(int64_t shots, int64_t validation = 8) {
+inline Split split_characters(
+    int64_t shots,
+    int64_t validation = 8,
+    int64_t test = 0) {
   Split split;
   split.shots = shot_characters(shots);
   const auto rest = held_out_characters(split.shots);
-  if (static_cast<int64_t>(rest.size()) <= validation) {
+  const auto left = static_cast<int64_t>(rest.size()) - validation;
+  if (left < 1) {
     throw std::invalid_argument(
         "--shots " + std::to_string(shots) +
         " leaves too few characters to "
         "hold out");
   }
   split.validation = rest.substr(0, validation);
-  split.test = rest.substr(validation);
+  const auto count = test > 0 ? std::min(test, left) : left;
+  for (int64_t i = 0; i < count; ++i) {
+    split.test += rest[validation + i * left / count];
+  }
   return split;
 }
 

@@ -125,17 +125,23 @@ inline void save_weights(
           tensors, metadata, path.string()));
 }
 
+/// The tensors (in file order) and metadata of a safetensors file.
+inline styleinject::detail::safetensors::Contents read_safetensors(
+    const fs::path& path) {
+  namespace st = styleinject::detail::safetensors;
+  const auto bytes = st::read_file(path.string(), path.string());
+  return st::parse(
+      reinterpret_cast<const uint8_t*>(bytes.data()),
+      bytes.size(),
+      path.string());
+}
+
 /// Loads what save_weights wrote into a module with the same names and
 /// shapes (all of them, nothing else); returns the file's metadata.
 inline std::map<std::string, std::string> load_weights(
     torch::nn::Module& module,
     const fs::path& path) {
-  namespace st = styleinject::detail::safetensors;
-  const auto bytes = st::read_file(path.string(), path.string());
-  auto contents = st::parse(
-      reinterpret_cast<const uint8_t*>(bytes.data()),
-      bytes.size(),
-      path.string());
+  const auto contents = read_safetensors(path);
   auto targets = module.named_parameters();
   for (const auto& item : module.named_buffers()) {
     targets.insert(item.key(), item.value());
@@ -332,7 +338,7 @@ inline double shown_loss(
 
 struct PretrainOptions {
   ModelConfig config = ModelConfig::small();
-  int64_t steps = 3000;
+  int64_t steps = 8000;
   int64_t batch = 32;
   double lr = 1e-3;
   int64_t checkpoint_every = 500;
