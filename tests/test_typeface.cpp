@@ -413,6 +413,14 @@ TEST_CASE("the paired bootstrap interval", "[typeface]") {
   const double width = interval.high - interval.low;
   CHECK(width > 0.9 * 2 * 1.96 * se);
   CHECK(width < 2.0 * 2 * 1.96 * se);
+  // At 99 % the interval holds the 95 % one and is about 2.58 / 1.96 times
+  // as wide, as a normal one would be.
+  const auto wider = paired_bootstrap({grid}, 20000, 1, 0.99);
+  CHECK(wider.low < interval.low);
+  CHECK(wider.high > interval.high);
+  const double ratio = (wider.high - wider.low) / width;
+  CHECK(ratio > 1.15);
+  CHECK(ratio < 1.5);
   CHECK(verdict(interval, true) == "better");
   CHECK(verdict(interval, false) == "worse");
   CHECK(verdict(Interval{0.1, -0.1, 0.3}, true) == "no difference");

@@ -345,7 +345,7 @@ int main(int argc, char** argv) {
       ->add_option(
           "--styles",
           experiment.styles,
-          "new styles (default: all six; ablation: lobster, eb garamond)")
+          "new styles (default: all six; ablation: lobster)")
       ->delimiter(',');
   auto* shots_option = experiment_cmd
                            ->add_option(

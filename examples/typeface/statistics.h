@@ -14,22 +14,24 @@
 
 namespace typeface {
 
-/// A mean and its 95 % confidence interval.
+/// A mean and its confidence interval (95 % unless said otherwise).
 struct Interval {
   double mean = 0, low = 0, high = 0;
 };
 
-/// `mean` with the 2.5 and 97.5 percentiles of its bootstrap resamples.
+/// `mean` with the central `level` of its bootstrap resamples (0.95: the
+/// 2.5 and 97.5 percentiles).
 inline Interval percentile_interval(
     double mean,
-    std::vector<double> resamples) {
+    std::vector<double> resamples,
+    double level = 0.95) {
   TORCH_CHECK(!resamples.empty(), "percentile_interval: no resamples");
   std::sort(resamples.begin(), resamples.end());
   const auto quantile = [&](double q) {
     return resamples[static_cast<size_t>(
         std::lround(q * static_cast<double>(resamples.size() - 1)))];
   };
-  return {mean, quantile(0.025), quantile(0.975)};
+  return {mean, quantile((1 - level) / 2), quantile((1 + level) / 2)};
 }
 
 /// Paired differences of one stratum (a style): rows are seeds, columns
@@ -37,13 +39,14 @@ inline Interval percentile_interval(
 /// seed and prompt.
 using Grid = std::vector<std::vector<double>>;
 
-/// The mean of the strata's means, and its 95 % percentile bootstrap
-/// interval: each resample draws, within every stratum, the seeds and the
+/// The mean of the strata's means, and its percentile bootstrap interval
+/// at `level`: each resample draws, within every stratum, the seeds and the
 /// prompts with replacement (the two sources of variation).
 inline Interval paired_bootstrap(
     const std::vector<Grid>& strata,
     int64_t resamples = 2000,
-    uint64_t seed = 1) {
+    uint64_t seed = 1,
+    double level = 0.95) {
   using Picks = std::vector<std::vector<size_t>>; // per stratum
   const auto mean_of = [&](const Picks& seeds, const Picks& prompts) {
     double total = 0;
@@ -90,11 +93,12 @@ inline Interval paired_bootstrap(
     redraw(prompts);
     means.push_back(mean_of(seeds, prompts));
   }
-  return percentile_interval(interval.mean, std::move(means));
+  return percentile_interval(interval.mean, std::move(means), level);
 }
 
-/// "better", "worse" or "no difference" at 95 %, for a difference A − B of a
-/// measure where higher (or, for a distance, lower) is better for A.
+/// "better", "worse" or "no difference" at the interval's level, for a
+/// difference A − B of a measure where higher (or, for a distance, lower) is
+/// better for A.
 inline std::string verdict(const Interval& difference, bool higher_is_better) {
   if (difference.low > 0) {
     return higher_is_better ? "better" : "worse";
