@@ -125,9 +125,33 @@ int main(int argc, char** argv) {
     return model_size == "tiny" ? ModelConfig::tiny() : ModelConfig::small();
   };
 
+  // Options that several commands share.
+  std::string base_dir, judge_dir;
+  const auto base_option = [&](CLI::App* command) {
+    command->add_option(
+        "--base",
+        base_dir,
+        "base model folder (default: the shipped one, else the cache's)");
+  };
+  const auto judge_option = [&](CLI::App* command) {
+    command->add_option(
+        "--judge",
+        judge_dir,
+        "the judge's folder (default: the shipped one, else the cache's)");
+  };
+  const auto judged_images = [](CLI::App* command, ExperimentOptions& options) {
+    command->add_option("--images", options.images, "per prompt")
+        ->check(CLI::PositiveNumber)
+        ->capture_default_str();
+    command
+        ->add_option(
+            "--base-prompts", options.base_prompts, "base-font prompts")
+        ->check(CLI::PositiveNumber)
+        ->capture_default_str();
+  };
+
   // pretrain
   PretrainOptions pre;
-  std::string base_dir;
   auto* pretrain_cmd = app.add_subcommand(
       "pretrain", "train the base model on the base fonts (cached)");
   shared(pretrain_cmd);
@@ -185,10 +209,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   finetune_cmd->add_flag(
       "--resume", tune.resume, "go on from the checkpoint in --out");
-  finetune_cmd->add_option(
-      "--base",
-      base_dir,
-      "base model folder (default: the shipped one, else the cache's)");
+  base_option(finetune_cmd);
   finetune_cmd
       ->add_option(
           "--out", run_dir, "folder for the adapter and its checkpoint")
@@ -209,10 +230,7 @@ int main(int argc, char** argv) {
       ->required();
   sample_cmd->add_option(
       "--adapter", adapter_file, "adapters.safetensors from finetune");
-  sample_cmd->add_option(
-      "--base",
-      base_dir,
-      "base model folder (default: the shipped one, else the cache's)");
+  base_option(sample_cmd);
   sample_cmd->add_option("--steps", sampler.steps, "DDIM steps")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
@@ -230,10 +248,7 @@ int main(int argc, char** argv) {
   shared(eval_cmd);
   eval_cmd->add_option(
       "--adapter", adapter_file, "adapters.safetensors (none: the base model)");
-  eval_cmd->add_option(
-      "--base",
-      base_dir,
-      "base model folder (default: the shipped one, else the cache's)");
+  base_option(eval_cmd);
   eval_cmd->add_option("--style", style)->capture_default_str();
   eval_cmd
       ->add_option(
@@ -241,14 +256,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   eval_cmd->add_option("--out", metrics_file, "JSON file (default: stdout)");
   ExperimentOptions evaluation;
-  eval_cmd->add_option("--images", evaluation.images, "per prompt")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
-  eval_cmd
-      ->add_option(
-          "--base-prompts", evaluation.base_prompts, "base-font prompts")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
+  judged_images(eval_cmd, evaluation);
   eval_cmd->add_option("--sample-steps", evaluation.sampler.steps, "DDIM steps")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
@@ -258,13 +266,6 @@ int main(int argc, char** argv) {
           evaluation.sampler.guidance,
           "classifier-free guidance scale")
       ->capture_default_str();
-  std::string judge_dir;
-  const auto judge_option = [&](CLI::App* command) {
-    command->add_option(
-        "--judge",
-        judge_dir,
-        "the judge's folder (default: the shipped one, else the cache's)");
-  };
   judge_option(eval_cmd);
 
   // demo
@@ -280,9 +281,7 @@ int main(int argc, char** argv) {
   demo_cmd->add_option("--seeds", demo.seeds, "seeds per method")
       ->check(CLI::Range(2, 1000))
       ->capture_default_str();
-  demo_cmd->add_option("--images", demo.images, "per prompt")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
+  judged_images(demo_cmd, demo);
   demo_cmd->add_option("--steps", demo.steps, "fine-tune steps per run")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
@@ -360,17 +359,10 @@ int main(int argc, char** argv) {
           "test characters per style (0: every held-out one)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
-  experiment_cmd
-      ->add_option(
-          "--base-prompts", experiment.base_prompts, "base-font prompts")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
   experiment_cmd->add_option("--seeds", experiment.seeds)
       ->check(CLI::Range(2, 1000))
       ->capture_default_str();
-  experiment_cmd->add_option("--images", experiment.images, "per prompt")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
+  judged_images(experiment_cmd, experiment);
   experiment_cmd->add_option("--steps", experiment.steps, "fine-tune steps")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
@@ -379,10 +371,7 @@ int main(int argc, char** argv) {
           "--lrs", experiment.lrs, "learning rates searched for every arm")
       ->delimiter(',')
       ->capture_default_str();
-  experiment_cmd->add_option(
-      "--base",
-      base_dir,
-      "base model folder (default: the shipped one, else the cache's)");
+  base_option(experiment_cmd);
   judge_option(experiment_cmd);
   experiment_cmd
       ->add_option(
