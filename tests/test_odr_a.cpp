@@ -4,7 +4,7 @@
 #include <styleinject/conv2d.h>
 #include <styleinject/detail/checkpoint.h>
 #include <styleinject/detail/json.h>
-#include <styleinject/detail/safetensors.h>
+#include <styleinject/safetensors.h>
 #include <styleinject/detail/torch_compat.h>
 #include <styleinject/functional.h>
 #include <styleinject/inject.h>

@@ -1,5 +1,6 @@
 // Adapter files: save_adapters / load_adapters round trips, what they refuse,
-// the safetensors reader against hostile files, and atomic writes.
+// the safetensors reader against hostile files, atomic writes; and the
+// public safetensors API: any tensors, mapped reads, a module's weights.
 
 #include "support.h"
 
@@ -730,4 +731,351 @@ TEST_CASE(
     }
   }
   CHECK(adapter_tensors == 10);
+}
+
+namespace {
+
+/// interop.py's tensor for each safetensors dtype, by the dtype's name:
+/// i = 0 ... 14 as (3, 5), then (i - 7) / 4 for floats, 9i - 60 for signed
+/// integers, 17i for U8 and i mod 3 == 0 for BOOL.
+std::vector<std::pair<std::string, torch::Tensor>> interop_dtype_tensors() {
+  const std::vector<std::pair<std::string, torch::ScalarType>> dtypes{
+      {"F64", torch::kDouble},
+      {"F32", torch::kFloat},
+      {"F16", torch::kHalf},
+      {"I64", torch::kLong},
+      {"I32", torch::kInt},
+      {"I16", torch::kShort},
+      {"I8", torch::kChar},
+      {"U8", torch::kByte},
+      {"BOOL", torch::kBool}};
+  const auto i = torch::arange(15, torch::kLong).view({3, 5});
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
+  for (const auto& [name, dtype] : dtypes) {
+    torch::Tensor value = name == "BOOL" ? i.fmod(3).eq(0)
+        : name == "U8"                   ? i * 17
+        : name[0] == 'I'                 ? i * 9 - 60
+                                         : (i.to(torch::kDouble) - 7) / 4;
+    tensors.emplace_back(name, value.to(dtype));
+  }
+  return tensors;
+}
+
+} // namespace
+
+TEST_CASE(
+    "interop: every dtype from Python, and back",
+    "[.interop][interop-dtypes]") {
+  const auto loaded =
+      styleinject::load_safetensors(interop_dir() + "/dtypes.safetensors");
+  CHECK(
+      loaded.metadata == std::map<std::string, std::string>{{"who", "python"}});
+  // Python's writer orders tensors its own way: compare by name.
+  const auto expected = interop_dtype_tensors();
+  std::map<std::string, torch::Tensor> by_name(
+      loaded.tensors.begin(), loaded.tensors.end());
+  REQUIRE(by_name.size() == expected.size());
+  for (const auto& [name, value] : expected) {
+    CAPTURE(name);
+    REQUIRE(by_name.count(name) == 1);
+    CHECK(by_name.at(name).scalar_type() == value.scalar_type());
+    CHECK(torch::equal(by_name.at(name), value));
+  }
+  styleinject::save_safetensors(
+      interop_dir() + "/dtypes_from_cpp.safetensors",
+      expected,
+      {{"who", "cpp"}});
+}
+
+// ------------------------------------------- safetensors files, public API
+
+namespace {
+
+/// Whether this process has `path` mapped, per /proc/self/maps.
+bool is_mapped(const std::string& path) {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  while (std::getline(maps, line)) {
+    if (line.size() >= path.size() &&
+        line.compare(line.size() - path.size(), path.size(), path) == 0) {
+      return true;
+    }
+  }
+  return false;
+}
+
+/// A module with parameters, a frozen parameter and buffers.
+struct WeightsNetImpl : torch::nn::Module {
+  WeightsNetImpl() {
+    fc = register_module("fc", torch::nn::Linear(3, 2));
+    norm = register_module("norm", torch::nn::BatchNorm1d(2));
+    fc->bias.set_requires_grad(false);
+  }
+  torch::nn::Linear fc{nullptr};
+  torch::nn::BatchNorm1d norm{nullptr};
+};
+TORCH_MODULE(WeightsNet);
+
+/// Every parameter and buffer of `module`, cloned, by qualified name.
+std::map<std::string, torch::Tensor> weights_of(
+    const torch::nn::Module& module) {
+  auto values = snapshot(module);
+  for (const auto& b : module.named_buffers()) {
+    values[b.key()] = b.value().clone();
+  }
+  return values;
+}
+
+/// A WeightsNet whose parameters and buffers are all drawn from `seed`.
+WeightsNet weights_net(int64_t seed) {
+  torch::manual_seed(seed);
+  WeightsNet net;
+  torch::NoGradGuard no_grad;
+  for (auto& p : net->parameters()) {
+    p.normal_();
+  }
+  for (auto& b : net->buffers()) {
+    b.copy_(torch::randint(1, 9, b.sizes(), b.options()));
+  }
+  return net;
+}
+
+} // namespace
+
+TEST_CASE(
+    "save_safetensors and load_safetensors keep every dtype, the order and "
+    "the metadata",
+    "[safetensors]") {
+  TempDir dir;
+  const auto path = dir.path + "/all.safetensors";
+  torch::manual_seed(3);
+  const auto reals = torch::randn({3, 4}, torch::kDouble);
+  std::vector<std::pair<std::string, torch::Tensor>> tensors{
+      {"z.f64", reals},
+      {"a.f32.transposed", reals.to(torch::kFloat).t()}, // not contiguous
+      {"m.f16", reals.to(torch::kHalf)},
+      {"b.bf16", reals.to(torch::kBFloat16)},
+      {"i64", torch::arange(-5, 7, torch::kLong).view({3, 4})},
+      {"i32", torch::arange(-5, 7, torch::kInt)},
+      {"i16", torch::arange(-5, 7, torch::kShort)},
+      {"i8", torch::arange(-5, 7, torch::kChar)},
+      {"u8", torch::arange(0, 250, 7, torch::kByte)},
+      {"bool", torch::tensor({true, false, true})},
+      {"scalar", torch::tensor(2.5)},
+      {"empty", torch::zeros({0, 3})}};
+  const std::map<std::string, std::string> metadata{
+      {"format", "pt"}, {"note", "ünïcode"}};
+  styleinject::save_safetensors(path, tensors, metadata);
+  const auto loaded = styleinject::load_safetensors(path);
+  CHECK(loaded.metadata == metadata);
+  REQUIRE(loaded.tensors.size() == tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    INFO(tensors[i].first);
+    CHECK(loaded.tensors[i].first == tensors[i].first);
+    CHECK(
+        loaded.tensors[i].second.scalar_type() ==
+        tensors[i].second.scalar_type());
+    CHECK(torch::equal(loaded.tensors[i].second, tensors[i].second));
+  }
+  CHECK_THAT(
+      error_of([&] {
+        styleinject::save_safetensors(
+            path, {{"c", torch::ones({2}, torch::kComplexFloat)}});
+      }),
+      Catch::Contains("tensor 'c' has dtype ComplexFloat, which safetensors "
+                      "cannot hold"));
+  CHECK(torch::equal(
+      styleinject::load_safetensors(path).tensors.at(0).second, reals));
+}
+
+TEST_CASE(
+    "load_safetensors maps the file, and writes to its tensors stay private",
+    "[safetensors]") {
+  TempDir dir;
+  const auto path = dir.path + "/mapped.safetensors";
+  styleinject::save_safetensors(path, {{"w", torch::arange(1024.)}});
+  {
+    auto loaded = styleinject::load_safetensors(path);
+    CHECK(is_mapped(path));
+    auto w = loaded.tensors.at(0).second;
+    loaded = {};
+    CHECK(is_mapped(path)); // w keeps the mapping alive
+    w.mul_(-1);
+    CHECK(w[5].item<double>() == -5);
+  }
+  CHECK_FALSE(is_mapped(path));
+  CHECK(torch::equal(
+      styleinject::load_safetensors(path).tensors.at(0).second,
+      torch::arange(1024.)));
+}
+
+TEST_CASE(
+    "load_safetensors reads a tensor that is not aligned for its dtype",
+    "[safetensors]") {
+  TempDir dir;
+  const auto path = dir.path + "/unaligned.safetensors";
+  // One byte, then two floats that start at an odd offset.
+  std::string header =
+      R"({"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},)"
+      R"("b":{"dtype":"F32","shape":[2],"data_offsets":[1,9]}})";
+  header.append((8 - header.size() % 8) % 8, ' ');
+  const float b[2] = {1.5f, -2.25f};
+  write_bytes(
+      path,
+      file_with(
+          header,
+          std::string(1, '\x07') +
+              std::string(reinterpret_cast<const char*>(b), sizeof b)));
+  const auto loaded = styleinject::load_safetensors(path);
+  const auto& read = loaded.tensors.at(1).second;
+  CHECK(reinterpret_cast<uintptr_t>(read.data_ptr()) % alignof(float) == 0);
+  CHECK(torch::equal(read, torch::tensor({1.5f, -2.25f})));
+  CHECK(loaded.tensors.at(0).second.item<int>() == 7);
+}
+
+TEST_CASE(
+    "load_safetensors names the problem with a path that is no file",
+    "[safetensors]") {
+  TempDir dir;
+  CHECK_THAT(
+      error_of([&] { styleinject::load_safetensors(dir.path + "/none"); }),
+      Catch::Contains(
+          "cannot open '" + dir.path +
+          "/none' for reading: No "
+          "such file or directory"));
+  CHECK_THAT(
+      error_of([&] { styleinject::load_safetensors(dir.path); }),
+      Catch::Contains("'" + dir.path + "' is not a regular file"));
+  write_bytes(dir.path + "/empty", "");
+  CHECK_THAT(
+      error_of([&] { styleinject::load_safetensors(dir.path + "/empty"); }),
+      Catch::Contains("expected at least 8 bytes (the header length), but it "
+                      "has 0"));
+}
+
+TEST_CASE(
+    "save_weights and load_weights move parameters and buffers by name",
+    "[safetensors]") {
+  TempDir dir;
+  const auto path = dir.path + "/net.safetensors";
+  auto source = weights_net(1);
+  source->to(torch::kDouble); // the file is float64; the target float32
+  styleinject::save_weights(*source, path, {{"what", "test"}});
+  auto target = weights_net(2);
+  const auto report = styleinject::load_weights(*target, path);
+  CHECK(report.metadata.at("what") == "test");
+  CHECK(report.missing.empty());
+  CHECK(report.unexpected.empty());
+  CHECK(
+      report.loaded ==
+      std::vector<std::string>{
+          "fc.bias",
+          "fc.weight",
+          "norm.bias",
+          "norm.num_batches_tracked",
+          "norm.running_mean",
+          "norm.running_var",
+          "norm.weight"});
+  const auto expected = weights_of(*source);
+  for (const auto& [name, value] : weights_of(*target)) {
+    INFO(name);
+    CHECK(value.scalar_type() != torch::kDouble);
+    CHECK(torch::equal(value, expected.at(name).to(value.scalar_type())));
+  }
+}
+
+TEST_CASE(
+    "load_weights refuses what does not fit and leaves the module as it was",
+    "[safetensors]") {
+  TempDir dir;
+  const auto path = dir.path + "/net.safetensors";
+  auto source = weights_net(1);
+  auto tensors = std::vector<std::pair<std::string, torch::Tensor>>{};
+  for (const auto& [name, value] : weights_of(*source)) {
+    if (name != "norm.running_var") {
+      tensors.emplace_back(name, value);
+    }
+  }
+  tensors.emplace_back("extra.weight", torch::ones({2}));
+  styleinject::save_safetensors(path, tensors);
+
+  auto target = weights_net(2);
+  const auto before = weights_of(*target);
+  const auto unchanged = [&] {
+    for (const auto& [name, value] : weights_of(*target)) {
+      INFO(name);
+      CHECK(torch::equal(value, before.at(name)));
+    }
+  };
+  SECTION("strict: a missing and an unexpected name") {
+    CHECK_THAT(
+        error_of([&] { styleinject::load_weights(*target, path); }),
+        Catch::Contains("expected exactly the module's 7 parameters and "
+                        "buffers, but the file lacks 1 ('norm.running_var') "
+                        "and has 1 the module does not ('extra.weight')"));
+    unchanged();
+  }
+  SECTION("a shape that differs, strict or not") {
+    styleinject::save_safetensors(path, {{"fc.weight", torch::ones({3, 2})}});
+    CHECK_THAT(
+        error_of([&] {
+          styleinject::load_weights(
+              *target, path, styleinject::LoadWeightsOptions().strict(false));
+        }),
+        Catch::Contains("tensor 'fc.weight' has shape [3, 2], but the "
+                        "module's 'fc.weight' has [2, 3]"));
+    unchanged();
+  }
+  SECTION("two of the file's names renamed onto one") {
+    styleinject::save_safetensors(
+        path, {{"fc.bias", torch::ones({2})}, {"b", torch::ones({2})}});
+    CHECK_THAT(
+        error_of([&] {
+          styleinject::load_weights(
+              *target,
+              path,
+              styleinject::LoadWeightsOptions().strict(false).rename(
+                  {{"b", "fc.bias"}}));
+        }),
+        Catch::Contains("two of the file's tensors load into the module's "
+                        "'fc.bias'"));
+    unchanged();
+  }
+  SECTION("non-strict: what fits loads, the rest is reported") {
+    const auto report = styleinject::load_weights(
+        *target, path, styleinject::LoadWeightsOptions().strict(false));
+    CHECK(report.missing == std::vector<std::string>{"norm.running_var"});
+    CHECK(report.unexpected == std::vector<std::string>{"extra.weight"});
+    CHECK(report.loaded.size() == 6);
+    const auto now = weights_of(*target);
+    const auto expected = weights_of(*source);
+    CHECK(torch::equal(now.at("fc.weight"), expected.at("fc.weight")));
+    CHECK(torch::equal(
+        now.at("norm.running_var"), before.at("norm.running_var")));
+  }
+}
+
+TEST_CASE(
+    "load_weights renames the file's names onto the module's",
+    "[safetensors]") {
+  TempDir dir;
+  const auto path = dir.path + "/renamed.safetensors";
+  auto source = weights_net(1);
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
+  for (const auto& [name, value] : weights_of(*source)) {
+    tensors.emplace_back("model." + name, value);
+  }
+  styleinject::save_safetensors(path, tensors);
+  std::map<std::string, std::string> rename;
+  for (const auto& [name, value] : tensors) {
+    rename[name] = name.substr(6);
+  }
+  auto target = weights_net(2);
+  styleinject::load_weights(
+      *target, path, styleinject::LoadWeightsOptions().rename(rename));
+  const auto expected = weights_of(*source);
+  for (const auto& [name, value] : weights_of(*target)) {
+    INFO(name);
+    CHECK(torch::equal(value, expected.at(name)));
+  }
 }

@@ -125,6 +125,8 @@ inline Judge load_or_train_judge(
   const bool trained = fs::exists(dir / "judge.json");
   if (trained) {
     members = read_json(dir / "judge.json").at("members");
+  } else {
+    fs::create_directories(dir);
   }
   for (int64_t i = 0; i < members; ++i) {
     GlyphClassifier classifier(
@@ -134,13 +136,13 @@ inline Judge load_or_train_judge(
     const auto file =
         dir / ("classifier-" + std::to_string(i) + ".safetensors");
     if (trained) {
-      load_weights(*classifier, file);
+      styleinject::load_weights(*classifier, file.string());
       classifier->to(runtime.device);
     } else {
       train_classifier(classifier, renderer, steps, i, runtime);
-      save_weights(
+      styleinject::save_weights(
           *classifier,
-          file,
+          file.string(),
           {{"command",
             "typeface experiment (judge member " + std::to_string(i) + ")"},
            {"steps", std::to_string(steps)},
@@ -483,7 +485,7 @@ inline Run run_arm(
           run.scores.value("settings", ordered_json()).dump() + ", now " +
           settings.dump() + "); use another --results folder");
     }
-    const auto contents = read_safetensors(images_file);
+    const auto contents = styleinject::load_safetensors(images_file.string());
     run.features = contents.tensors.at(0).second;
     run.grid_row = contents.tensors.at(1).second;
     return run;
@@ -515,12 +517,9 @@ inline Run run_arm(
   run.scores["settings"] = settings;
   run.scores["loss"] = curve;
   run.grid_row = images.slice(0, 0, static_cast<int64_t>(split.test.size()));
-  write_text(
-      images_file,
-      styleinject::detail::safetensors::serialize(
-          {{"features", run.features}, {"grid_row", run.grid_row}},
-          {},
-          images_file.string()));
+  styleinject::save_safetensors(
+      images_file.string(),
+      {{"features", run.features}, {"grid_row", run.grid_row}});
   write_text(scores_file, run.scores.dump());
   fs::remove(dir / "optimizer.pt");
   return run;

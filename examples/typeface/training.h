@@ -106,73 +106,6 @@ void save_atomically(const T& value, const fs::path& path) {
   write_text(path, stream.str());
 }
 
-/// Saves a module's parameters and buffers, by qualified name, as a
-/// safetensors file (atomically), with `metadata`.
-inline void save_weights(
-    const torch::nn::Module& module,
-    const fs::path& path,
-    const std::map<std::string, std::string>& metadata) {
-  std::vector<std::pair<std::string, torch::Tensor>> tensors;
-  for (const auto& item : module.named_parameters()) {
-    tensors.emplace_back(item.key(), item.value());
-  }
-  for (const auto& item : module.named_buffers()) {
-    tensors.emplace_back(item.key(), item.value());
-  }
-  write_text(
-      path,
-      styleinject::detail::safetensors::serialize(
-          tensors, metadata, path.string()));
-}
-
-/// The tensors (in file order) and metadata of a safetensors file.
-inline styleinject::detail::safetensors::Contents read_safetensors(
-    const fs::path& path) {
-  namespace st = styleinject::detail::safetensors;
-  const auto bytes = st::read_file(path.string(), path.string());
-  return st::parse(
-      reinterpret_cast<const uint8_t*>(bytes.data()),
-      bytes.size(),
-      path.string());
-}
-
-/// Loads what save_weights wrote into a module with the same names and
-/// shapes (all of them, nothing else); returns the file's metadata.
-inline std::map<std::string, std::string> load_weights(
-    torch::nn::Module& module,
-    const fs::path& path) {
-  const auto contents = read_safetensors(path);
-  auto targets = module.named_parameters();
-  for (const auto& item : module.named_buffers()) {
-    targets.insert(item.key(), item.value());
-  }
-  TORCH_CHECK(
-      contents.tensors.size() == targets.size(),
-      path.string(),
-      ": expected ",
-      targets.size(),
-      " tensors, but the file has ",
-      contents.tensors.size());
-  for (const auto& [name, tensor] : contents.tensors) {
-    const auto* target = targets.find(name);
-    TORCH_CHECK(
-        target != nullptr && target->sizes() == tensor.sizes(),
-        path.string(),
-        ": tensor '",
-        name,
-        "' of shape ",
-        tensor.sizes(),
-        " fits no tensor of the model",
-        target ? " (it has " + c10::str(target->sizes()) + ")" : "");
-  }
-  // Checked first, so that a file that does not fit changes nothing.
-  torch::NoGradGuard no_grad;
-  for (const auto& [name, tensor] : contents.tensors) {
-    targets[name].copy_(tensor);
-  }
-  return contents.metadata;
-}
-
 /// Writes a (H, W) image with values in [0, 1] as an 8-bit grayscale PNG.
 inline void write_png(const fs::path& path, const torch::Tensor& image) {
   TORCH_CHECK(
@@ -363,7 +296,7 @@ inline void load_model_weights(TextToImage& model, const fs::path& dir) {
     torch::load(model, legacy_model_file(dir).string());
     return;
   }
-  load_weights(*model, model_file(dir));
+  styleinject::load_weights(*model, model_file(dir).string());
 }
 inline fs::path config_file(const fs::path& dir) {
   return dir / "config.json";
@@ -454,9 +387,9 @@ inline void pretrain(
   }
   const auto save = [&] {
     save_atomically(model, training_file);
-    save_weights(
+    styleinject::save_weights(
         *average,
-        model_file(dir),
+        model_file(dir).string(),
         {{"what", "typeface base model (EMA weights)"},
          {"step", std::to_string(step)},
          {"steps", std::to_string(options.steps)},

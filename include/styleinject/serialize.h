@@ -1,9 +1,9 @@
 #pragma once
 
 #include <styleinject/detail/json.h>
-#include <styleinject/detail/safetensors.h>
 #include <styleinject/inject.h>
 #include <styleinject/options.h>
+#include <styleinject/safetensors.h>
 #include <styleinject/version.h>
 
 #include <torch/nn/module.h>
@@ -179,7 +179,7 @@ inline std::map<std::string, std::vector<int64_t>> expected_tensors(
 /// against the expected names, shapes and dtypes, one to one.
 inline AdapterLoadPlan plan_adapter_load(
     const std::vector<Candidate>& candidates,
-    safetensors::Contents contents,
+    Safetensors contents,
     const std::string& context) {
   AdapterLoadPlan plan;
   const auto layers = contents.metadata.find(kLayersKey);
@@ -299,15 +299,9 @@ inline void save_adapters(
 /// ```
 inline void load_adapters(torch::nn::Module& model, const std::string& path) {
   const std::string context = "styleinject::load_adapters: '" + path + "'";
-  const auto bytes = detail::safetensors::read_file(path, context);
   const auto candidates = detail::candidates(model);
   const auto plan = detail::plan_adapter_load(
-      candidates,
-      detail::safetensors::parse(
-          reinterpret_cast<const uint8_t*>(bytes.data()),
-          bytes.size(),
-          context),
-      context);
+      candidates, detail::safetensors::read_mapped(path, context), context);
   for (const auto& layer : plan.attach) {
     layer.first->attach(layer.second);
   }

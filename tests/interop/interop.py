@@ -7,6 +7,9 @@ Run by CTest as: python interop.py STYLEINJECT_TESTS WORK_DIR
    tensor's name, shape, dtype and values, and the metadata.
 2. Python writes an adapter file with safetensors; the library loads it into a
    fresh model (the hidden Catch test [interop-read]) and checks the values.
+3. Python writes a tensor of every dtype the library reads; the library's
+   load_safetensors checks them, and its save_safetensors writes its own for
+   Python to check (the hidden Catch test [interop-dtypes]).
 
 Both sides fill tensor i of a name with the same formula, written separately
 in Python (here) and in C++ (test_serialize.cpp), exact in float16.
@@ -46,6 +49,27 @@ def values(name, shape, period, offset):
     count = int(np.prod(shape))
     base = (np.arange(count) % period - period // 2) / 4.0
     return (base + len(name) % 5 * offset).reshape(shape)
+
+
+# The tensor of each dtype (test_serialize.cpp writes the same formula).
+DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def dtype_values(name):
+    i = np.arange(15).reshape(3, 5)
+    if name == "BOOL":
+        value = i % 3 == 0
+    elif name == "U8":
+        value = i * 17
+    elif name.startswith("I"):
+        value = i * 9 - 60
+    else:
+        value = (i - 7) / 4.0
+    return value.astype(DTYPES[name])
 
 
 def run(exe, tag, folder):
@@ -93,6 +117,23 @@ def main():
     )
     run(exe, "[interop-read]", folder)
     print("the library loaded the file written by python")
+
+    # 3. Every dtype, both ways, through the public safetensors API.
+    save_file(
+        {name: dtype_values(name) for name in DTYPES},
+        os.path.join(folder, "dtypes.safetensors"),
+        metadata={"who": "python"},
+    )
+    run(exe, "[interop-dtypes]", folder)
+    path = os.path.join(folder, "dtypes_from_cpp.safetensors")
+    with safe_open(path, framework="numpy") as f:
+        assert sorted(f.keys()) == sorted(DTYPES), f.keys()
+        for name in DTYPES:
+            tensor, expected = f.get_tensor(name), dtype_values(name)
+            assert tensor.dtype == expected.dtype, (name, tensor.dtype)
+            assert np.array_equal(tensor, expected), name
+        assert f.metadata() == {"who": "cpp"}, f.metadata()
+    print(f"{len(DTYPES)} dtypes went both ways")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 #pragma once
 
-// The safetensors format (https://huggingface.co/docs/safetensors): an 8-byte
+// safetensors files (https://huggingface.co/docs/safetensors): an 8-byte
 // little-endian header length, a JSON header naming each tensor's dtype,
-// shape and byte span, then the tensors' bytes. A bounds-checked reader for
-// hostile files, a writer, and atomic writes to disk.
+// shape and byte span, then the tensors' bytes. The public part reads any
+// such file by mapping it, writes one atomically, and loads or saves a
+// module's weights by qualified name; detail::safetensors holds the
+// bounds-checked parser for hostile files that everything reads through.
 
 #include <styleinject/detail/json.h>
 
+#include <torch/arg.h>
+#include <torch/nn/module.h>
 #include <torch/types.h>
 
 #include <c10/util/Exception.h>
@@ -14,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -22,8 +27,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <map>
+#include <memory>
 #include <random>
 #include <sstream>
 #include <string>
@@ -31,6 +36,14 @@
 #include <vector>
 
 namespace styleinject {
+
+/// Named tensors in file order, and a file's `__metadata__`: what
+/// load_safetensors reads and save_safetensors writes.
+struct Safetensors {
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
+  std::map<std::string, std::string> metadata;
+};
+
 namespace detail {
 namespace safetensors {
 
@@ -40,12 +53,6 @@ static_assert(
 
 /// The largest header accepted, as the reference implementation's.
 inline constexpr uint64_t kMaxHeaderBytes = 100'000'000;
-
-/// The tensors of a file, in file order, and its `__metadata__`.
-struct Contents {
-  std::vector<std::pair<std::string, torch::Tensor>> tensors;
-  std::map<std::string, std::string> metadata;
-};
 
 /// The safetensors name of a dtype and back; an empty name or undefined
 /// optional for a dtype the format or LibTorch does not have.
@@ -309,15 +316,18 @@ inline void check_tiling(
 
 /// Parses a whole safetensors file held in memory: the header, then each
 /// entry, then the tiling of the data. Everything is validated before any
-/// tensor is made. `context` starts every error message.
-inline Contents parse(
+/// tensor is made. Without an `owner`, each tensor is a copy; with one (what
+/// keeps `file` alive), a tensor whose bytes are aligned for its dtype
+/// aliases them and holds `owner`. `context` starts every error message.
+inline Safetensors parse(
     const uint8_t* file,
     size_t size,
-    const std::string& context) {
+    const std::string& context,
+    const std::shared_ptr<const void>& owner = nullptr) {
   const uint8_t* data = nullptr;
   uint64_t data_bytes = 0;
   const auto header = parse_header(file, size, context, data, data_bytes);
-  Contents contents;
+  Safetensors contents;
   std::vector<Entry> entries;
   for (const auto& item : header.items()) {
     if (item.key() == "__metadata__") {
@@ -329,10 +339,17 @@ inline Contents parse(
   }
   check_tiling(entries, data_bytes, context);
   for (const auto& entry : entries) {
-    auto tensor = torch::empty(entry.shape, entry.dtype);
-    if (entry.end > entry.begin) {
-      std::memcpy(
-          tensor.data_ptr(), data + entry.begin, entry.end - entry.begin);
+    auto* bytes = const_cast<uint8_t*>(data + entry.begin);
+    const auto alignment = torch::elementSize(entry.dtype);
+    torch::Tensor tensor;
+    if (owner && reinterpret_cast<uintptr_t>(bytes) % alignment == 0) {
+      tensor = torch::from_blob(
+          bytes, entry.shape, [owner](void*) {}, entry.dtype);
+    } else {
+      tensor = torch::empty(entry.shape, entry.dtype);
+      if (entry.end > entry.begin) {
+        std::memcpy(tensor.data_ptr(), bytes, entry.end - entry.begin);
+      }
     }
     contents.tensors.emplace_back(entry.name, std::move(tensor));
   }
@@ -392,28 +409,65 @@ inline std::string serialize(
   return bytes;
 }
 
-/// The whole file at `path`.
-inline std::string read_file(
+/// A file mapped into memory copy-on-write: its pages are read on first
+/// use, and writes to them stay private to this process.
+class Mapping {
+ public:
+  Mapping(const std::string& path, const std::string& context) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    TORCH_CHECK(
+        fd >= 0,
+        context,
+        ": cannot open '",
+        path,
+        "' for reading: ",
+        std::strerror(errno));
+    struct stat status {};
+    const bool regular = ::fstat(fd, &status) == 0 && S_ISREG(status.st_mode);
+    size_ = regular ? static_cast<size_t>(status.st_size) : 0;
+    if (size_ > 0) {
+      address_ =
+          ::mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    }
+    const int error = errno;
+    ::close(fd);
+    TORCH_CHECK(regular, context, ": '", path, "' is not a regular file");
+    TORCH_CHECK(
+        size_ == 0 || address_ != MAP_FAILED,
+        context,
+        ": cannot map '",
+        path,
+        "' (",
+        size_,
+        " bytes) into memory: ",
+        std::strerror(error));
+  }
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  ~Mapping() {
+    if (size_ > 0 && address_ != MAP_FAILED) {
+      ::munmap(address_, size_);
+    }
+  }
+  const uint8_t* data() const {
+    return size_ > 0 ? static_cast<const uint8_t*>(address_) : nullptr;
+  }
+  size_t size() const {
+    return size_;
+  }
+
+ private:
+  void* address_ = MAP_FAILED;
+  size_t size_ = 0;
+};
+
+/// The safetensors file at `path`, mapped and parsed; its tensors alias
+/// the mapping (see parse), which lives as long as any of them.
+inline Safetensors read_mapped(
     const std::string& path,
     const std::string& context) {
-  std::ifstream file(path, std::ios::binary);
-  TORCH_CHECK(
-      file.good(),
-      context,
-      ": cannot open '",
-      path,
-      "' for reading: ",
-      std::strerror(errno));
-  std::ostringstream bytes;
-  bytes << file.rdbuf();
-  TORCH_CHECK(
-      !file.bad(),
-      context,
-      ": reading '",
-      path,
-      "' failed: ",
-      std::strerror(errno));
-  return bytes.str();
+  const auto mapping = std::make_shared<const Mapping>(path, context);
+  return parse(mapping->data(), mapping->size(), context, mapping);
 }
 
 /// Creates a new file beside `path` with a random name,
@@ -509,6 +563,174 @@ inline void write_file_atomically(
 }
 
 } // namespace safetensors
-
 } // namespace detail
+
+/// Reads the safetensors file at `path`: every tensor (on the CPU, in the
+/// file's dtype) and the `__metadata__`. The file is mapped, not read: the
+/// tensors alias its pages, which the kernel reads on first use, so a
+/// multi-GB checkpoint loaded into a model costs one copy, the model's.
+/// Writing to a tensor changes this process's copy only, never the file.
+/// Do not shrink or rewrite the file in place while its tensors live
+/// (save_safetensors replaces a file by renaming, which is safe). A tensor
+/// whose bytes are not aligned for its dtype is copied instead.
+///
+/// A malformed file is an error naming what was expected and what it has.
+inline Safetensors load_safetensors(const std::string& path) {
+  return detail::safetensors::read_mapped(
+      path, "styleinject::load_safetensors: '" + path + "'");
+}
+
+/// Writes `tensors` (any device; float64/32/16, bfloat16, int64/32/16/8,
+/// uint8 or bool) and `metadata` to a safetensors file at `path`. The write
+/// is atomic: if it fails, whatever was at `path` stays as it was.
+inline void save_safetensors(
+    const std::string& path,
+    const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+    const std::map<std::string, std::string>& metadata = {}) {
+  const std::string context = "styleinject::save_safetensors: '" + path + "'";
+  detail::safetensors::write_file_atomically(
+      path,
+      detail::safetensors::serialize(tensors, metadata, context),
+      context);
+}
+
+/// Names on one side to names on the other (e.g. a file's to a module's).
+using NameMap = std::map<std::string, std::string>;
+
+/// Options for load_weights.
+struct LoadWeightsOptions {
+  /// Every parameter and buffer of the module must be in the file, and
+  /// every tensor of the file must be one of them (PyTorch's
+  /// `load_state_dict(strict=True)`).
+  TORCH_ARG(bool, strict) = true;
+  /// The file's tensor names to the module's qualified names, where they
+  /// differ; a name not listed is the same on both sides.
+  TORCH_ARG(NameMap, rename) = {};
+};
+
+/// What load_weights did, each list sorted: the module's names it set, the
+/// module's names the file lacks, and the file's names that fit nothing in
+/// the module; and the file's `__metadata__`.
+struct LoadWeightsReport {
+  std::vector<std::string> loaded, missing, unexpected;
+  std::map<std::string, std::string> metadata;
+};
+
+namespace detail {
+/// "a, b, c and 4 more": a list short enough for an error message.
+inline std::string some_names(const std::vector<std::string>& names) {
+  std::string text;
+  for (size_t i = 0; i < names.size() && i < 5; ++i) {
+    text += (i > 0 ? ", '" : "'") + names[i] + "'";
+  }
+  if (names.size() > 5) {
+    text += " and " + std::to_string(names.size() - 5) + " more";
+  }
+  return names.empty() ? "none" : text;
+}
+} // namespace detail
+
+/// Loads the parameters and buffers of `module`, by the qualified names
+/// that named_parameters() and named_buffers() give, from the safetensors
+/// file at `path` (a mapped read: see load_safetensors). Values are
+/// converted to each tensor's dtype and device. A name that both have must
+/// have one shape, strict or not; in strict mode a missing or unexpected
+/// name is an error that lists them. Everything is checked before anything
+/// changes: an error leaves the module as it was.
+///
+/// Example:
+/// ```
+/// UNet unet;
+/// styleinject::load_weights(*unet, "unet.safetensors");
+/// ```
+inline LoadWeightsReport load_weights(
+    torch::nn::Module& module,
+    const std::string& path,
+    const LoadWeightsOptions& options = {}) {
+  const std::string context = "styleinject::load_weights: '" + path + "'";
+  const auto contents = detail::safetensors::read_mapped(path, context);
+  auto targets = module.named_parameters();
+  for (const auto& buffer : module.named_buffers()) {
+    targets.insert(buffer.key(), buffer.value());
+  }
+  LoadWeightsReport report;
+  report.metadata = contents.metadata;
+  std::map<std::string, torch::Tensor> values; // by the module's names
+  for (const auto& [file_name, tensor] : contents.tensors) {
+    const auto renamed = options.rename().find(file_name);
+    const auto& name =
+        renamed == options.rename().end() ? file_name : renamed->second;
+    const auto* target = targets.find(name);
+    if (target == nullptr) {
+      report.unexpected.push_back(file_name);
+      continue;
+    }
+    TORCH_CHECK(
+        target->sizes() == tensor.sizes(),
+        context,
+        ": tensor '",
+        file_name,
+        "' has shape ",
+        tensor.sizes(),
+        ", but the module's '",
+        name,
+        "' has ",
+        target->sizes());
+    TORCH_CHECK(
+        values.emplace(name, tensor).second,
+        context,
+        ": two of the file's tensors load into the module's '",
+        name,
+        "'");
+  }
+  for (const auto& target : targets) {
+    if (values.count(target.key()) == 0) {
+      report.missing.push_back(target.key());
+    }
+  }
+  std::sort(report.missing.begin(), report.missing.end());
+  std::sort(report.unexpected.begin(), report.unexpected.end());
+  TORCH_CHECK(
+      !options.strict() ||
+          (report.missing.empty() && report.unexpected.empty()),
+      context,
+      ": expected exactly the module's ",
+      targets.size(),
+      " parameters and buffers, but the file lacks ",
+      report.missing.size(),
+      " (",
+      detail::some_names(report.missing),
+      ") and has ",
+      report.unexpected.size(),
+      " the module does not (",
+      detail::some_names(report.unexpected),
+      "); LoadWeightsOptions().strict(false) loads what fits");
+  torch::NoGradGuard no_grad;
+  for (const auto& [name, value] : values) {
+    targets[name].copy_(value);
+    report.loaded.push_back(name);
+  }
+  return report;
+}
+
+/// Saves every parameter and buffer of `module` (adapters included, each in
+/// its own dtype) under its qualified name to a safetensors file at `path`,
+/// with `metadata`, atomically: what load_weights reads.
+inline void save_weights(
+    const torch::nn::Module& module,
+    const std::string& path,
+    const std::map<std::string, std::string>& metadata = {}) {
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
+  for (const auto& parameter : module.named_parameters()) {
+    tensors.emplace_back(parameter.key(), parameter.value());
+  }
+  for (const auto& buffer : module.named_buffers()) {
+    tensors.emplace_back(buffer.key(), buffer.value());
+  }
+  const std::string context = "styleinject::save_weights: '" + path + "'";
+  detail::safetensors::write_file_atomically(
+      path,
+      detail::safetensors::serialize(tensors, metadata, context),
+      context);
+}
 } // namespace styleinject
