@@ -97,6 +97,11 @@ struct layer_traits<torch::nn::Conv2dImpl> {
     return functional::style_inject_conv2d(
         input, weight, adapter, conv(options, bias), func_options);
   }
+  /// A merged adapter's gate with its fixed factor g (C_out): the base's
+  /// output h with each channel's spread around its H×W mean times (1 + g).
+  static torch::Tensor gate(const torch::Tensor& h, const torch::Tensor& g) {
+    return detail::variance_gate(h, g.view({1, -1, 1, 1}), {2, 3});
+  }
   static torch::Tensor style_weights(
       const torch::Tensor& input,
       const functional::AdapterTensors& adapter,

@@ -634,6 +634,23 @@ inline torch::Tensor conv2d_down_projection(
       /*dim=*/1);
 }
 
+/// The update that an adapter with one style for all instances adds to the
+/// base weight, `factor·B·(s·A)`, in s's dtype: a (d_out, d_in) matrix for
+/// Linear; for Conv2d the composed kernel (C_out, C_in, kH, kW), exact
+/// because B is a 1×1 convolution applied after A's k×k one.
+/// s: (n), lora_A: (n, r, ...), lora_B: (d_out, r[, 1, 1]) -> (d_out, ...)
+inline torch::Tensor weight_update(
+    const torch::Tensor& s,
+    const torch::Tensor& lora_A,
+    const torch::Tensor& lora_B,
+    double factor) {
+  const auto a = mix_branches(s, lora_A); // (r, ...)
+  auto sizes = a.sizes().vec();
+  sizes[0] = lora_B.size(0);
+  const auto b = lora_B.flatten(1).to(s.scalar_type());
+  return torch::mm(b, a.flatten(1)).mul_(factor).view(sizes);
+}
+
 /// Dropout on the branches' input while training, as LoRA applies it.
 inline torch::Tensor branch_input(
     const torch::Tensor& x,

@@ -392,8 +392,8 @@ void for_each_adapted(const torch::nn::Module& model, F&& f) {
   }
 }
 
-/// Calls `f(layer)` for the adapted layers that `targets` names; a target
-/// that names none of them is an error.
+/// Calls `f(name, layer)` for the adapted layers that `targets` names; a
+/// target that names none of them is an error.
 template <typename F>
 void for_each_target(
     const torch::nn::Module& model,
@@ -411,7 +411,7 @@ void for_each_target(
   targets.check_each_matches(names, context);
   for_each_adapted(model, [&](const std::string& name, auto& layer) {
     if (targets.matches(name)) {
-      f(layer);
+      f(name, layer);
     }
   });
 }
@@ -568,9 +568,10 @@ inline void set_enabled(
     bool enabled,
     const Targets& targets = Targets::all()) {
   detail::for_each_target(
-      model, targets, "styleinject::set_enabled", [&](auto& layer) {
-        layer.set_enabled(enabled);
-      });
+      model,
+      targets,
+      "styleinject::set_enabled",
+      [&](const std::string&, auto& layer) { layer.set_enabled(enabled); });
 }
 
 /// Sets the strength of the targeted layers' adapters (0: the base model).
@@ -579,9 +580,10 @@ inline void set_scale(
     double scale,
     const Targets& targets = Targets::all()) {
   detail::for_each_target(
-      model, targets, "styleinject::set_scale", [&](auto& layer) {
-        layer.set_scale(scale);
-      });
+      model,
+      targets,
+      "styleinject::set_scale",
+      [&](const std::string&, auto& layer) { layer.set_scale(scale); });
 }
 
 /// Gives the targeted layers a fixed style instead of their routers' (see
@@ -592,9 +594,10 @@ inline void set_style(
     const torch::Tensor& style,
     const Targets& targets = Targets::all()) {
   detail::for_each_target(
-      model, targets, "styleinject::set_style", [&](auto& layer) {
-        layer.set_style(style);
-      });
+      model,
+      targets,
+      "styleinject::set_style",
+      [&](const std::string&, auto& layer) { layer.set_style(style); });
 }
 
 /// Gives the targeted layers their routers back.
@@ -602,9 +605,60 @@ inline void clear_style(
     torch::nn::Module& model,
     const Targets& targets = Targets::all()) {
   detail::for_each_target(
-      model, targets, "styleinject::clear_style", [&](auto& layer) {
-        layer.clear_style();
+      model,
+      targets,
+      "styleinject::clear_style",
+      [&](const std::string&, auto& layer) { layer.clear_style(); });
+}
+
+/// Folds the adapters of the targeted layers into their base weights (see
+/// StyleInjectLayerImpl::merge), so that inference costs the base model
+/// alone. Every targeted layer is checked first: one that cannot merge (a
+/// router that reads the input, a per-instance style, gate=adain or
+/// residual, a disabled adapter) is an error naming it, and the model is
+/// left as it was. Layers merged already stay as they are.
+///
+/// Example:
+/// ```
+/// styleinject::set_style(*unet, torch::tensor({0.f, 1.f, 0.f, 0.f}));
+/// styleinject::merge_adapters(*unet);
+/// auto image = sample(*unet, prompt); // at the base model's cost
+/// styleinject::unmerge_adapters(*unet);
+/// ```
+inline void merge_adapters(
+    torch::nn::Module& model,
+    const Targets& targets = Targets::all(),
+    MergeOptions options = {}) {
+  constexpr const char* context = "styleinject::merge_adapters";
+  detail::for_each_target(
+      model, targets, context, [&](const std::string& name, auto& layer) {
+        const auto obstacle =
+            layer.is_merged() ? std::string() : layer.merge_obstacle();
+        TORCH_CHECK_VALUE(
+            obstacle.empty(),
+            context,
+            ": cannot merge layer '",
+            name,
+            "': ",
+            obstacle,
+            "; nothing was merged");
       });
+  detail::for_each_target(
+      model, targets, context, [&](const std::string&, auto& layer) {
+        layer.merge(options);
+      });
+}
+
+/// Takes the adapters of the targeted layers out of their base weights again
+/// (see StyleInjectLayerImpl::unmerge); layers not merged stay as they are.
+inline void unmerge_adapters(
+    torch::nn::Module& model,
+    const Targets& targets = Targets::all()) {
+  detail::for_each_target(
+      model,
+      targets,
+      "styleinject::unmerge_adapters",
+      [&](const std::string&, auto& layer) { layer.unmerge(); });
 }
 
 /// The report as a table: one row per adapted layer, then the counts. The

@@ -109,11 +109,20 @@ class StyleInjectLayerImpl
   }
 
   /// Removes the adapter, whatever parts it has, which leaves the base layer
-  /// (still frozen).
+  /// (still frozen). A merged adapter stays in the weight: the layer becomes
+  /// a plain layer with the merged weight (PEFT's "merge and unload"),
+  /// except where the gate is still an op of the layer (gate=scale).
   void remove_adapter() {
     if (!adapter_options) {
       return;
     }
+    TORCH_CHECK(
+        !merged_gate_.defined(),
+        Traits::name,
+        ": remove_adapter() would drop the merged adapter's gate, which is "
+        "not in the weight; unmerge() first");
+    merged_ = false;
+    unmerged_weight_ = torch::Tensor();
     for (const char* name : {"lora_A", "lora_B", "gate"}) {
       if (this->parameters_.contains(name)) {
         this->parameters_.erase(name);
@@ -183,6 +192,10 @@ class StyleInjectLayerImpl
   /// the layer's state and writes none of it, so threads may share a layer
   /// for inference.
   torch::Tensor forward(const torch::Tensor& input) {
+    if (merged_) {
+      const auto h = Traits::base_forward(options, input, weight, bias);
+      return merged_gate_.defined() ? Traits::gate(h, merged_gate_) : h;
+    }
     return adapter_options && enabled_
         ? Traits::forward(
               options, input, weight, bias, adapter(), func_options())
@@ -201,6 +214,7 @@ class StyleInjectLayerImpl
   /// Switches the adapter on or off; off, forward is bit-identical to the
   /// base layer's.
   void set_enabled(bool enabled) {
+    check_unmerged("set_enabled");
     enabled_ = enabled;
   }
   bool is_enabled() const {
@@ -213,6 +227,7 @@ class StyleInjectLayerImpl
   /// the base layer, 1 the trained adapter; above 1 strengthens it, below 0
   /// inverts it. Default: 1
   void set_scale(double scale) {
+    check_unmerged("set_scale");
     TORCH_CHECK_VALUE(
         std::isfinite(scale),
         Traits::name,
@@ -231,6 +246,7 @@ class StyleInjectLayerImpl
   /// layer (to(), clone()).
   void set_style(const torch::Tensor& style) {
     check_has_adapter("set_style");
+    check_unmerged("set_style");
     const int64_t branches = adapter_options->branches();
     TORCH_CHECK_VALUE(
         style.defined() && style.is_floating_point() &&
@@ -258,10 +274,89 @@ class StyleInjectLayerImpl
   }
   /// Goes back to the router's own weights.
   void clear_style() {
+    check_unmerged("clear_style");
     style_ = torch::Tensor();
   }
   const torch::Tensor& style() const {
     return style_;
+  }
+
+  /// Why the adapter cannot be folded into the base weight; empty if it
+  /// can. It can where one style serves every input: the router off, or a
+  /// fixed style of shape [n]; and where the gate is off or kScale.
+  std::string merge_obstacle() const {
+    if (!adapter_options) {
+      return "the layer has no adapter";
+    }
+    if (!enabled_) {
+      return "the adapter is disabled (set_enabled(false))";
+    }
+    if (style_.defined() ? style_.dim() == 2 : !router.is_empty()) {
+      return std::string(
+                 style_.defined() ? "its fixed style is per instance"
+                                  : "its router picks a style per input") +
+          ", so no one weight serves every input; fix one style of shape [" +
+          std::to_string(adapter_options->branches()) +
+          "] with set_style() to merge";
+    }
+    if (detail::parameter_free(adapter_options->gate())) {
+      return std::string("gate=") + gate_mode_name(adapter_options->gate()) +
+          " reads the frozen and the adapted output apart; only gate=off and "
+          "gate=scale merge";
+    }
+    return {};
+  }
+
+  /// Folds the adapter into the base weight, `W0 += c·B·(s·A)` (for
+  /// Conv2d the composed k×k kernel), in place and rounded once, so that
+  /// forward costs the base layer alone. A kScale gate keeps its per-channel
+  /// factor g = tanh(scale·s·gate), fixed now, and stays an op: each
+  /// channel's spread around its token (H×W) mean times (1 + g), one
+  /// elementwise pass and a mean. Refused (see merge_obstacle) where the
+  /// router reads the input. While merged, the controls (enable, scale,
+  /// style), save and load are refused until `unmerge`; merging twice does
+  /// nothing.
+  void merge(MergeOptions merge_options = {}) {
+    if (merged_) {
+      return;
+    }
+    const auto obstacle = merge_obstacle();
+    TORCH_CHECK_VALUE(
+        obstacle.empty(), Traits::name, ": cannot merge: ", obstacle);
+    torch::NoGradGuard no_grad;
+    const auto update = weight_update();
+    unmerged_weight_ =
+        merge_options.keep_base() ? weight.clone() : torch::Tensor();
+    weight.copy_(weight.to(update.scalar_type()) + update);
+    merged_gate_ = gate.defined()
+        ? detail::gate_factor(merged_style(), gate, scale_)
+        : torch::Tensor();
+    merged_ = true;
+  }
+
+  /// Takes the adapter out of the base weight again: bit for bit with
+  /// MergeOptions::keep_base (the default); otherwise `W0 = W - c·B·(s·A)`
+  /// computed in float32 or wider and rounded once, within one rounding of
+  /// the weight's dtype at |W| + |c·B·(s·A)| per element. Does nothing
+  /// where the layer is not merged.
+  void unmerge() {
+    if (!merged_) {
+      return;
+    }
+    torch::NoGradGuard no_grad;
+    if (unmerged_weight_.defined()) {
+      weight.copy_(unmerged_weight_);
+    } else {
+      const auto update = weight_update();
+      weight.copy_(weight.to(update.scalar_type()) - update);
+    }
+    unmerged_weight_ = merged_gate_ = torch::Tensor();
+    merged_ = false;
+  }
+
+  /// Whether the adapter is folded into the base weight.
+  bool is_merged() const {
+    return merged_;
   }
 
   /// The adapter's tensors, for the optimizer (the base is frozen); empty
@@ -326,8 +421,13 @@ class StyleInjectLayerImpl
           c10::nullopt) const override {
     auto copy = torch::nn::Cloneable<StyleInjectLayerImpl>::clone(device);
     auto& layer = dynamic_cast<StyleInjectLayerImpl&>(*copy);
-    if (device && layer.style_.defined()) {
-      layer.style_ = layer.style_.to(*device);
+    if (device) {
+      for (auto* tensor :
+           {&layer.style_, &layer.unmerged_weight_, &layer.merged_gate_}) {
+        if (tensor->defined()) {
+          *tensor = tensor->to(*device);
+        }
+      }
     }
     return copy;
   }
@@ -336,6 +436,9 @@ class StyleInjectLayerImpl
   /// options too (under "styleinject_options", as JSON), so that torch::load
   /// can attach the adapter to a layer that has none.
   void save(torch::serialize::OutputArchive& archive) const override {
+    // A merged weight beside its adapter would apply the update twice once
+    // loaded.
+    check_unmerged("save");
     torch::nn::Module::save(archive);
     if (adapter_options) {
       archive.write(
@@ -356,6 +459,7 @@ class StyleInjectLayerImpl
   /// not fit leaves the layer as it was. Values are copied into the layer's
   /// own dtypes and device.
   void load(torch::serialize::InputArchive& archive) override {
+    check_unmerged("load");
     const auto plan = detail::plan_checkpoint_load(*this, archive);
     if (plan.attach) {
       add_adapter(*plan.attach);
@@ -458,6 +562,41 @@ class StyleInjectLayerImpl
     if (device && style_.defined()) {
       style_ = style_.to(*device, non_blocking);
     }
+    if (unmerged_weight_.defined()) {
+      unmerged_weight_ = unmerged_weight_.to(
+          device.value_or(weight.device()), weight.scalar_type(), non_blocking);
+    }
+    if (device && merged_gate_.defined()) {
+      merged_gate_ = merged_gate_.to(*device, non_blocking);
+    }
+  }
+
+  void check_unmerged(const char* method) const {
+    TORCH_CHECK(
+        !merged_,
+        Traits::name,
+        ": ",
+        method,
+        "() while the adapter is merged into the weight; unmerge() first");
+  }
+
+  /// The one style that a mergeable adapter gives every input, (n), in
+  /// float32 or wider.
+  torch::Tensor merged_style() const {
+    return detail::style_weights(
+        weight, torch::Tensor(), adapter(), func_options());
+  }
+
+  /// What merge adds to the base weight, in the wider of the adapter's
+  /// dtype and float32 (float64 stays float64).
+  torch::Tensor weight_update() const {
+    const auto dtype = at::promote_types(
+        detail::statistics_dtype(weight.scalar_type()), lora_A.scalar_type());
+    return detail::weight_update(
+        merged_style().to(dtype),
+        lora_A.to(dtype),
+        lora_B,
+        adapter_options->scaling() * scale_);
   }
 
   void check_has_adapter(const char* method) const {
@@ -494,6 +633,11 @@ class StyleInjectLayerImpl
   bool enabled_ = true;
   double scale_ = 1.0;
   torch::Tensor style_;
+  bool merged_ = false;
+  /// The base weight before merge, with MergeOptions::keep_base.
+  torch::Tensor unmerged_weight_;
+  /// A merged kScale gate's factor g, (d_out), in float32 or wider.
+  torch::Tensor merged_gate_;
 };
 
 } // namespace styleinject

@@ -60,6 +60,16 @@ struct layer_traits<torch::nn::LinearImpl> {
     return functional::style_inject_linear(
         input, weight, bias, adapter, options);
   }
+  /// A merged adapter's gate with its fixed factor g (d_out): the base's
+  /// output h with each channel's spread around its token mean times
+  /// (1 + g). Without a token axis there is no statistic, as unmerged.
+  static torch::Tensor gate(const torch::Tensor& h, const torch::Tensor& g) {
+    if (h.dim() < 3) {
+      return h;
+    }
+    const auto u = h.reshape({-1, h.size(-2), h.size(-1)});
+    return detail::variance_gate(u, g, {1}).view(h.sizes());
+  }
   static torch::Tensor style_weights(
       const torch::Tensor& input,
       const functional::AdapterTensors& adapter,

@@ -144,6 +144,22 @@ struct StyleInjectOptions {
   TORCH_ARG(c10::optional<torch::Dtype>, dtype) = c10::nullopt;
 };
 
+/// Options for folding an adapter into its base weight (`merge`).
+///
+/// Example:
+/// ```
+/// styleinject::merge_adapters(*unet, styleinject::Targets::all(),
+///     styleinject::MergeOptions().keep_base(false));
+/// ```
+struct MergeOptions {
+  /// Keep a copy of each base weight, so that unmerge restores it bit for
+  /// bit; it costs one more weight's memory per merged layer. Without it,
+  /// unmerge subtracts the update again, which restores the weight within
+  /// the rounding of its dtype (see StyleInjectLayerImpl::unmerge).
+  /// Default: true
+  TORCH_ARG(bool, keep_base) = true;
+};
+
 namespace detail {
 
 /// The dtypes an adapter can be kept in, by the names records give them.

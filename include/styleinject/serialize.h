@@ -299,6 +299,14 @@ inline void save_adapters(
 /// ```
 inline void load_adapters(torch::nn::Module& model, const std::string& path) {
   const std::string context = "styleinject::load_adapters: '" + path + "'";
+  detail::for_each_adapted(model, [&](const std::string& name, auto& layer) {
+    TORCH_CHECK(
+        !layer.is_merged(),
+        context,
+        ": layer '",
+        name,
+        "' has its adapter merged into the weight; unmerge_adapters() first");
+  });
   const auto candidates = detail::candidates(model);
   const auto plan = detail::plan_adapter_load(
       candidates, detail::safetensors::read_mapped(path, context), context);
