@@ -36,12 +36,15 @@ install_missing() {
 }
 
 # PyPI's torch 2.x (a CUDA build; its LibTorch runs on the CPU too), and
-# safetensors with numpy for the interop test, in a virtual environment.
+# for the interop tests safetensors, numpy, and the peers whose LoRA files
+# they exchange (peft, diffusers), in a virtual environment.
 install_pypi_torch() {
-  if ! "$venv/bin/python" -c 'import torch, safetensors, numpy' 2>/dev/null; then
-    echo "== installing torch 2.x, safetensors and numpy from PyPI into $venv"
+  if ! "$venv/bin/python" -c 'import torch, safetensors, numpy, peft, diffusers' \
+    2>/dev/null; then
+    echo "== installing torch 2.x, safetensors, numpy, peft and diffusers from PyPI into $venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet 'torch>=2,<3' safetensors numpy
+    "$venv/bin/pip" install --quiet 'torch>=2,<3' safetensors numpy \
+      'peft>=0.17,<1' 'diffusers>=0.35,<1'
   fi
 }
 

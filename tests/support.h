@@ -7,8 +7,15 @@
 
 #include <torch/torch.h>
 
+#include <catch2/catch.hpp>
+
+#include <dirent.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <string>
 #include <vector>
@@ -614,6 +621,51 @@ struct TinyNetImpl : torch::nn::Module {
   torch::nn::Linear head{nullptr};
 };
 TORCH_MODULE(TinyNet);
+
+/// A fresh folder in the temporary directory, removed with what it holds
+/// (one level of subfolders, as a PEFT adapter directory).
+struct TempDir {
+  TempDir() {
+    std::string pattern = std::string(P_tmpdir) + "/styleinject_XXXXXX";
+    REQUIRE(::mkdtemp(&pattern[0]) != nullptr);
+    path = pattern;
+  }
+  ~TempDir() {
+    remove_folder(path, /*depth=*/1);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  /// The names in the folder, without "." and "..".
+  static std::vector<std::string> names_in(const std::string& folder) {
+    std::vector<std::string> names;
+    if (DIR* dir = ::opendir(folder.c_str())) {
+      while (const dirent* entry = ::readdir(dir)) {
+        const std::string name = entry->d_name;
+        if (name != "." && name != "..") {
+          names.push_back(name);
+        }
+      }
+      ::closedir(dir);
+    }
+    return names;
+  }
+  std::vector<std::string> files() const {
+    return names_in(path);
+  }
+  std::string path;
+
+ private:
+  static void remove_folder(const std::string& folder, int depth) {
+    for (const auto& name : names_in(folder)) {
+      const auto inner = folder + "/" + name;
+      if (depth > 0) {
+        remove_folder(inner, depth - 1); // a file: nothing to remove in it
+      }
+      std::remove(inner.c_str());
+    }
+    ::rmdir(folder.c_str());
+  }
+};
 
 /// Every parameter's value, by name, to see later what changed.
 inline std::map<std::string, torch::Tensor> snapshot(

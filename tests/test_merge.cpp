@@ -208,7 +208,7 @@ TEST_CASE(
       error_of([&] { styleinject::merge_adapters(model); }) ==
       "styleinject::merge_adapters: cannot merge layer 'b': its router picks "
       "a style per input, so no one weight serves every input; fix one style "
-      "of shape [2] with set_style() to merge; nothing was merged");
+      "of shape [2] with set_style(); nothing was merged");
   CHECK_FALSE(model.a->is_merged());
   CHECK(torch::equal(model.a->weight, a_weight));
 
@@ -245,7 +245,7 @@ TEST_CASE(
   CHECK(
       layer->merge_obstacle() ==
       "its fixed style is per instance, so no one weight serves every input; "
-      "fix one style of shape [2] with set_style() to merge");
+      "fix one style of shape [2] with set_style()");
   layer->set_style(torch::tensor({1.f, 0.f}));
   CHECK(
       layer->merge_obstacle() ==

@@ -28,38 +28,10 @@ using styleinject::StyleInjectOptions;
 using styleinject::Targets;
 using styleinject_test::error_of;
 using styleinject_test::snapshot;
+using styleinject_test::TempDir;
 using styleinject_test::TinyNet;
 
 namespace {
-
-/// A fresh folder in the temporary directory, removed with its files.
-struct TempDir {
-  TempDir() {
-    std::string pattern = std::string(P_tmpdir) + "/styleinject_XXXXXX";
-    REQUIRE(::mkdtemp(&pattern[0]) != nullptr);
-    path = pattern;
-  }
-  ~TempDir() {
-    for (const auto& name : files()) {
-      std::remove((path + "/" + name).c_str());
-    }
-    ::rmdir(path.c_str());
-  }
-  std::vector<std::string> files() const {
-    std::vector<std::string> names;
-    if (DIR* dir = ::opendir(path.c_str())) {
-      while (const dirent* entry = ::readdir(dir)) {
-        const std::string name = entry->d_name;
-        if (name != "." && name != "..") {
-          names.push_back(name);
-        }
-      }
-      ::closedir(dir);
-    }
-    return names;
-  }
-  std::string path;
-};
 
 std::string read_bytes(const std::string& path) {
   std::ifstream file(path, std::ios::binary);

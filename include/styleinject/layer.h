@@ -281,6 +281,33 @@ class StyleInjectLayerImpl
     return style_;
   }
 
+  /// Why no one style serves every input (a router that reads the input, or
+  /// a fixed style per instance); empty where one does: the router off, or
+  /// a fixed style of shape [n]. Merge and LoRA export need one.
+  std::string shared_style_obstacle() const {
+    check_has_adapter("shared_style_obstacle");
+    if (style_.defined() ? style_.dim() == 1 : router.is_empty()) {
+      return {};
+    }
+    return std::string(
+               style_.defined() ? "its fixed style is per instance"
+                                : "its router picks a style per input") +
+        ", so no one weight serves every input; fix one style of shape [" +
+        std::to_string(adapter_options->branches()) + "] with set_style()";
+  }
+
+  /// The one style that every input gets, (n), in float32 or wider: the
+  /// fixed style, or 1/n with the router off (see shared_style_obstacle).
+  torch::Tensor shared_style() const {
+    TORCH_CHECK(
+        shared_style_obstacle().empty(),
+        Traits::name,
+        ": shared_style(): ",
+        shared_style_obstacle());
+    return detail::style_weights(
+        weight, torch::Tensor(), adapter(), func_options());
+  }
+
   /// Why the adapter cannot be folded into the base weight; empty if it
   /// can. It can where one style serves every input: the router off, or a
   /// fixed style of shape [n]; and where the gate is off or kScale.
@@ -291,13 +318,9 @@ class StyleInjectLayerImpl
     if (!enabled_) {
       return "the adapter is disabled (set_enabled(false))";
     }
-    if (style_.defined() ? style_.dim() == 2 : !router.is_empty()) {
-      return std::string(
-                 style_.defined() ? "its fixed style is per instance"
-                                  : "its router picks a style per input") +
-          ", so no one weight serves every input; fix one style of shape [" +
-          std::to_string(adapter_options->branches()) +
-          "] with set_style() to merge";
+    const auto style = shared_style_obstacle();
+    if (!style.empty()) {
+      return style;
     }
     if (detail::parameter_free(adapter_options->gate())) {
       return std::string("gate=") + gate_mode_name(adapter_options->gate()) +
@@ -329,7 +352,7 @@ class StyleInjectLayerImpl
         merge_options.keep_base() ? weight.clone() : torch::Tensor();
     weight.copy_(weight.to(update.scalar_type()) + update);
     merged_gate_ = gate.defined()
-        ? detail::gate_factor(merged_style(), gate, scale_)
+        ? detail::gate_factor(shared_style(), gate, scale_)
         : torch::Tensor();
     merged_ = true;
   }
@@ -580,20 +603,13 @@ class StyleInjectLayerImpl
         "() while the adapter is merged into the weight; unmerge() first");
   }
 
-  /// The one style that a mergeable adapter gives every input, (n), in
-  /// float32 or wider.
-  torch::Tensor merged_style() const {
-    return detail::style_weights(
-        weight, torch::Tensor(), adapter(), func_options());
-  }
-
   /// What merge adds to the base weight, in the wider of the adapter's
   /// dtype and float32 (float64 stays float64).
   torch::Tensor weight_update() const {
     const auto dtype = at::promote_types(
         detail::statistics_dtype(weight.scalar_type()), lora_A.scalar_type());
     return detail::weight_update(
-        merged_style().to(dtype),
+        shared_style().to(dtype),
         lora_A.to(dtype),
         lora_B,
         adapter_options->scaling() * scale_);

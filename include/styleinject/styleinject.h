@@ -9,6 +9,8 @@
 #include <styleinject/inject.h>
 #include <styleinject/layer.h>
 #include <styleinject/linear.h>
+#include <styleinject/lora_files.h>
 #include <styleinject/options.h>
+#include <styleinject/safetensors.h>
 #include <styleinject/serialize.h>
 #include <styleinject/version.h>

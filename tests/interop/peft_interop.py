@@ -1,0 +1,145 @@
+"""LoRA files between StyleInject and the real PEFT and diffusers.
+
+Run by CTest as: python peft_interop.py STYLEINJECT_TESTS WORK_DIR
+
+A model whose three layers have SD UNet names (two Linear, one 3x3 Conv2d) is
+built here and, with the same base weights (base.safetensors), in C++ (the
+hidden Catch test [interop-peft] in test_lora_files.cpp). Each side computes
+its expected values with its own code:
+
+1. PEFT puts a LoRA with per-layer ranks and alphas on the model, saves it
+   with save_pretrained, and writes its outputs; C++ imports the directory
+   with import_lora and must give the same outputs.
+2. C++ exports StyleInject adapters (three branches, one fixed style, gate
+   off) with export_lora as a PEFT directory and a kohya file, and writes its
+   outputs. PEFT's PeftModel.from_pretrained loads the directory and must give
+   the same outputs; diffusers' own kohya conversion must read the kohya file
+   into these layer names, and the LoRA formula on its tensors must give the
+   same outputs again.
+"""
+
+import os
+import subprocess
+import sys
+
+import torch
+from diffusers.loaders.lora_conversion_utils import (
+    _convert_non_diffusers_lora_to_diffusers,
+)
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+LINEAR_IN = "down_blocks.0.attentions.0.proj_in"
+CONV = "down_blocks.0.resnets.0.conv1"
+LINEAR_OUT = "mid_block.attentions.0.proj_out"
+LAYERS = [LINEAR_IN, CONV, LINEAR_OUT]
+
+
+def peer_model(weights=None):
+    """The three layers under plain modules, named as in C++; with
+    `weights`, these are its base weights."""
+    root = torch.nn.Module()
+    layers = {
+        LINEAR_IN: torch.nn.Linear(6, 4),
+        CONV: torch.nn.Conv2d(4, 4, 3, padding=1),
+        LINEAR_OUT: torch.nn.Linear(4, 5),
+    }
+    for path, layer in layers.items():
+        node = root
+        *parents, leaf = path.split(".")
+        for key in parents:
+            if not hasattr(node, key):
+                node.add_module(key, torch.nn.Module())
+            node = getattr(node, key)
+        node.add_module(leaf, layer)
+    if weights is not None:
+        root.load_state_dict(weights)
+    return root
+
+
+def outputs(model, inputs):
+    with torch.no_grad():
+        return {name: model.get_submodule(name)(inputs[name]) for name in LAYERS}
+
+
+def check_close(what, got, expected):
+    for name in LAYERS:
+        if not torch.allclose(got[name], expected[name], rtol=1e-5, atol=1e-6):
+            error = (got[name] - expected[name]).abs().max().item()
+            sys.exit(f"{what}: layer {name} differs by up to {error}")
+    print(f"{what}: the same outputs on all {len(LAYERS)} layers")
+
+
+def run(exe, tag, folder):
+    env = dict(os.environ, STYLEINJECT_INTEROP_DIR=folder)
+    done = subprocess.run([exe, tag], env=env)
+    if done.returncode != 0:
+        sys.exit(f"{exe} {tag} failed with exit code {done.returncode}")
+
+
+def lora_formula(base, down, up, alpha, x):
+    """W0 x + b0 + (alpha / r) up(down(x)), written out with torch's ops."""
+    scale = alpha / down.shape[0]
+    if isinstance(base, torch.nn.Conv2d):
+        hidden = torch.nn.functional.conv2d(
+            x, down, stride=base.stride, padding=base.padding,
+            dilation=base.dilation)
+        return base(x) + scale * torch.nn.functional.conv2d(hidden, up)
+    return base(x) + scale * (x @ down.T @ up.T)
+
+
+def main():
+    exe, folder = sys.argv[1], sys.argv[2]
+    os.makedirs(folder, exist_ok=True)
+    torch.manual_seed(90)
+    base = peer_model()
+    save_file(base.state_dict(), f"{folder}/base.safetensors")
+    inputs = {
+        LINEAR_IN: torch.randn(2, 3, 6),
+        CONV: torch.randn(2, 4, 5, 5),
+        LINEAR_OUT: torch.randn(2, 3, 4),
+    }
+    save_file(inputs, f"{folder}/inputs.safetensors")
+
+    # 1. PEFT's LoRA, ranks and alphas per layer, into C++.
+    config = LoraConfig(
+        r=2, lora_alpha=3, target_modules=LAYERS,
+        rank_pattern={CONV: 3}, alpha_pattern={LINEAR_OUT: 5})
+    peft_model = get_peft_model(peer_model(base.state_dict()), config)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn_like(parameter) * 0.5)
+    save_file(
+        outputs(peft_model.base_model.model, inputs),
+        f"{folder}/peft_outputs.safetensors")
+    peft_model.save_pretrained(f"{folder}/peft_from_python")
+    run(exe, "[interop-peft]", folder)
+
+    # 2. C++'s export, into PEFT and through diffusers' kohya conversion.
+    expected = load_file(f"{folder}/cpp_outputs.safetensors")
+    loaded = PeftModel.from_pretrained(
+        peer_model(base.state_dict()), f"{folder}/peft_from_cpp"
+    ).base_model.model
+    check_close("PEFT loads export_lora's directory", outputs(loaded, inputs),
+                expected)
+
+    kohya = load_file(f"{folder}/kohya_from_cpp.safetensors")
+    converted, alphas = _convert_non_diffusers_lora_to_diffusers(dict(kohya))
+    got = {}
+    with torch.no_grad():
+        for name in LAYERS:
+            down = converted.pop(f"unet.{name}.lora.down.weight")
+            up = converted.pop(f"unet.{name}.lora.up.weight")
+            alpha = alphas.pop(f"unet.{name}.alpha")
+            got[name] = lora_formula(
+                base.get_submodule(name), down, up, alpha, inputs[name])
+    if converted or alphas:
+        sys.exit(f"diffusers' conversion gave more than the three layers: "
+                 f"{sorted(converted) + sorted(alphas)}")
+    check_close("diffusers' kohya conversion of export_lora's file", got,
+                expected)
+
+
+if __name__ == "__main__":
+    main()
