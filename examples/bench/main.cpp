@@ -15,7 +15,8 @@
 // medians over rounds, and every ratio is the median of the per-round
 // ratios with its interquartile range. Per layer: forward (no autograd);
 // forward + backward (base frozen, adapter trainable, input requiring grad
-// as inside a network); and for StyleInject, inference with a fixed style.
+// as inside a network); and for StyleInject, inference with a fixed style,
+// as it is and merged into the base weight.
 // Memory, probed once per method with a counting allocator (CPU; CUDA's
 // caching allocator on CUDA) that is off while timing: what the forward
 // leaves allocated for backward besides its output ("kept MB", for a
@@ -342,8 +343,9 @@ using Forward = std::function<torch::Tensor(const torch::Tensor&)>;
 
 struct Runner {
   Forward forward;
-  /// Inference with a fixed style (StyleInject only).
-  Forward fixed_style;
+  /// StyleInject's inference with a fixed style: as it is ("fixed style"),
+  /// and folded into the base weight ("merged"). Empty for the others.
+  std::vector<std::pair<std::string, Forward>> inference;
   std::vector<torch::Tensor> trainable;
   int64_t parameters = 0;
 };
@@ -429,13 +431,18 @@ Runner library_layer(
   }
   runner.forward = [=](const torch::Tensor& x) mutable { return layer(x); };
   if (options && options->branches() > 1) {
-    Layer fixed(std::dynamic_pointer_cast<typename Layer::ContainedType>(
-        layer->clone()));
-    fixed->set_style(
-        torch::tensor({0.1, 0.2, 0.3, 0.4}, torch::kDouble).to(device));
-    runner.fixed_style = [=](const torch::Tensor& x) mutable {
-      return fixed(x);
-    };
+    for (const bool merge : {false, true}) {
+      Layer fixed(std::dynamic_pointer_cast<typename Layer::ContainedType>(
+          layer->clone()));
+      fixed->set_style(
+          torch::tensor({0.1, 0.2, 0.3, 0.4}, torch::kDouble).to(device));
+      if (merge) {
+        fixed->merge();
+      }
+      runner.inference.emplace_back(
+          merge ? "merged" : "fixed style",
+          [=](const torch::Tensor& x) mutable { return fixed(x); });
+    }
   }
   return runner;
 }
@@ -501,7 +508,9 @@ Runner make(
 struct LayerResult {
   Method method;
   int64_t parameters = 0;
-  std::vector<double> forward_ms, train_ms, fixed_ms;
+  std::vector<double> forward_ms, train_ms;
+  /// Runner::inference's times, by its names.
+  std::map<std::string, std::vector<double>> inference_ms;
   /// What the forward leaves allocated for backward: besides its output
   /// (which a consumer such as the next layer keeps anyway), and when the
   /// consumer keeps nothing (a residual add); and the peak during the
@@ -584,18 +593,21 @@ std::vector<LayerResult> measure_layer(
             }
           },
           device);
-      const auto fixed = !runner.fixed_style ? 0.0
-                                             : time_ms(
-                                                   [&] {
-                                                     torch::NoGradGuard no_grad;
-                                                     runner.fixed_style(x);
-                                                   },
-                                                   device);
+      std::vector<double> inference;
+      for (const auto& variant : runner.inference) {
+        inference.push_back(time_ms(
+            [&] {
+              torch::NoGradGuard no_grad;
+              variant.second(x);
+            },
+            device));
+      }
       if (round > 0) {
         results[m].forward_ms.push_back(forward);
         results[m].train_ms.push_back(train);
-        if (runner.fixed_style) {
-          results[m].fixed_ms.push_back(fixed);
+        for (size_t i = 0; i < inference.size(); ++i) {
+          results[m].inference_ms[runner.inference[i].first].push_back(
+              inference[i]);
         }
       }
     }
@@ -1048,19 +1060,21 @@ int main(int argc, char** argv) {
           {"kept_bytes", r.kept_bytes},
           {"kept_bytes_residual", r.kept_bytes_residual},
           {"peak_forward_bytes", r.peak_bytes}};
-      if (!r.fixed_ms.empty()) {
-        const auto fixed = ratio(r.fixed_ms, base.forward_ms);
+      for (const auto& variant : r.inference_ms) {
+        const auto versus_base = ratio(variant.second, base.forward_ms);
         fmt::print(
             "{:<18} {:<26} {:<17} {:>8} {:>8.2f} {:>9} {:>18}\n",
             "",
             "",
-            "  fixed style",
+            "  " + variant.first,
             "",
-            quantile(r.fixed_ms, 0.5),
+            quantile(variant.second, 0.5),
             "-",
-            fixed.text());
-        entry["fixed_style_forward_ms"] = quantile(r.fixed_ms, 0.5);
-        entry["fixed_style_forward_vs_base"] = to_json(fixed);
+            versus_base.text());
+        auto key = variant.first;
+        std::replace(key.begin(), key.end(), ' ', '_');
+        entry[key + "_forward_ms"] = quantile(variant.second, 0.5);
+        entry[key + "_forward_vs_base"] = to_json(versus_base);
       }
       cases.push_back(entry);
     }
