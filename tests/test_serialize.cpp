@@ -600,6 +600,42 @@ TEST_CASE(
   }
 }
 
+TEST_CASE(
+    "hot swap: a file loads into attached adapters in place",
+    "[serialize]") {
+  TempDir dir;
+  const auto path = dir.path + "/other.safetensors";
+  save_adapters(*adapted_net(52), path);
+  auto model = adapted_net(51);
+  auto parameters = styleinject::adapter_parameters(*model);
+  torch::optim::Adam adam(parameters, 1e-3);
+  const auto x = torch::randn({2, 4, 5, 5});
+  const auto context = torch::randn({2, 3, 6});
+  model(x, context).sum().backward();
+  adam.step();
+  std::vector<const void*> storage;
+  for (const auto& p : parameters) {
+    storage.push_back(p.data_ptr());
+  }
+
+  load_adapters(*model, path);
+  // The same storage: the optimizer's references (and a captured CUDA
+  // graph's pointers) stay valid, and the values are the file's.
+  const auto now = styleinject::adapter_parameters(*model);
+  REQUIRE(now.size() == parameters.size());
+  for (size_t i = 0; i < now.size(); ++i) {
+    CHECK(now[i].data_ptr() == storage[i]);
+  }
+  const auto file = styleinject::adapter_parameters(*adapted_net(52));
+  for (size_t i = 0; i < now.size(); ++i) {
+    CHECK(torch::equal(now[i], file[i]));
+  }
+  adam.zero_grad();
+  model(x, context).sum().backward();
+  adam.step();
+  CHECK(parameters[0].data_ptr() == storage[0]);
+}
+
 TEST_CASE("adapter files keep the adapter's own dtype", "[serialize][dtype]") {
   TempDir dir;
   const auto path = dir.path + "/float32_on_bfloat16.safetensors";

@@ -562,6 +562,16 @@ inline void write_file_atomically(
   }
 }
 
+/// Writes `tensors` and `metadata` as a safetensors file at `path`,
+/// atomically (see write_file_atomically).
+inline void write(
+    const std::string& path,
+    const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+    const std::map<std::string, std::string>& metadata,
+    const std::string& context) {
+  write_file_atomically(path, serialize(tensors, metadata, context), context);
+}
+
 } // namespace safetensors
 } // namespace detail
 
@@ -587,11 +597,8 @@ inline void save_safetensors(
     const std::string& path,
     const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
     const std::map<std::string, std::string>& metadata = {}) {
-  const std::string context = "styleinject::save_safetensors: '" + path + "'";
-  detail::safetensors::write_file_atomically(
-      path,
-      detail::safetensors::serialize(tensors, metadata, context),
-      context);
+  detail::safetensors::write(
+      path, tensors, metadata, "styleinject::save_safetensors: '" + path + "'");
 }
 
 /// Names on one side to names on the other (e.g. a file's to a module's).
@@ -617,6 +624,16 @@ struct LoadWeightsReport {
 };
 
 namespace detail {
+/// The parameters and then the buffers of `module`, by qualified name.
+inline torch::OrderedDict<std::string, torch::Tensor> named_weights(
+    const torch::nn::Module& module) {
+  auto weights = module.named_parameters();
+  for (const auto& buffer : module.named_buffers()) {
+    weights.insert(buffer.key(), buffer.value());
+  }
+  return weights;
+}
+
 /// "a, b, c and 4 more": a list short enough for an error message.
 inline std::string some_names(const std::vector<std::string>& names) {
   std::string text;
@@ -649,10 +666,7 @@ inline LoadWeightsReport load_weights(
     const LoadWeightsOptions& options = {}) {
   const std::string context = "styleinject::load_weights: '" + path + "'";
   const auto contents = detail::safetensors::read_mapped(path, context);
-  auto targets = module.named_parameters();
-  for (const auto& buffer : module.named_buffers()) {
-    targets.insert(buffer.key(), buffer.value());
-  }
+  auto targets = detail::named_weights(module);
   LoadWeightsReport report;
   report.metadata = contents.metadata;
   std::map<std::string, torch::Tensor> values; // by the module's names
@@ -721,16 +735,10 @@ inline void save_weights(
     const std::string& path,
     const std::map<std::string, std::string>& metadata = {}) {
   std::vector<std::pair<std::string, torch::Tensor>> tensors;
-  for (const auto& parameter : module.named_parameters()) {
-    tensors.emplace_back(parameter.key(), parameter.value());
+  for (const auto& weight : detail::named_weights(module)) {
+    tensors.emplace_back(weight.key(), weight.value());
   }
-  for (const auto& buffer : module.named_buffers()) {
-    tensors.emplace_back(buffer.key(), buffer.value());
-  }
-  const std::string context = "styleinject::save_weights: '" + path + "'";
-  detail::safetensors::write_file_atomically(
-      path,
-      detail::safetensors::serialize(tensors, metadata, context),
-      context);
+  detail::safetensors::write(
+      path, tensors, metadata, "styleinject::save_weights: '" + path + "'");
 }
 } // namespace styleinject

@@ -271,10 +271,7 @@ inline void save_adapters(
       {"format", "styleinject"},
       {"styleinject.version", version},
       {detail::kLayersKey, layers.dump()}};
-  detail::safetensors::write_file_atomically(
-      path,
-      detail::safetensors::serialize(tensors, metadata, context),
-      context);
+  detail::safetensors::write(path, tensors, metadata, context);
 }
 
 /// Loads the adapters in the safetensors file at `path` into `model`. Where
