@@ -82,8 +82,12 @@ TEST_CASE("merge: Linear, a fixed style, float64 reference", "[merge]") {
   layer->set_style(style);
   const auto x = torch::randn({2, 4, 6}, torch::kDouble);
   const auto rows = torch::randn({3, 6}, torch::kDouble);
+  // Fewer token rows than input features: the gate runs as its own pass,
+  // not folded into the GEMM.
+  const auto few = torch::randn({1, 2, 6}, torch::kDouble);
   const auto p = reference_of(*layer, 0.7);
   const auto expected = reference_forward(p, x, /*has_tokens=*/true);
+  const auto expected_few = reference_forward(p, few, /*has_tokens=*/true);
   const auto expected_rows =
       reference_forward(p, rows.unsqueeze(1), /*has_tokens=*/false).squeeze(1);
   const auto base = layer->weight.clone();
@@ -92,6 +96,7 @@ TEST_CASE("merge: Linear, a fixed style, float64 reference", "[merge]") {
   CHECK(layer->is_merged());
   CHECK(close64(layer->weight, base + naive_update(*layer, style)));
   CHECK(close64(layer(x), expected));
+  CHECK(close64(layer(few), expected_few));
   // No token axis: the gate has no statistic, merged or not.
   CHECK(close64(layer(rows), expected_rows));
 

@@ -97,10 +97,18 @@ struct layer_traits<torch::nn::Conv2dImpl> {
     return functional::style_inject_conv2d(
         input, weight, adapter, conv(options, bias), func_options);
   }
-  /// A merged adapter's gate with its fixed factor g (C_out): the base's
-  /// output h with each channel's spread around its H×W mean times (1 + g).
-  static torch::Tensor gate(const torch::Tensor& h, const torch::Tensor& g) {
-    return detail::variance_gate(h, g.view({1, -1, 1, 1}), {2, 3});
+  /// A merged layer's forward: the base's convolution with the merged
+  /// kernel, then a kScale gate's fixed factor g (C_out): each channel's
+  /// spread around its H×W mean times (1 + g), one pass over the output.
+  static torch::Tensor merged_forward(
+      const Options& options,
+      const torch::Tensor& input,
+      const torch::Tensor& weight,
+      const torch::Tensor& bias,
+      const torch::Tensor& g) {
+    const auto h = base_forward(options, input, weight, bias);
+    return g.defined() ? detail::variance_gate(h, g.view({1, -1, 1, 1}), {2, 3})
+                       : h;
   }
   static torch::Tensor style_weights(
       const torch::Tensor& input,

@@ -380,6 +380,24 @@ inline torch::Tensor instance_linear(
                         : out;
 }
 
+/// The scale gate on a linear map whose per-instance token mean is known,
+/// `(1 + g) ⊙ (W x + b) − g ⊙ mean_u`, as one GEMM: the weight scaled per
+/// output channel, and a bias per instance.
+/// x: (N, L, d_in), weight: (d_out, d_in) or (N, d_out, d_in), bias: (d_out)
+///   or undefined, g: (d_out) or (N, d_out), mean_u: (N, d_out)
+///   -> (N, L, d_out)
+inline torch::Tensor gated_linear(
+    const torch::Tensor& x,
+    const torch::Tensor& weight,
+    const torch::Tensor& bias,
+    const torch::Tensor& g,
+    const torch::Tensor& mean_u) {
+  return instance_linear(
+      x,
+      (1 + g).unsqueeze(-1) * weight,
+      bias.defined() ? bias - g * (mean_u - bias) : -g * mean_u);
+}
+
 /// Checks the device of an input, and a fixed style if given, against an
 /// adapter, and that the gate mode fits the adapter's tensors; `instances`
 /// is the input's number of instances.
@@ -788,11 +806,7 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
     if (settings.form == FusedForm::kWeight) {
       merged = merged_weight(weight, a, lora_B, scaling);
       if (g.defined() && !settings.differentiable) {
-        // (1 + g) ⊙ (W x + b) − g ⊙ mean_u: a weight and a bias per instance.
-        return instance_linear(
-            x,
-            (1 + g).unsqueeze(-1) * merged,
-            bias.defined() ? bias - g * (mean_u - bias) : -g * mean_u);
+        return gated_linear(x, merged, bias, g, mean_u);
       }
       u = instance_linear(x, merged, bias);
     } else {

@@ -193,8 +193,7 @@ class StyleInjectLayerImpl
   /// for inference.
   torch::Tensor forward(const torch::Tensor& input) {
     if (merged_) {
-      const auto h = Traits::base_forward(options, input, weight, bias);
-      return merged_gate_.defined() ? Traits::gate(h, merged_gate_) : h;
+      return Traits::merged_forward(options, input, weight, bias, merged_gate_);
     }
     return adapter_options && enabled_
         ? Traits::forward(

@@ -60,15 +60,32 @@ struct layer_traits<torch::nn::LinearImpl> {
     return functional::style_inject_linear(
         input, weight, bias, adapter, options);
   }
-  /// A merged adapter's gate with its fixed factor g (d_out): the base's
-  /// output h with each channel's spread around its token mean times
-  /// (1 + g). Without a token axis there is no statistic, as unmerged.
-  static torch::Tensor gate(const torch::Tensor& h, const torch::Tensor& g) {
-    if (h.dim() < 3) {
-      return h;
+  /// A merged layer's forward: the base's map with the merged weight, then
+  /// a kScale gate's fixed factor g (d_out), where the input has a token
+  /// axis: each channel's spread around its token mean times (1 + g).
+  /// Where the output outnumbers the weight and g has the input's dtype,
+  /// the gate folds into one GEMM (detail::gated_linear), as the fused
+  /// inference does; elsewhere it is one pass over the output.
+  static torch::Tensor merged_forward(
+      const Options& /*options*/,
+      const torch::Tensor& input,
+      const torch::Tensor& weight,
+      const torch::Tensor& bias,
+      const torch::Tensor& g) {
+    namespace F = torch::nn::functional;
+    if (!g.defined() || input.dim() < 3) {
+      return F::linear(input, weight, bias);
     }
-    const auto u = h.reshape({-1, h.size(-2), h.size(-1)});
-    return detail::variance_gate(u, g, {1}).view(h.sizes());
+    const auto x = input.reshape({-1, input.size(-2), input.size(-1)});
+    auto sizes = input.sizes().vec();
+    sizes.back() = weight.size(0);
+    if (x.size(0) * x.size(1) >= x.size(2) &&
+        g.scalar_type() == x.scalar_type()) {
+      const auto mean_u = F::linear(x.mean(1), weight, bias);
+      return detail::gated_linear(x, weight, bias, g, mean_u).view(sizes);
+    }
+    return detail::variance_gate(F::linear(x, weight, bias), g, {1})
+        .view(sizes);
   }
   static torch::Tensor style_weights(
       const torch::Tensor& input,
