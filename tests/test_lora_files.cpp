@@ -112,7 +112,8 @@ TEST_CASE(
             "blocks.0.body.0", "blocks.1.body.0", "attn.to_q", "attn.to_v"});
     CHECK(
         config["rank_pattern"] ==
-        nlohmann::json{{"blocks.0.body.0", 3}, {"blocks.1.body.0", 3}});
+        nlohmann::json{
+            {"^blocks\\.0\\.body\\.0", 3}, {"^blocks\\.1\\.body\\.0", 3}});
     CHECK(config["alpha_pattern"] == nlohmann::json::object());
     const auto tensors = tensors_of(path + "/adapter_model.safetensors");
     CHECK(tensors.size() == 8);
@@ -210,8 +211,13 @@ TEST_CASE(
   auto trained =
       adapted_net(StyleInjectOptions(2).branches(3).alpha(3).gate(false));
   styleinject::set_style(*trained, torch::tensor({0.f, 0.25f, 0.75f}));
-  styleinject::set_scale(*trained, 0.5);
+  // One layer's strength differs: its alpha goes into alpha_pattern, under
+  // a key that names it alone.
+  styleinject::set_scale(*trained, 0.5, Targets::suffixes({"to_q"}));
   export_lora(*trained, path, LoraFormat::kPeft);
+  CHECK(
+      read_json(path + "/adapter_config.json")["alpha_pattern"] ==
+      nlohmann::json{{"^attn\\.to_q", 1.5}});
   auto fresh = base_net();
   import_lora(*fresh, path);
   CHECK(torch::allclose(

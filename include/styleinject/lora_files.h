@@ -211,9 +211,21 @@ T most_common(const std::vector<T>& values) {
       ->first;
 }
 
+/// A rank_pattern / alpha_pattern key that names exactly the module
+/// `name`. PEFT matches a key as the regex "(.*\.)?(key)$", so a plain "a"
+/// would also pick "x.a"; "^a" cannot.
+inline std::string exact_pattern(const std::string& name) {
+  std::string pattern = "^";
+  for (const char c : name) {
+    if (std::strchr(".^$*+?()[]{}|\\", c) != nullptr) {
+      pattern += '\\';
+    }
+    pattern += c;
+  }
+  return pattern;
+}
+
 /// PEFT's adapter_config.json for `loras`, whose config names are `names`.
-/// PEFT matches a pattern key as a suffix after a dot and takes the first
-/// that matches, so longer names come first.
 inline nlohmann::ordered_json peft_config(
     const std::vector<PlainLora>& loras,
     const std::vector<std::string>& names) {
@@ -225,21 +237,14 @@ inline nlohmann::ordered_json peft_config(
   }
   const int64_t rank = most_common(ranks);
   const double alpha = most_common(alphas);
-  std::vector<size_t> order(loras.size());
-  for (size_t i = 0; i < order.size(); ++i) {
-    order[i] = i;
-  }
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-    return names[a].size() > names[b].size();
-  });
   auto rank_pattern = nlohmann::ordered_json::object();
   auto alpha_pattern = nlohmann::ordered_json::object();
-  for (const size_t i : order) {
+  for (size_t i = 0; i < loras.size(); ++i) {
     if (ranks[i] != rank) {
-      rank_pattern[names[i]] = ranks[i];
+      rank_pattern[exact_pattern(names[i])] = ranks[i];
     }
     if (alphas[i] != alpha) {
-      alpha_pattern[names[i]] = alphas[i];
+      alpha_pattern[exact_pattern(names[i])] = alphas[i];
     }
   }
   return {
