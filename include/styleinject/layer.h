@@ -333,8 +333,9 @@ class StyleInjectLayerImpl
   /// Conv2d the composed k×k kernel), in place and rounded once, so that
   /// forward costs the base layer alone. A kScale gate keeps its per-channel
   /// factor g = tanh(scale·s·gate), fixed now, and stays an op: each
-  /// channel's spread around its token (H×W) mean times (1 + g), one
-  /// elementwise pass and a mean. Refused (see merge_obstacle) where the
+  /// channel's spread around its token (H×W) mean times (1 + g), one pass
+  /// over the output (for Linear, folded into the GEMM where the output
+  /// outnumbers the weight). Refused (see merge_obstacle) where the
   /// router reads the input. While merged, the controls (enable, scale,
   /// style), save and load are refused until `unmerge`; merging twice does
   /// nothing.
@@ -358,8 +359,9 @@ class StyleInjectLayerImpl
 
   /// Takes the adapter out of the base weight again: bit for bit with
   /// MergeOptions::keep_base (the default); otherwise `W0 = W - c·B·(s·A)`
-  /// computed in float32 or wider and rounded once, within one rounding of
-  /// the weight's dtype at |W| + |c·B·(s·A)| per element. Does nothing
+  /// computed in float32 or wider and rounded once. With merge's rounding,
+  /// that is within two roundings of the weight's dtype: |W0' - W0| <=
+  /// ε·(2|W0| + |c·B·(s·A)|) per element, ε its unit roundoff. Does nothing
   /// where the layer is not merged.
   void unmerge() {
     if (!merged_) {
