@@ -10,6 +10,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include <sys/stat.h>
+
 #include <cstdlib>
 #include <fstream>
 #include <iterator>
@@ -311,7 +313,13 @@ TEST_CASE(
            {"lora_unet_attn_to_z.alpha", {}}}) ==
       "module 'lora_unet_attn_to_z' (key "
       "'lora_unet_attn_to_z.lora_down.weight') fits no Linear or Conv2d "
-      "layer of the model; map it with ImportLoraOptions().rename()");
+      "layer of the model; map it with ImportLoraOptions().rename(), or skip "
+      "such modules with strict(false)");
+  // Non-strict, the unknown module is skipped and reported.
+  const auto lenient =
+      import_lora(*base_net(), path, ImportLoraOptions().strict(false));
+  CHECK(lenient.layers.size() == 1);
+  CHECK(lenient.skipped == std::vector<std::string>{"lora_unet_attn_to_z"});
   CHECK(
       refused(
           {{"lora_unet_attn_to_k.lora_down.weight", {2, 4}},
@@ -355,6 +363,27 @@ TEST_CASE(
   for (const auto& p : snapshot(*model)) {
     CHECK(torch::equal(p.second, adapted.at(p.first)));
   }
+}
+
+TEST_CASE(
+    "import_lora: a PEFT config's pattern that is no regex",
+    "[lora-files]") {
+  TempDir dir;
+  const auto path = dir.path + "/peft";
+  REQUIRE(::mkdir(path.c_str(), 0777) == 0);
+  write_lora(
+      path + "/adapter_model.safetensors",
+      {{"base_model.model.attn.to_q.lora_A.weight", {2, 4}},
+       {"base_model.model.attn.to_q.lora_B.weight", {4, 2}}});
+  std::ofstream(path + "/adapter_config.json")
+      << R"({"lora_alpha": 2, "alpha_pattern": {"to_(q": 3}})";
+  auto model = base_net();
+  CHECK(
+      error_of([&] { import_lora(*model, path); }) ==
+      "styleinject::import_lora: '" + path +
+          "': expected the alpha_pattern key 'to_(q' of adapter_config.json "
+          "to be a regular expression");
+  CHECK(styleinject::report(*model).layers.empty());
 }
 
 TEST_CASE("export_lora refuses what it cannot write", "[lora-files]") {

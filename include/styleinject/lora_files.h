@@ -88,6 +88,12 @@ struct ImportLoraOptions {
   /// file: PEFT keeps alpha in adapter_config.json). Unset, such a file is
   /// refused; diffusers itself assumes alpha = rank there.
   TORCH_ARG(c10::optional<double>, alpha) = c10::nullopt;
+  /// Every module of the file must fit a layer of the model. Off, modules
+  /// that name no layer (say a community SD LoRA's text-encoder modules,
+  /// "lora_te_...", imported into a UNet) are skipped and listed in the
+  /// report; a module that names a layer and does not fit is still an
+  /// error. Default: true
+  TORCH_ARG(bool, strict) = true;
   /// dtype of the attached adapters (StyleInjectOptions::dtype), e.g.
   /// torch::kFloat on a bfloat16 base. Default: the base weight's
   TORCH_ARG(c10::optional<torch::Dtype>, dtype) = c10::nullopt;
@@ -108,6 +114,9 @@ struct ImportLoraReport {
   LoraFormat format = LoraFormat::kPeft;
   /// In the model's layer order.
   std::vector<ImportedLora> layers;
+  /// The file's modules that named no layer, with ImportLoraOptions::strict
+  /// off.
+  std::vector<std::string> skipped;
   /// The safetensors file's `__metadata__`.
   std::map<std::string, std::string> metadata;
 };
@@ -486,16 +495,38 @@ inline std::vector<std::string> import_module_names(
   return names;
 }
 
+/// Whether PEFT's pattern `key` picks the module its config names `name`:
+/// the regex "(.*\.)?(key)" matches all of it.
+inline bool peft_pattern_matches(
+    const std::string& key,
+    const std::string& name,
+    const std::string& context) {
+  try {
+    return std::regex_match(name, std::regex("(.*\\.)?(" + key + ")"));
+  } catch (const std::regex_error&) {
+    TORCH_CHECK_VALUE(
+        false,
+        context,
+        ": expected the alpha_pattern key '",
+        key,
+        "' of ",
+        kPeftConfig,
+        " to be a regular expression");
+  }
+  return false;
+}
+
 /// PEFT's alpha for the module its config names `name`: the first
-/// alpha_pattern key that matches it as PEFT matches ("(.*\.)?key" in
-/// full), else lora_alpha; unset where the config has neither.
+/// alpha_pattern key that picks it, else lora_alpha; unset where the config
+/// has neither.
 inline c10::optional<double> peft_alpha(
     const nlohmann::ordered_json& config,
-    const std::string& name) {
+    const std::string& name,
+    const std::string& context) {
   const auto patterns = config.find("alpha_pattern");
   if (patterns != config.end() && patterns->is_object()) {
     for (const auto& item : patterns->items()) {
-      if (std::regex_match(name, std::regex("(.*\\.)?(" + item.key() + ")")) &&
+      if (peft_pattern_matches(item.key(), name, context) &&
           item.value().is_number()) {
         return item.value().get<double>();
       }
@@ -519,17 +550,17 @@ inline double lora_alpha(
     const std::string& context) {
   if (module.alpha.defined()) {
     TORCH_CHECK_VALUE(
-        module.alpha.numel() == 1 && module.alpha.is_floating_point(),
+        module.alpha.numel() == 1 && module.alpha.scalar_type() != torch::kBool,
         context,
         ": expected '",
         name,
-        ".alpha' to be one floating-point number, but got ",
+        ".alpha' to be one number, but got ",
         module.alpha.scalar_type(),
         " of shape ",
         module.alpha.sizes());
     return module.alpha.item<double>();
   }
-  if (const auto alpha = peft_alpha(config, peft_config_name(name))) {
+  if (const auto alpha = peft_alpha(config, peft_config_name(name), context)) {
     return *alpha;
   }
   TORCH_CHECK_VALUE(
@@ -703,6 +734,10 @@ inline ImportLoraReport import_lora(
   std::map<const detail::Candidate*, std::string> named;
   for (const auto& module : modules) {
     const auto layer = by_module.find(module.first);
+    if (layer == by_module.end() && !options.strict()) {
+      report.skipped.push_back(module.first);
+      continue;
+    }
     TORCH_CHECK_VALUE(
         layer != by_module.end(),
         context,
@@ -712,7 +747,7 @@ inline ImportLoraReport import_lora(
         module.second.down_key.empty() ? module.second.up_key
                                        : module.second.down_key,
         "') fits no Linear or Conv2d layer of the model; map it with "
-        "ImportLoraOptions().rename()");
+        "ImportLoraOptions().rename(), or skip such modules with strict(false)");
     const auto twice = named.emplace(layer->second, module.first);
     TORCH_CHECK_VALUE(
         twice.second,
