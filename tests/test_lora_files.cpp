@@ -32,7 +32,6 @@ using styleinject::StyleInjectOptions;
 using styleinject::Targets;
 using styleinject_test::error_of;
 using styleinject_test::near_reference;
-using styleinject_test::randomize_adapter;
 using styleinject_test::reference_forward;
 using styleinject_test::reference_of;
 using styleinject_test::snapshot;
@@ -40,6 +39,15 @@ using styleinject_test::TempDir;
 using styleinject_test::TinyNet;
 
 namespace {
+
+/// Seeded random values in every adapter of `model`.
+void randomize_adapters(torch::nn::Module& model, uint64_t seed) {
+  torch::manual_seed(seed);
+  torch::NoGradGuard no_grad;
+  for (auto& p : styleinject::adapter_parameters(model)) {
+    p.copy_(torch::randn_like(p) * 0.5);
+  }
+}
 
 TinyNet base_net() {
   torch::manual_seed(81);
@@ -55,19 +63,7 @@ TinyNet adapted_net(const StyleInjectOptions& options) {
       Targets::suffixes({"to_q", "to_v", "body.0"})
           .with(".*body\\.0", Override().rank(3)),
       options);
-  torch::manual_seed(82);
-  for (const auto& item : model->named_modules()) {
-    if (auto* linear = item.value()->as<styleinject::StyleInjectLinearImpl>()) {
-      if (linear->has_adapter()) {
-        randomize_adapter(*linear);
-      }
-    } else if (
-        auto* conv = item.value()->as<styleinject::StyleInjectConv2dImpl>()) {
-      if (conv->has_adapter()) {
-        randomize_adapter(*conv);
-      }
-    }
-  }
+  randomize_adapters(*model, 82);
   return model;
 }
 
@@ -490,13 +486,7 @@ TEST_CASE(
       *trained,
       Targets::all().with(".*conv1", Override().rank(3)),
       StyleInjectOptions(2).branches(3).alpha(3).gate(false));
-  torch::manual_seed(83);
-  {
-    torch::NoGradGuard no_grad;
-    for (auto& p : styleinject::adapter_parameters(*trained)) {
-      p.copy_(torch::randn_like(p) * 0.5);
-    }
-  }
+  randomize_adapters(*trained, 83);
   styleinject::set_style(*trained, torch::tensor({0.2f, 0.5f, 0.3f}));
   styleinject::set_scale(*trained, 0.8);
   export_lora(*trained, folder + "/peft_from_cpp", LoraFormat::kPeft);
