@@ -6,6 +6,7 @@
 #include <styleinject/detail/json.h>
 #include <styleinject/inject.h>
 #include <styleinject/safetensors.h>
+#include <styleinject/serialize.h>
 #include <styleinject/version.h>
 
 #include <torch/types.h>
@@ -772,19 +773,17 @@ inline ImportLoraReport import_lora(
   }
 
   // Everything fits: attach, then copy the values in.
-  for (const auto& item : plan) {
-    item.layer->attach(item.options);
-  }
-  detail::freeze_all_but_adapters(model);
-  auto parameters = model.named_parameters();
-  torch::NoGradGuard no_grad;
+  detail::AdapterLoadPlan load;
   for (const auto& item : plan) {
     const auto& name = item.layer->name;
-    parameters[detail::qualified(name, "lora_A")].copy_(item.down.unsqueeze(0));
-    parameters[detail::qualified(name, "lora_B")].copy_(item.up);
+    load.attach.emplace_back(item.layer, item.options);
+    load.values.emplace_back(
+        detail::qualified(name, "lora_A"), item.down.unsqueeze(0));
+    load.values.emplace_back(detail::qualified(name, "lora_B"), item.up);
     report.layers.push_back(
         {name, item.module, item.options.rank(), *item.options.alpha()});
   }
+  detail::apply_adapter_load(model, load);
   std::sort(
       report.layers.begin(),
       report.layers.end(),

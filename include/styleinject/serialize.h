@@ -89,6 +89,25 @@ struct AdapterLoadPlan {
   std::vector<std::pair<std::string, torch::Tensor>> values;
 };
 
+/// Carries out a plan that was checked whole: attaches its adapters (and
+/// then freezes the rest of `model`, as `inject` does), then copies each
+/// value into the parameter of that name.
+inline void apply_adapter_load(
+    torch::nn::Module& model,
+    const AdapterLoadPlan& plan) {
+  for (const auto& layer : plan.attach) {
+    layer.first->attach(layer.second);
+  }
+  if (!plan.attach.empty()) {
+    freeze_all_but_adapters(model);
+  }
+  auto parameters = model.named_parameters();
+  torch::NoGradGuard no_grad;
+  for (const auto& value : plan.values) {
+    parameters[value.first].copy_(value.second);
+  }
+}
+
 /// The names and shapes of the tensors a file must hold for `model`: the
 /// adapters its records describe (checked against the model's layers), or,
 /// for a file without records, the adapters the model has.
@@ -305,19 +324,12 @@ inline void load_adapters(torch::nn::Module& model, const std::string& path) {
         "' has its adapter merged into the weight; unmerge_adapters() first");
   });
   const auto candidates = detail::candidates(model);
-  const auto plan = detail::plan_adapter_load(
-      candidates, detail::safetensors::read_mapped(path, context), context);
-  for (const auto& layer : plan.attach) {
-    layer.first->attach(layer.second);
-  }
-  if (!plan.attach.empty()) {
-    detail::freeze_all_but_adapters(model);
-  }
-  auto parameters = model.named_parameters();
-  torch::NoGradGuard no_grad;
-  for (const auto& value : plan.values) {
-    parameters[value.first].copy_(value.second);
-  }
+  detail::apply_adapter_load(
+      model,
+      detail::plan_adapter_load(
+          candidates,
+          detail::safetensors::read_mapped(path, context),
+          context));
 }
 
 } // namespace styleinject
