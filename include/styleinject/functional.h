@@ -73,6 +73,14 @@ struct StyleInjectFuncOptions {
   TORCH_ARG(GateMode, gate) = GateMode::kScale;
 };
 
+/// One of several adapters that a layer sums (see the overloads of
+/// style_inject_linear and style_inject_conv2d that take a list): its
+/// tensors and options.
+struct AdapterTerm {
+  AdapterTensors adapter;
+  StyleInjectFuncOptions options;
+};
+
 } // namespace functional
 
 namespace detail {
@@ -695,12 +703,86 @@ inline torch::Tensor gate_factor(
   return torch::tanh(mix_branches(s, gate) * scale);
 }
 
-/// style_inject_linear as autograd composes it from SPEC's formula: the
-/// style weights and gate factor from the router, the down-projection by
-/// `options.path()`, the up-projection accumulated onto the base's output,
-/// then the gate (where there is a token axis). It runs where FusedLinear
-/// does not (a base that trains, mixed dtypes, autocast, dropout, no token
-/// axis, a parameter-free gate), and for second derivatives.
+/// One adapter's down-projection on x (SPEC §1–2): its style weights s and
+/// `z = sum_i s_i A_i dropout(x)`, in the adapter's dtype.
+struct DownProjection {
+  torch::Tensor s, z;
+};
+
+/// x: (N, L, d_in) -> s: (n) or (N, n), z: (N, L, r)
+inline DownProjection linear_down(
+    const torch::Tensor& x,
+    const functional::AdapterTensors& adapter,
+    const functional::StyleInjectFuncOptions& options) {
+  const auto s = input_style_weights(x, /*token_dims=*/{1}, adapter, options);
+  const auto dtype = adapter_dtype(x, adapter.lora_A);
+  return {
+      s,
+      linear_down_projection(
+          branch_input(x, options).to(dtype),
+          adapter.lora_A.to(dtype),
+          s,
+          options.path())};
+}
+
+/// The gate factors of two kScale gates applied one after the other, as
+/// one: (1 + a)(1 + b) = 1 + (a + b + a·b). Each keeps the token mean and
+/// scales the spread around it, so the order does not matter.
+inline torch::Tensor combined_gate(
+    const torch::Tensor& a,
+    const torch::Tensor& b) {
+  return a.defined() ? a + b + a * b : b;
+}
+
+/// The widest dtype that the adapters' parts of the forward run in.
+inline torch::ScalarType summed_dtype(
+    const torch::Tensor& x,
+    const std::vector<functional::AdapterTerm>& adapters) {
+  auto dtype = adapter_dtype(x, adapters.front().adapter.lora_A);
+  for (const auto& term : adapters) {
+    dtype = at::promote_types(dtype, adapter_dtype(x, term.adapter.lora_A));
+  }
+  return dtype;
+}
+
+/// Base and adapters as autograd composes them from SPEC's formula, for
+/// kScale and off gates: each adapter's up-projection accumulates onto the
+/// base's output inside its GEMM (beta = 1), in the adapters' widest dtype,
+/// rounded once to the base's; then the gates, combined (combined_gate),
+/// where there is a token axis.
+/// x: (N, L, d_in) -> (N, L, d_out)
+inline torch::Tensor summed_linear(
+    const torch::Tensor& x,
+    const torch::Tensor& weight,
+    const torch::Tensor& bias,
+    const std::vector<functional::AdapterTerm>& adapters,
+    bool tokens) {
+  const auto base = torch::nn::functional::linear(x, weight, bias);
+  const auto dtype = summed_dtype(x, adapters);
+  auto h = base.view({-1, base.size(-1)}).to(dtype);
+  torch::Tensor g;
+  for (const auto& term : adapters) {
+    const auto down = linear_down(x, term.adapter, term.options);
+    h = torch::addmm(
+        h,
+        down.z.reshape({-1, down.z.size(-1)}).to(dtype),
+        term.adapter.lora_B.to(dtype).t(),
+        /*beta=*/1,
+        /*alpha=*/term.options.scaling() * term.options.scale());
+    if (tokens && gate_mode(term.adapter, term.options) == GateMode::kScale) {
+      g = combined_gate(
+          g, gate_factor(down.s, term.adapter.gate, term.options.scale()));
+    }
+  }
+  h = h.to(base.scalar_type()).view(base.sizes());
+  return g.defined() ? variance_gate(h, g.dim() == 2 ? g.unsqueeze(1) : g, {1})
+                     : h;
+}
+
+/// style_inject_linear as autograd composes it from SPEC's formula. It runs
+/// where FusedLinear does not (a base that trains, mixed dtypes, autocast,
+/// dropout, no token axis, a parameter-free gate), and for second
+/// derivatives.
 /// x: (N, L, d_in) -> (N, L, d_out)
 inline torch::Tensor composite_linear(
     const torch::Tensor& x,
@@ -709,35 +791,105 @@ inline torch::Tensor composite_linear(
     const functional::AdapterTensors& adapter,
     const functional::StyleInjectFuncOptions& options,
     bool tokens) {
-  const auto s = input_style_weights(x, /*token_dims=*/{1}, adapter, options);
-  const auto dtype = adapter_dtype(x, adapter.lora_A);
-  const auto z = linear_down_projection(
-      branch_input(x, options).to(dtype),
-      adapter.lora_A.to(dtype),
-      s,
-      options.path()); // (N, L, r)
-  const auto base = torch::nn::functional::linear(x, weight, bias);
-  const double factor = options.scaling() * options.scale();
   const auto gate = tokens ? gate_mode(adapter, options) : GateMode::kOff;
-  if (parameter_free(gate)) {
-    const auto dh = torch::matmul(z, adapter.lora_B.to(dtype).t()) * factor;
-    return parameter_free_gate(base, dh, gate, {1});
+  if (!parameter_free(gate)) {
+    return summed_linear(x, weight, bias, {{adapter, options}}, tokens);
   }
-  // The up-projection accumulates onto the base output inside its GEMM
-  // (beta = 1), in the adapter's dtype, rounded once to the base's.
-  const auto h = torch::addmm(
-                     base.view({-1, base.size(-1)}).to(dtype),
-                     z.reshape({-1, z.size(-1)}),
-                     adapter.lora_B.to(dtype).t(),
-                     /*beta=*/1,
-                     /*alpha=*/factor)
-                     .to(base.scalar_type())
-                     .view(base.sizes());
-  if (gate == GateMode::kOff) {
+  const auto down = linear_down(x, adapter, options);
+  const auto dh =
+      torch::matmul(down.z, adapter.lora_B.to(down.z.scalar_type()).t()) *
+      (options.scaling() * options.scale());
+  return parameter_free_gate(
+      torch::nn::functional::linear(x, weight, bias), dh, gate, {1});
+}
+
+/// One adapter's down-projection on a Conv2d input, as linear_down.
+/// input: (N, C_in, H, W) -> s: (n) or (N, n), z: (N, r, H', W')
+inline DownProjection conv2d_down(
+    const torch::Tensor& input,
+    const functional::AdapterTensors& adapter,
+    const functional::StyleInjectFuncOptions& options,
+    const torch::nn::functional::Conv2dFuncOptions& conv) {
+  const auto s =
+      input_style_weights(input, /*token_dims=*/{2, 3}, adapter, options);
+  const auto dtype = adapter_dtype(input, adapter.lora_A);
+  return {
+      s,
+      conv2d_down_projection(
+          branch_input(input, options).to(dtype),
+          adapter.lora_A.to(dtype),
+          s,
+          conv,
+          options.path())};
+}
+
+/// The 1×1 up-projection as one matrix per instance, for a batched GEMM.
+/// lora_B: (C_out, r, 1, 1) -> (N, C_out, r)
+inline torch::Tensor conv2d_up(const torch::Tensor& lora_B, int64_t instances) {
+  const int64_t channels = lora_B.size(0), rank = lora_B.size(1);
+  return lora_B.view({1, channels, rank}).expand({instances, channels, rank});
+}
+
+/// summed_linear for Conv2d: the up-projections accumulate onto the base's
+/// output inside batched GEMMs, the gates' statistics are over H'×W'.
+/// input: (N, C_in, H, W) -> (N, C_out, H', W')
+inline torch::Tensor summed_conv2d(
+    const torch::Tensor& input,
+    const torch::Tensor& weight,
+    const torch::nn::functional::Conv2dFuncOptions& conv,
+    const std::vector<functional::AdapterTerm>& adapters) {
+  const auto base = torch::nn::functional::conv2d(input, weight, conv);
+  const int64_t instances = base.size(0), channels = base.size(1);
+  const int64_t positions = base.size(2) * base.size(3);
+  const auto dtype = summed_dtype(input, adapters);
+  auto h = base.view({instances, channels, positions}).to(dtype);
+  torch::Tensor g;
+  for (const auto& term : adapters) {
+    const auto down = conv2d_down(input, term.adapter, term.options, conv);
+    h = torch::baddbmm(
+        h,
+        conv2d_up(term.adapter.lora_B.to(dtype), instances),
+        down.z.reshape({instances, down.z.size(1), positions}).to(dtype),
+        /*beta=*/1,
+        /*alpha=*/term.options.scaling() * term.options.scale());
+    if (gate_mode(term.adapter, term.options) == GateMode::kScale) {
+      g = combined_gate(
+          g, gate_factor(down.s, term.adapter.gate, term.options.scale()));
+    }
+  }
+  h = h.to(base.scalar_type()).view(base.sizes());
+  return g.defined()
+      ? variance_gate(
+            h, g.view({g.dim() == 2 ? instances : 1, channels, 1, 1}), {2, 3})
+      : h;
+}
+
+/// Refuses a parameter-free gate in a sum of adapters.
+inline void check_summable(
+    const char* layer,
+    const functional::AdapterTerm& term) {
+  const auto gate = gate_mode(term.adapter, term.options);
+  TORCH_CHECK_VALUE(
+      !parameter_free(gate),
+      layer,
+      ": expected gate=scale or gate=off for each of several adapters, but "
+      "one has gate=",
+      gate_mode_name(gate),
+      ", which reads the frozen output and its own update apart; it takes "
+      "one adapter alone");
+}
+
+/// A Linear output (N, L, d_out) in the shape of its input's instances.
+inline torch::Tensor linear_output(
+    const torch::Tensor& input,
+    const torch::Tensor& weight,
+    const torch::Tensor& h) {
+  if (input.dim() == 3) {
     return h;
   }
-  const auto g = gate_factor(s, adapter.gate, options.scale());
-  return variance_gate(h, s.dim() == 2 ? g.unsqueeze(1) : g, {1});
+  auto sizes = input.sizes().vec();
+  sizes.back() = weight.size(0);
+  return h.view(sizes);
 }
 
 /// How FusedLinear computes u = W0 x + b0 + c·B (a x).
@@ -1282,12 +1434,38 @@ inline torch::Tensor style_inject_linear(
   const auto h = tokens && detail::fuses(x, weight, bias, adapter, options)
       ? detail::fused_linear(x, weight, bias, adapter, options)
       : detail::composite_linear(x, weight, bias, adapter, options, tokens);
-  if (input.dim() == 3) {
-    return h;
+  return detail::linear_output(input, weight, h);
+}
+
+/// Several adapters on one Linear, summed as diffusers' `set_adapters`
+/// sums LoRAs: `u = W0 x + b0 + sum_k dh_k`, each `dh_k` with its own
+/// options (scaling, strength, style); then each adapter's kScale gate,
+/// `h = m + prod_k (1 + g_k) ⊙ (u - m)` with `m = mean_tok(u)`: every gate
+/// keeps the token mean and scales the spread, so their order does not
+/// matter. The parameter-free gates (kAdain, kResidual) read the frozen
+/// output and one update apart, so they take one adapter alone. One
+/// adapter is exactly the overload above; none is the base layer.
+/// input, output: as style_inject_linear
+inline torch::Tensor style_inject_linear(
+    const torch::Tensor& input,
+    const torch::Tensor& weight,
+    const torch::Tensor& bias,
+    const std::vector<AdapterTerm>& adapters) {
+  if (adapters.size() == 1) {
+    return style_inject_linear(
+        input, weight, bias, adapters[0].adapter, adapters[0].options);
   }
-  auto sizes = input.sizes().vec();
-  sizes.back() = weight.size(0);
-  return h.view(sizes);
+  for (const auto& term : adapters) {
+    detail::check_linear_adapter(weight, term.adapter);
+    detail::check_linear_input(input, term.adapter, term.options);
+    detail::check_summable(detail::kLinearName, term);
+  }
+  detail::check_input_dtype(detail::kLinearName, input, weight);
+  const auto x = detail::linear_instances(input);
+  const auto h = adapters.empty()
+      ? torch::nn::functional::linear(x, weight, bias)
+      : detail::summed_linear(x, weight, bias, adapters, input.dim() >= 3);
+  return detail::linear_output(input, weight, h);
 }
 
 /// The style weights that StyleInjectConv2d's router gives each instance
@@ -1329,48 +1507,46 @@ inline torch::Tensor style_inject_conv2d(
     const AdapterTensors& adapter,
     const torch::nn::functional::Conv2dFuncOptions& conv = {},
     const StyleInjectFuncOptions& options = {}) {
-  namespace F = torch::nn::functional;
   detail::check_conv2d_adapter(weight, adapter, conv);
   detail::check_conv2d_input(input, adapter, options);
   detail::check_input_dtype(detail::kConv2dName, input, weight);
-  const auto s = detail::input_style_weights(
-      input, /*token_dims=*/{2, 3}, adapter, options);
-  const auto dtype = detail::adapter_dtype(input, adapter.lora_A);
-  const auto z = detail::conv2d_down_projection(
-      detail::branch_input(input, options).to(dtype),
-      adapter.lora_A.to(dtype),
-      s,
-      conv,
-      options.path()); // (N, r, H', W')
-  const auto base = F::conv2d(input, weight, conv);
-  const int64_t instances = base.size(0), channels = base.size(1);
-  const int64_t positions = base.size(2) * base.size(3), rank = z.size(1);
-  const double factor = options.scaling() * options.scale();
-  const auto up = adapter.lora_B.to(dtype)
-                      .view({1, channels, rank})
-                      .expand({instances, channels, rank});
   const auto gate = detail::gate_mode(adapter, options);
-  if (detail::parameter_free(gate)) {
-    const auto dh = torch::bmm(up, z.reshape({instances, rank, positions}));
-    return detail::parameter_free_gate(
-        base, (dh * factor).view(base.sizes()), gate, {2, 3});
+  if (!detail::parameter_free(gate)) {
+    return detail::summed_conv2d(input, weight, conv, {{adapter, options}});
   }
-  // The 1×1 up-projection accumulates onto the base output inside a batched
-  // GEMM (beta = 1), in the adapter's dtype, rounded once to the base's.
-  const auto h = torch::baddbmm(
-                     base.view({instances, channels, positions}).to(dtype),
-                     up,
-                     z.reshape({instances, rank, positions}),
-                     /*beta=*/1,
-                     /*alpha=*/factor)
-                     .to(base.scalar_type())
-                     .view(base.sizes());
-  if (gate == GateMode::kOff) {
-    return h;
+  const auto down = detail::conv2d_down(input, adapter, options, conv);
+  const auto base = torch::nn::functional::conv2d(input, weight, conv);
+  const int64_t instances = base.size(0), rank = down.z.size(1);
+  const auto dh = torch::bmm(
+      detail::conv2d_up(adapter.lora_B.to(down.z.scalar_type()), instances),
+      down.z.reshape({instances, rank, base.size(2) * base.size(3)}));
+  return detail::parameter_free_gate(
+      base,
+      (dh * (options.scaling() * options.scale())).view(base.sizes()),
+      gate,
+      {2, 3});
+}
+
+/// Several adapters on one Conv2d, summed as the list overload of
+/// style_inject_linear sums them, with the gates' statistics over H'×W'.
+inline torch::Tensor style_inject_conv2d(
+    const torch::Tensor& input,
+    const torch::Tensor& weight,
+    const std::vector<AdapterTerm>& adapters,
+    const torch::nn::functional::Conv2dFuncOptions& conv = {}) {
+  if (adapters.size() == 1) {
+    return style_inject_conv2d(
+        input, weight, adapters[0].adapter, conv, adapters[0].options);
   }
-  const auto g = detail::gate_factor(s, adapter.gate, options.scale());
-  return detail::variance_gate(
-      h, g.view({s.dim() == 2 ? instances : 1, channels, 1, 1}), {2, 3});
+  for (const auto& term : adapters) {
+    detail::check_conv2d_adapter(weight, term.adapter, conv);
+    detail::check_conv2d_input(input, term.adapter, term.options);
+    detail::check_summable(detail::kConv2dName, term);
+  }
+  detail::check_input_dtype(detail::kConv2dName, input, weight);
+  return adapters.empty()
+      ? torch::nn::functional::conv2d(input, weight, conv)
+      : detail::summed_conv2d(input, weight, conv, adapters);
 }
 
 } // namespace functional
