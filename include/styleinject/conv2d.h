@@ -92,10 +92,9 @@ struct layer_traits<torch::nn::Conv2dImpl> {
       const torch::Tensor& input,
       const torch::Tensor& weight,
       const torch::Tensor& bias,
-      const functional::AdapterTensors& adapter,
-      const functional::StyleInjectFuncOptions& func_options) {
+      const std::vector<functional::AdapterTerm>& adapters) {
     return functional::style_inject_conv2d(
-        input, weight, adapter, conv(options, bias), func_options);
+        input, weight, adapters, conv(options, bias));
   }
   /// A merged layer's forward: the base's convolution with the merged
   /// kernel, then a kScale gate's fixed factor g (C_out): each channel's

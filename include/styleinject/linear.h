@@ -55,10 +55,8 @@ struct layer_traits<torch::nn::LinearImpl> {
       const torch::Tensor& input,
       const torch::Tensor& weight,
       const torch::Tensor& bias,
-      const functional::AdapterTensors& adapter,
-      const functional::StyleInjectFuncOptions& options) {
-    return functional::style_inject_linear(
-        input, weight, bias, adapter, options);
+      const std::vector<functional::AdapterTerm>& adapters) {
+    return functional::style_inject_linear(input, weight, bias, adapters);
   }
   /// A merged layer's forward: the base's map with the merged weight, then
   /// a kScale gate's fixed factor g (d_out), where the input has a token

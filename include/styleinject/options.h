@@ -7,6 +7,7 @@
 #include <c10/util/Optional.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -144,6 +145,11 @@ struct StyleInjectOptions {
   TORCH_ARG(c10::optional<torch::Dtype>, dtype) = c10::nullopt;
 };
 
+/// The name of a layer's first adapter: the one whose parameters keep SPEC
+/// §5's names (`<layer>.lora_A`, ...). Adapters added under other names are
+/// children of the layer (`<layer>.<name>.lora_A`, ...).
+inline constexpr const char* kDefaultAdapter = "default";
+
 /// Options for folding an adapter into its base weight (`merge`).
 ///
 /// Example:
@@ -181,6 +187,48 @@ inline std::string adapter_dtype_name(torch::Dtype dtype) {
     }
   }
   return {};
+}
+
+/// Names as a message lists them: ['a', 'b', ...], the first 12 and a
+/// count.
+inline std::string quoted_list(const std::vector<std::string>& names) {
+  std::string text = "[";
+  const size_t shown = std::min<size_t>(names.size(), 12);
+  for (size_t i = 0; i < shown; ++i) {
+    text += (i ? ", '" : "'") + names[i] + "'";
+  }
+  if (shown < names.size()) {
+    text += ", ... (" + std::to_string(names.size()) + " in all)";
+  }
+  return text + "]";
+}
+
+/// Refuses an adapter name that cannot be a child module of a layer: it
+/// must be made of letters, digits, '_' and '-', and must not be a name the
+/// layer uses itself. `context` names the caller in the message.
+inline void check_adapter_name(
+    const std::string& name,
+    const std::string& context) {
+  const bool spelled =
+      !name.empty() && std::all_of(name.begin(), name.end(), [](char c) {
+        return std::isalnum(static_cast<unsigned char>(c)) || c == '_' ||
+            c == '-';
+      });
+  TORCH_CHECK_VALUE(
+      spelled,
+      context,
+      ": expected an adapter name of letters, digits, '_' and '-', but got '",
+      name.substr(0, 64),
+      "'");
+  for (const char* taken :
+       {"weight", "bias", "lora_A", "lora_B", "gate", "router"}) {
+    TORCH_CHECK_VALUE(
+        name != taken,
+        context,
+        ": the adapter name '",
+        name,
+        "' is taken by the layer's own parameters; choose another");
+  }
 }
 
 /// Refuses options that cannot describe an adapter; `layer` names the module

@@ -29,10 +29,10 @@ inline bool is_base_parameter(const std::string& name) {
   return name == "weight" || name == "bias";
 }
 
-/// What a checkpoint changes in a layer: the adapter to attach first, if
-/// any, then each parameter's new value, by name.
+/// What a checkpoint changes in a layer: the adapters to attach first, by
+/// name, then each parameter's new value, by its name in the layer.
 struct CheckpointPlan {
-  c10::optional<StyleInjectOptions> attach;
+  std::vector<std::pair<std::string, StyleInjectOptions>> attach;
   std::vector<std::pair<std::string, torch::Tensor>> values;
 };
 
@@ -94,11 +94,81 @@ inline c10::optional<StyleInjectOptions> checkpoint_options(
       "the checkpoint");
 }
 
+/// Plans the part of a checkpoint that is the adapter `name` of `layer`:
+/// `archive` is the layer's own for the first adapter, the adapter's child
+/// archive for the others. Recorded options attach the adapter where the
+/// layer lacks it, and must compute the same as the layer's where it has
+/// it; adapter tensors without recorded options fit only an adapter
+/// attached already, exactly. An archive without the adapter changes
+/// nothing of it.
+template <typename Layer>
+void plan_adapter_checkpoint(
+    const Layer& layer,
+    const std::string& name,
+    torch::serialize::InputArchive& archive,
+    CheckpointPlan& plan) {
+  const std::string where = std::string(Layer::Traits::name) +
+      (name == kDefaultAdapter ? "" : ": adapter '" + name + "'");
+  const auto found = checkpoint_adapter_tensors(archive);
+  const auto recorded = checkpoint_options(where.c_str(), archive);
+  const auto current = layer.has_adapter(name)
+      ? c10::optional<StyleInjectOptions>(layer.adapter_options_of(name))
+      : c10::nullopt;
+  if (recorded) {
+    TORCH_CHECK(
+        !current || same_computation(*current, *recorded),
+        where,
+        ": the layer's adapter has other options than the checkpoint's: ",
+        current ? options_to_json(*current).dump() : "",
+        " in the layer, ",
+        options_to_json(*recorded).dump(),
+        " in the checkpoint");
+    if (!current) {
+      plan.attach.emplace_back(name, *recorded);
+    }
+  } else if (found.empty()) {
+    return; // a base-layer checkpoint: the adapter keeps its values
+  }
+  TORCH_CHECK(
+      current || recorded,
+      where,
+      ": the checkpoint has adapter tensors but not their options (a "
+      "checkpoint written by hand, or by StyleInject before 0.3); attach "
+      "the adapter with add_adapter() or styleinject::inject() before "
+      "loading");
+  const auto shapes =
+      Layer::adapter_shapes(layer.options, recorded ? *recorded : *current);
+  for (const auto& tensor : found) {
+    TORCH_CHECK(
+        std::any_of(
+            shapes.begin(),
+            shapes.end(),
+            [&](const auto& shape) { return shape.first == tensor.first; }),
+        where,
+        ": the checkpoint has '",
+        tensor.first,
+        "', which the layer's adapter does not have");
+  }
+  TORCH_CHECK(
+      found.size() == shapes.size(),
+      where,
+      ": the checkpoint has ",
+      found.size(),
+      " of the adapter's ",
+      shapes.size(),
+      " tensors; expected all of them, or none for a base-layer checkpoint");
+  const std::string prefix = name == kDefaultAdapter ? "" : name + ".";
+  for (const auto& shape : shapes) {
+    const auto& value = found.at(shape.first);
+    check_checkpoint_shape(where.c_str(), shape.first, value, shape.second);
+    plan.values.emplace_back(prefix + shape.first, value);
+  }
+}
+
 /// Reads a checkpoint of `layer` (a StyleInjectLayerImpl) and checks it
-/// against the layer: the base's weight and bias, then the adapter. Recorded
-/// options attach an adapter where the layer has none, and must compute the
-/// same as the layer's where it has one; adapter tensors without recorded
-/// options fit only an adapter attached already, exactly. Changes nothing.
+/// against the layer: the base's weight and bias, then each adapter (see
+/// plan_adapter_checkpoint): the first in the layer's archive, the others
+/// in child archives of their names. Changes nothing.
 template <typename Layer>
 CheckpointPlan plan_checkpoint_load(
     const Layer& layer,
@@ -121,56 +191,13 @@ CheckpointPlan plan_checkpoint_load(
       plan.values.emplace_back(parameter.first, value);
     }
   }
-  const auto found = checkpoint_adapter_tensors(archive);
-  const auto recorded = checkpoint_options(name, archive);
-  const auto& current = layer.adapter_options;
-  if (recorded) {
-    TORCH_CHECK(
-        !current || same_computation(*current, *recorded),
-        name,
-        ": the layer's adapter has other options than the checkpoint's: ",
-        current ? options_to_json(*current).dump() : "",
-        " in the layer, ",
-        options_to_json(*recorded).dump(),
-        " in the checkpoint");
-    if (!current) {
-      plan.attach = recorded;
+  plan_adapter_checkpoint(layer, kDefaultAdapter, archive, plan);
+  for (const auto& key : archive.keys()) {
+    torch::serialize::InputArchive child;
+    if (key != "router" && archive.try_read(key, child)) {
+      check_adapter_name(key, std::string(name) + ": the checkpoint");
+      plan_adapter_checkpoint(layer, key, child, plan);
     }
-  } else if (found.empty()) {
-    return plan; // a base-layer checkpoint: the adapter keeps its values
-  }
-  TORCH_CHECK(
-      current || recorded,
-      name,
-      ": the checkpoint has adapter tensors but not their options (a "
-      "checkpoint written by hand, or by StyleInject before 0.3); attach "
-      "the adapter with add_adapter() or styleinject::inject() before "
-      "loading");
-  const auto shapes =
-      Layer::adapter_shapes(layer.options, recorded ? *recorded : *current);
-  for (const auto& tensor : found) {
-    TORCH_CHECK(
-        std::any_of(
-            shapes.begin(),
-            shapes.end(),
-            [&](const auto& shape) { return shape.first == tensor.first; }),
-        name,
-        ": the checkpoint has '",
-        tensor.first,
-        "', which the layer's adapter does not have");
-  }
-  TORCH_CHECK(
-      found.size() == shapes.size(),
-      name,
-      ": the checkpoint has ",
-      found.size(),
-      " of the adapter's ",
-      shapes.size(),
-      " tensors; expected all of them, or none for a base-layer checkpoint");
-  for (const auto& shape : shapes) {
-    const auto& value = found.at(shape.first);
-    check_checkpoint_shape(name, shape.first, value, shape.second);
-    plan.values.emplace_back(shape.first, value);
   }
   return plan;
 }
