@@ -15,12 +15,14 @@
 #include <c10/util/Optional.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <iomanip>
 #include <memory>
 #include <ostream>
 #include <regex>
+#include <set>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -46,7 +48,8 @@ struct Override {
 
 /// Which layers of a model `inject` adapts (and which layers the model-wide
 /// controls act on), by their qualified names as `named_modules()` gives
-/// them, e.g. "down.0.attn.to_q".
+/// them, e.g. "down.0.attn.to_q", and which of their adapters, by name
+/// (`adapter`; "default" unless set).
 ///
 /// Example:
 /// ```
@@ -99,6 +102,17 @@ class Targets {
     return *this;
   }
 
+  /// Names the adapter that `inject` attaches and the model-wide controls
+  /// act on, e.g. `Targets::all().adapter("community")`. Default: "default"
+  Targets& adapter(std::string name) {
+    detail::check_adapter_name(name, "styleinject::Targets::adapter");
+    adapter_ = std::move(name);
+    return *this;
+  }
+  const std::string& adapter() const {
+    return adapter_;
+  }
+
   /// Whether these are the targets of `all()`, which skip the layers that
   /// cannot carry an adapter rather than refuse them.
   bool is_all() const {
@@ -148,7 +162,7 @@ class Targets {
           ": the target ",
           pattern.description,
           " matches none of ",
-          list(names));
+          detail::quoted_list(names));
     }
     for (const auto& item : overrides_) {
       TORCH_CHECK_VALUE(
@@ -199,27 +213,18 @@ class Targets {
          name[name.size() - s.size() - 1] == '.');
   }
 
-  static std::string list(const std::vector<std::string>& names) {
-    std::string text = "[";
-    const size_t shown = std::min<size_t>(names.size(), 12);
-    for (size_t i = 0; i < shown; ++i) {
-      text += (i ? ", '" : "'") + names[i] + "'";
-    }
-    if (shown < names.size()) {
-      text += ", ... (" + std::to_string(names.size()) + " in all)";
-    }
-    return text + "]";
-  }
-
   bool all_ = false;
   std::vector<Pattern> patterns_;
   std::vector<Item> overrides_;
+  std::string adapter_ = kDefaultAdapter;
 };
 
 /// One adapted layer of a model, as `report` lists it.
 struct AdaptedLayer {
   /// Qualified name, e.g. "down.0.attn.to_q".
   std::string name;
+  /// The adapter's name in the layer, "default" for the first.
+  std::string adapter = kDefaultAdapter;
   /// "Linear" or "Conv2d".
   std::string type;
   /// The base layer in short, e.g. "320 -> 640" or "320 -> 320, 3x3".
@@ -251,14 +256,22 @@ struct Candidate {
   int64_t in = 0, out = 0;
   /// Why the layer cannot carry an adapter; empty if it can.
   std::string refusal;
-  /// The adapter's options, if the layer has one.
+  /// The options of the adapter the candidates were listed for, if the
+  /// layer has it.
   c10::optional<StyleInjectOptions> options;
+  /// Where that adapter's parameters are among the layer's: "" for
+  /// "default", "<name>." for the others.
+  std::string prefix;
   /// The names and shapes of the parameters an adapter with these options
   /// would have on this layer.
   std::function<std::vector<std::pair<std::string, std::vector<int64_t>>>(
       const StyleInjectOptions&)>
       adapter_shapes;
-  /// Attaches an adapter, swapping the layer in first where it is plain.
+  /// Why that adapter with these options cannot be attached (completing
+  /// "the layer ..."); empty if it can.
+  std::function<std::string(const StyleInjectOptions&)> attach_obstacle =
+      [](const StyleInjectOptions&) { return std::string(); };
+  /// Attaches that adapter, swapping the layer in first where it is plain.
   std::function<void(const StyleInjectOptions&)> attach;
 };
 
@@ -277,23 +290,31 @@ bool collect_layer(
     torch::nn::Module* parent,
     const std::string& key,
     const std::string& name,
+    const std::string& adapter,
     std::vector<Candidate>& found) {
   using Layer = StyleInjectLayerImpl<Base>;
   using Traits = layer_traits<Base>;
   Candidate candidate;
   candidate.name = name;
   candidate.type = Traits::type;
+  candidate.prefix = adapter == kDefaultAdapter ? "" : adapter + ".";
   if (auto layer = std::dynamic_pointer_cast<Layer>(module)) {
     candidate.shape = Traits::shape(layer->options);
     candidate.in = Traits::in_features(layer->options);
     candidate.out = Traits::out_features(layer->options);
-    candidate.options = layer->adapter_options;
+    if (layer->has_adapter(adapter)) {
+      candidate.options = layer->adapter_options_of(adapter);
+    }
     candidate.adapter_shapes =
         [options = layer->options](const StyleInjectOptions& o) {
           return Layer::adapter_shapes(options, o);
         };
-    candidate.attach = [layer](const StyleInjectOptions& options) {
-      layer->add_adapter(options);
+    candidate.attach_obstacle = [layer,
+                                 adapter](const StyleInjectOptions& options) {
+      return layer->add_obstacle(options, adapter);
+    };
+    candidate.attach = [layer, adapter](const StyleInjectOptions& options) {
+      layer->add_adapter(options, adapter);
     };
     found.push_back(std::move(candidate));
     return true;
@@ -325,18 +346,19 @@ bool collect_layer(
       candidate.refusal = e.what_without_backtrace();
     }
   }
-  candidate.attach = [plain, sequential, key](const StyleInjectOptions& o) {
-    // Sequential calls its modules through AnyModule, so swapping the
-    // AnyModule and the registered child swaps the layer for real.
-    auto layer = std::make_shared<Layer>(typename Traits::Holder(plain));
-    for (auto& any : *sequential) {
-      if (any.ptr().get() == plain.get()) {
-        any = torch::nn::AnyModule(layer);
-      }
-    }
-    sequential->replace_module(key, layer);
-    layer->add_adapter(o);
-  };
+  candidate.attach =
+      [plain, sequential, key, adapter](const StyleInjectOptions& o) {
+        // Sequential calls its modules through AnyModule, so swapping the
+        // AnyModule and the registered child swaps the layer for real.
+        auto layer = std::make_shared<Layer>(typename Traits::Holder(plain));
+        for (auto& any : *sequential) {
+          if (any.ptr().get() == plain.get()) {
+            any = torch::nn::AnyModule(layer);
+          }
+        }
+        sequential->replace_module(key, layer);
+        layer->add_adapter(o, adapter);
+      };
   found.push_back(std::move(candidate));
   return true;
 }
@@ -346,10 +368,13 @@ inline void collect(
     torch::nn::Module* parent,
     const std::string& key,
     const std::string& name,
+    const std::string& adapter,
     std::vector<Candidate>& found) {
-  // A layer is a leaf here: its router is part of its adapter.
-  if (collect_layer<torch::nn::LinearImpl>(module, parent, key, name, found) ||
-      collect_layer<torch::nn::Conv2dImpl>(module, parent, key, name, found)) {
+  // A layer is a leaf here: its router and adapters are its own.
+  if (collect_layer<torch::nn::LinearImpl>(
+          module, parent, key, name, adapter, found) ||
+      collect_layer<torch::nn::Conv2dImpl>(
+          module, parent, key, name, adapter, found)) {
     return;
   }
   for (const auto& child : module->named_children()) {
@@ -358,12 +383,16 @@ inline void collect(
         module.get(),
         child.key(),
         qualified(name, child.key()),
+        adapter,
         found);
   }
 }
 
-/// Every Linear and Conv2d layer of `model`, in named_modules() order.
-inline std::vector<Candidate> candidates(torch::nn::Module& model) {
+/// Every Linear and Conv2d layer of `model`, in named_modules() order, as
+/// candidates for the adapter `adapter`.
+inline std::vector<Candidate> candidates(
+    torch::nn::Module& model,
+    const std::string& adapter = kDefaultAdapter) {
   std::vector<Candidate> found;
   // A non-owning pointer: the root is the caller's.
   collect(
@@ -371,6 +400,7 @@ inline std::vector<Candidate> candidates(torch::nn::Module& model) {
       nullptr,
       "",
       "",
+      adapter,
       found);
   return found;
 }
@@ -392,38 +422,78 @@ void for_each_adapted(const torch::nn::Module& model, F&& f) {
   }
 }
 
-/// Calls `f(name, layer)` for the adapted layers that `targets` names; a
-/// target that names none of them is an error.
+/// The names of the adapters in `model`, each once, in the order the
+/// layers list them.
+inline std::vector<std::string> adapter_names_of(
+    const torch::nn::Module& model) {
+  std::vector<std::string> names;
+  for_each_adapted(model, [&](const std::string&, auto& layer) {
+    for (const auto& name : layer.adapter_names()) {
+      if (std::find(names.begin(), names.end(), name) == names.end()) {
+        names.push_back(name);
+      }
+    }
+  });
+  return names;
+}
+
+/// What `model` lacks where it has no adapter `adapter` (any adapter
+/// where empty), completing "the model has ...".
+inline std::string missing_adapter(
+    const torch::nn::Module& model,
+    const std::string& adapter) {
+  const auto names = adapter_names_of(model);
+  return names.empty() || adapter.empty()
+      ? "no adapters; attach them with styleinject::inject() or "
+        "styleinject::load_adapters()"
+      : "no adapters named '" + adapter + "'; it has " + quoted_list(names);
+}
+
+/// Calls `f(name, layer)` for the layers that `targets` names among those
+/// with the adapter `adapter`, or with any adapter where `adapter` is
+/// empty; a target that names none of them is an error.
 template <typename F>
 void for_each_target(
     const torch::nn::Module& model,
     const Targets& targets,
+    const std::string& adapter,
     const char* context,
     F&& f) {
   std::vector<std::string> names;
-  for_each_adapted(
-      model, [&](const std::string& name, auto&) { names.push_back(name); });
+  const auto has = [&](const auto& layer) {
+    return adapter.empty() || layer.has_adapter(adapter);
+  };
+  for_each_adapted(model, [&](const std::string& name, auto& layer) {
+    if (has(layer)) {
+      names.push_back(name);
+    }
+  });
   TORCH_CHECK_VALUE(
       !names.empty(),
       context,
-      ": the model has no adapters; attach them with styleinject::inject() "
-      "or styleinject::load_adapters()");
+      ": the model has ",
+      missing_adapter(model, adapter));
   targets.check_each_matches(names, context);
   for_each_adapted(model, [&](const std::string& name, auto& layer) {
-    if (targets.matches(name)) {
+    if (has(layer) && targets.matches(name)) {
       f(name, layer);
     }
   });
 }
 
-/// Freezes every parameter of `model` but the adapters'.
-inline void freeze_all_but_adapters(torch::nn::Module& model) {
+/// Freezes every parameter of `model` but those of the adapter `adapter`,
+/// which train.
+inline void freeze_all_but_adapter(
+    torch::nn::Module& model,
+    const std::string& adapter) {
   for (auto& parameter : model.parameters()) {
     parameter.set_requires_grad(false);
   }
-  for_each_adapted(model, [](const std::string&, auto& layer) {
-    for (auto& parameter : layer.adapter_parameters()) {
-      parameter.set_requires_grad(true);
+  for_each_adapted(model, [&](const std::string&, auto& layer) {
+    if (layer.has_adapter(adapter)) {
+      for (auto& parameter : layer.adapter_parameters(adapter)) {
+        parameter.set_requires_grad(true);
+      }
     }
   });
 }
@@ -443,20 +513,24 @@ inline std::string grouped(int64_t value) {
 
 } // namespace detail
 
-/// The adapted layers of `model` and its parameter counts.
+/// The adapters of `model`, one entry per layer and adapter, and its
+/// parameter counts.
 inline AdapterReport report(const torch::nn::Module& model) {
   AdapterReport result;
   detail::for_each_adapted(model, [&](const std::string& name, auto& layer) {
     using Layer = std::decay_t<decltype(layer)>;
-    AdaptedLayer entry{
-        name,
-        Layer::Traits::type,
-        Layer::Traits::shape(layer.options),
-        *layer.adapter_options};
-    for (const auto& parameter : layer.adapter_parameters()) {
-      entry.parameters += parameter.numel();
+    for (const auto& adapter : layer.adapter_names()) {
+      AdaptedLayer entry{
+          name,
+          adapter,
+          Layer::Traits::type,
+          Layer::Traits::shape(layer.options),
+          layer.adapter_options_of(adapter)};
+      for (const auto& parameter : layer.adapter_parameters(adapter)) {
+        entry.parameters += parameter.numel();
+      }
+      result.layers.push_back(std::move(entry));
     }
-    result.layers.push_back(std::move(entry));
   });
   for (const auto& parameter : model.parameters()) {
     result.total_parameters += parameter.numel();
@@ -467,12 +541,14 @@ inline AdapterReport report(const torch::nn::Module& model) {
 }
 
 /// Attaches StyleInject adapters to the layers of `model` that `targets`
-/// names, with `options` (changed per layer by the targets' overrides), and
-/// freezes every other parameter of the model. Everything is checked before
+/// names, with `options` (changed per layer by the targets' overrides),
+/// under the targets' adapter name ("default" unless
+/// `Targets::adapter` names another), and freezes every other parameter of
+/// the model, other adapters included. Everything is checked before
 /// anything changes: a target that matches nothing, a layer that has an
-/// adapter already, options that do not fit, or a layer that cannot be
-/// adapted leave the model as it was. A rank larger than both dimensions of
-/// a layer is legal, but warned about.
+/// adapter of that name already, options that do not fit, or a layer that
+/// cannot be adapted leave the model as it was. A rank larger than both
+/// dimensions of a layer is legal, but warned about.
 ///
 /// Adaptable layers are the StyleInjectLinear / StyleInjectConv2d layers
 /// the model declares, and plain torch::nn::Linear / Conv2d layers directly
@@ -487,13 +563,17 @@ inline AdapterReport report(const torch::nn::Module& model) {
 ///     styleinject::StyleInjectOptions(4));
 /// std::cout << report;
 /// torch::optim::AdamW opt(styleinject::adapter_parameters(*unet), 1e-3);
+///
+/// // A second adapter beside it, trained alone (the first is frozen).
+/// styleinject::inject(*unet, styleinject::Targets::all().adapter("ink"),
+///     styleinject::StyleInjectOptions::lora(8));
 /// ```
 inline AdapterReport inject(
     torch::nn::Module& model,
     const Targets& targets,
     const StyleInjectOptions& options) {
   constexpr const char* context = "styleinject::inject";
-  auto all = detail::candidates(model);
+  auto all = detail::candidates(model, targets.adapter());
   if (targets.is_all()) {
     all.erase(
         std::remove_if(
@@ -526,10 +606,14 @@ inline AdapterReport inject(
     TORCH_CHECK(
         !candidate.options,
         layer,
-        " has an adapter already; inject each layer once (remove_adapter() "
-        "takes one off)");
+        " has an adapter already under the name '",
+        targets.adapter(),
+        "'; inject each layer once per name (remove_adapter() takes one "
+        "off)");
     auto layer_options = targets.options_for(candidate.name, options);
     detail::check_options(layer_options, layer);
+    const auto obstacle = candidate.attach_obstacle(layer_options);
+    TORCH_CHECK(obstacle.empty(), layer, ": the layer ", obstacle);
     if (layer_options.rank() > candidate.in &&
         layer_options.rank() > candidate.out) {
       TORCH_WARN(
@@ -545,24 +629,35 @@ inline AdapterReport inject(
   for (const auto& step : plan) {
     step.first->attach(step.second);
   }
-  detail::freeze_all_but_adapters(model);
+  detail::freeze_all_but_adapter(model, targets.adapter());
   return report(model);
 }
 
-/// The adapter parameters of every adapted layer of `model`, for the
-/// optimizer.
+/// The parameters of every adapter of `model`, for the optimizer; with
+/// `adapter`, of the adapters of that name alone.
 inline std::vector<torch::Tensor> adapter_parameters(
-    const torch::nn::Module& model) {
+    const torch::nn::Module& model,
+    const c10::optional<std::string>& adapter = c10::nullopt) {
   std::vector<torch::Tensor> result;
   detail::for_each_adapted(model, [&](const std::string&, auto& layer) {
-    for (auto& parameter : layer.adapter_parameters()) {
-      result.push_back(parameter);
+    if (!adapter || layer.has_adapter(*adapter)) {
+      for (auto& parameter : adapter ? layer.adapter_parameters(*adapter)
+                                     : layer.adapter_parameters()) {
+        result.push_back(parameter);
+      }
     }
   });
   return result;
 }
 
-/// Switches the adapters of the targeted layers on or off.
+/// The names of the adapters in `model`, each once, in the order the
+/// layers list them.
+inline std::vector<std::string> adapter_names(const torch::nn::Module& model) {
+  return detail::adapter_names_of(model);
+}
+
+/// Switches the targeted adapters on or off (the targets' adapter name,
+/// "default" unless set).
 inline void set_enabled(
     torch::nn::Module& model,
     bool enabled,
@@ -570,11 +665,14 @@ inline void set_enabled(
   detail::for_each_target(
       model,
       targets,
+      targets.adapter(),
       "styleinject::set_enabled",
-      [&](const std::string&, auto& layer) { layer.set_enabled(enabled); });
+      [&](const std::string&, auto& layer) {
+        layer.set_enabled(enabled, targets.adapter());
+      });
 }
 
-/// Sets the strength of the targeted layers' adapters (0: the base model).
+/// Sets the strength of the targeted adapters (0: the base model).
 inline void set_scale(
     torch::nn::Module& model,
     double scale,
@@ -582,11 +680,14 @@ inline void set_scale(
   detail::for_each_target(
       model,
       targets,
+      targets.adapter(),
       "styleinject::set_scale",
-      [&](const std::string&, auto& layer) { layer.set_scale(scale); });
+      [&](const std::string&, auto& layer) {
+        layer.set_scale(scale, targets.adapter());
+      });
 }
 
-/// Gives the targeted layers a fixed style instead of their routers' (see
+/// Gives the targeted adapters a fixed style instead of their routers' (see
 /// StyleInjectLayerImpl::set_style); they must have as many branches as the
 /// style has entries.
 inline void set_style(
@@ -596,27 +697,119 @@ inline void set_style(
   detail::for_each_target(
       model,
       targets,
+      targets.adapter(),
       "styleinject::set_style",
-      [&](const std::string&, auto& layer) { layer.set_style(style); });
+      [&](const std::string&, auto& layer) {
+        layer.set_style(style, targets.adapter());
+      });
 }
 
-/// Gives the targeted layers their routers back.
+/// Gives the targeted adapters their routers back.
 inline void clear_style(
     torch::nn::Module& model,
     const Targets& targets = Targets::all()) {
   detail::for_each_target(
       model,
       targets,
+      targets.adapter(),
       "styleinject::clear_style",
-      [&](const std::string&, auto& layer) { layer.clear_style(); });
+      [&](const std::string&, auto& layer) {
+        layer.clear_style(targets.adapter());
+      });
 }
 
-/// Folds the adapters of the targeted layers into their base weights (see
-/// StyleInjectLayerImpl::merge), so that inference costs the base model
-/// alone. Every targeted layer is checked first: one that cannot merge (a
-/// router that reads the input, a per-instance style, gate=adain or
-/// residual, a disabled adapter) is an error naming it, and the model is
-/// left as it was. Layers merged already stay as they are.
+/// Which adapters the targeted layers sum, and at what strength, as
+/// diffusers' `set_adapters(names, adapter_weights)`: each named adapter is
+/// enabled with its scale, every other adapter of those layers is disabled.
+/// Each name must be an adapter of the model; a layer without some of them
+/// sums those it has. Checked before anything changes.
+///
+/// Example:
+/// ```
+/// styleinject::import_lora(*unet, "ink.safetensors",
+///     styleinject::ImportLoraOptions().adapter("ink"));
+/// styleinject::set_adapters(*unet, {{"default", 1.0}, {"ink", 0.6}});
+/// ```
+inline void set_adapters(
+    torch::nn::Module& model,
+    const std::vector<std::pair<std::string, double>>& scales,
+    const Targets& targets = Targets::all()) {
+  constexpr const char* context = "styleinject::set_adapters";
+  const auto present = adapter_names(model);
+  for (const auto& item : scales) {
+    TORCH_CHECK_VALUE(
+        std::find(present.begin(), present.end(), item.first) != present.end(),
+        context,
+        ": the model has no adapter '",
+        item.first,
+        "'; it has ",
+        detail::quoted_list(present));
+    TORCH_CHECK_VALUE(
+        std::isfinite(item.second),
+        context,
+        ": expected a finite scale for '",
+        item.first,
+        "', but got ",
+        item.second);
+  }
+  detail::for_each_target(
+      model, targets, "", context, [&](const std::string&, auto& layer) {
+        TORCH_CHECK(
+            !layer.is_merged(),
+            context,
+            ": a targeted layer has its adapters merged; unmerge_adapters() "
+            "first");
+      });
+  detail::for_each_target(
+      model, targets, "", context, [&](const std::string&, auto& layer) {
+        for (const auto& name : layer.adapter_names()) {
+          layer.set_enabled(false, name);
+        }
+        for (const auto& item : scales) {
+          if (layer.has_adapter(item.first)) {
+            layer.set_scale(item.second, item.first);
+            layer.set_enabled(true, item.first);
+          }
+        }
+      });
+}
+
+/// Removes the adapter `adapter` from every layer of `model` that has it,
+/// as diffusers' `delete_adapters`; the layers' other adapters stay. Layers
+/// with several adapters merged are refused, naming the first, before
+/// anything changes.
+inline void delete_adapter(
+    torch::nn::Module& model,
+    const std::string& adapter) {
+  constexpr const char* context = "styleinject::delete_adapter";
+  detail::for_each_target(
+      model,
+      Targets::all(),
+      adapter,
+      context,
+      [&](const std::string& name, auto& layer) {
+        TORCH_CHECK(
+            !layer.is_merged() || layer.adapter_names().size() == 1,
+            context,
+            ": layer '",
+            name,
+            "' has several adapters merged into its weight; "
+            "unmerge_adapters() first");
+      });
+  detail::for_each_target(
+      model,
+      Targets::all(),
+      adapter,
+      context,
+      [&](const std::string&, auto& layer) { layer.remove_adapter(adapter); });
+}
+
+/// Folds the enabled adapters of the targeted layers, whatever their names,
+/// into their base weights (see StyleInjectLayerImpl::merge), so that
+/// inference costs the base model alone. Every targeted layer is checked first:
+/// one that cannot merge (a router that reads the input, a per-instance style,
+/// gate=adain or residual, a disabled adapter) is an error naming it, and the
+/// model is left as it was. Layers merged already stay as they are.
 ///
 /// Example:
 /// ```
@@ -631,7 +824,7 @@ inline void merge_adapters(
     MergeOptions options = {}) {
   constexpr const char* context = "styleinject::merge_adapters";
   detail::for_each_target(
-      model, targets, context, [&](const std::string& name, auto& layer) {
+      model, targets, "", context, [&](const std::string& name, auto& layer) {
         const auto obstacle =
             layer.is_merged() ? std::string() : layer.merge_obstacle();
         TORCH_CHECK_VALUE(
@@ -644,7 +837,7 @@ inline void merge_adapters(
             "; nothing was merged");
       });
   detail::for_each_target(
-      model, targets, context, [&](const std::string&, auto& layer) {
+      model, targets, "", context, [&](const std::string&, auto& layer) {
         layer.merge(options);
       });
 }
@@ -657,6 +850,7 @@ inline void unmerge_adapters(
   detail::for_each_target(
       model,
       targets,
+      "",
       "styleinject::unmerge_adapters",
       [&](const std::string&, auto& layer) { layer.unmerge(); });
 }
@@ -667,11 +861,15 @@ inline std::ostream& operator<<(std::ostream& stream, const AdapterReport& r) {
   std::vector<std::vector<std::string>> rows{
       {"layer", "type", "shape", "rank", "branches", "alpha", "parameters"}};
   int64_t adapter = 0;
+  std::set<std::string> layers;
   for (const auto& layer : r.layers) {
     std::ostringstream alpha;
     alpha << layer.options.alpha().value_or(layer.options.rank());
+    layers.insert(layer.name);
     rows.push_back(
-        {layer.name.empty() ? "(the model)" : layer.name,
+        {(layer.name.empty() ? "(the model)" : layer.name) +
+             (layer.adapter == kDefaultAdapter ? ""
+                                               : " [" + layer.adapter + "]"),
          layer.type,
          layer.shape,
          std::to_string(layer.options.rank()),
@@ -701,7 +899,7 @@ inline std::ostream& operator<<(std::ostream& stream, const AdapterReport& r) {
       ? 100.0 * static_cast<double>(r.trainable_parameters) /
           static_cast<double>(r.total_parameters)
       : 0.0;
-  text << r.layers.size() << " adapted layers, " << detail::grouped(adapter)
+  text << layers.size() << " adapted layers, " << detail::grouped(adapter)
        << " adapter parameters; trainable "
        << detail::grouped(r.trainable_parameters) << " of "
        << detail::grouped(r.total_parameters) << " parameters (" << std::fixed

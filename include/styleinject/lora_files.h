@@ -77,6 +77,8 @@ struct ExportLoraOptions {
   /// computes `W0 x + b0 + c·B·(s·A) x`, not the layer's output. Without
   /// this, such an adapter is refused. Default: false
   TORCH_ARG(bool, drop_gate) = false;
+  /// Which of the layers' adapters to export. Default: "default"
+  TORCH_ARG(std::string, adapter) = kDefaultAdapter;
 };
 
 /// Options for import_lora.
@@ -98,6 +100,9 @@ struct ImportLoraOptions {
   /// dtype of the attached adapters (StyleInjectOptions::dtype), e.g.
   /// torch::kFloat on a bfloat16 base. Default: the base weight's
   TORCH_ARG(c10::optional<torch::Dtype>, dtype) = c10::nullopt;
+  /// The name the LoRA is attached under, e.g. "community" beside a
+  /// trained "default" (see set_adapters). Default: "default"
+  TORCH_ARG(std::string, adapter) = kDefaultAdapter;
 };
 
 /// One layer that import_lora attached.
@@ -150,9 +155,10 @@ template <typename Layer>
 PlainLora plain_lora(
     const std::string& name,
     const Layer& layer,
-    bool drop_gate,
+    const ExportLoraOptions& options,
     const std::string& context) {
-  const auto obstacle = layer.shared_style_obstacle();
+  const auto& adapter = options.adapter();
+  const auto obstacle = layer.shared_style_obstacle(adapter);
   TORCH_CHECK_VALUE(
       obstacle.empty(),
       context,
@@ -160,9 +166,10 @@ PlainLora plain_lora(
       name,
       "' as a LoRA: ",
       obstacle);
-  const auto gate = layer.adapter_options->gate();
+  const auto& adapter_options = layer.adapter_options_of(adapter);
+  const auto gate = adapter_options.gate();
   TORCH_CHECK_VALUE(
-      gate == GateMode::kOff || drop_gate,
+      gate == GateMode::kOff || options.drop_gate(),
       context,
       ": layer '",
       name,
@@ -171,16 +178,17 @@ PlainLora plain_lora(
       ", which a LoRA file cannot hold; ExportLoraOptions().drop_gate(true) "
       "exports its low-rank update alone, without the variance gate");
   torch::NoGradGuard no_grad;
-  const auto& a = layer.lora_A;
-  const auto s = layer.shared_style();
+  const auto tensors = layer.adapter_tensors(adapter);
+  const auto& a = tensors.lora_A;
+  const auto s = layer.shared_style(adapter);
   const auto dtype = at::promote_types(s.scalar_type(), a.scalar_type());
   const int64_t rank = a.size(1);
   return {
       name,
       mix_branches(s.to(dtype), a).to(a.scalar_type()),
-      layer.lora_B.detach(),
-      static_cast<double>(rank) * layer.adapter_options->scaling() *
-          layer.scale()};
+      tensors.lora_B.detach(),
+      static_cast<double>(rank) * adapter_options.scaling() *
+          layer.scale(adapter)};
 }
 
 /// The file's module name of layer `name`, as export_lora writes it.
@@ -345,14 +353,15 @@ inline void export_lora(
       "kDiffusers");
   std::vector<detail::PlainLora> loras;
   detail::for_each_adapted(model, [&](const std::string& name, auto& layer) {
-    loras.push_back(
-        detail::plain_lora(name, layer, options.drop_gate(), context));
+    if (layer.has_adapter(options.adapter())) {
+      loras.push_back(detail::plain_lora(name, layer, options, context));
+    }
   });
   TORCH_CHECK_VALUE(
       !loras.empty(),
       context,
-      ": the model has no adapters to export; attach them with "
-      "styleinject::inject() or styleinject::load_adapters()");
+      ": nothing to export: the model has ",
+      detail::missing_adapter(model, options.adapter()));
   std::vector<std::pair<std::string, torch::Tensor>> tensors;
   std::vector<std::string> config_names;
   for (const auto& lora : loras) {
@@ -609,8 +618,10 @@ inline LoraImport plan_lora_import(
       context,
       ": layer '",
       layer.name,
-      "' has an adapter already; remove_adapter() first (one adapter per "
-      "layer)");
+      "' has an adapter '",
+      options.adapter(),
+      "' already; import under another name (ImportLoraOptions().adapter()) "
+      "or remove_adapter() first");
   const int64_t rank = module.down.dim() >= 1 ? module.down.size(0) : 0;
   TORCH_CHECK_VALUE(
       rank >= 1 && alpha > 0.0 && std::isfinite(alpha),
@@ -651,6 +662,16 @@ inline LoraImport plan_lora_import(
       module.down.sizes(),
       " and ",
       module.up.sizes());
+  const auto obstacle = layer.attach_obstacle(adapter);
+  TORCH_CHECK_VALUE(
+      obstacle.empty(),
+      context,
+      ": layer '",
+      layer.name,
+      "' cannot take adapter '",
+      options.adapter(),
+      "': the layer ",
+      obstacle);
   return {&layer, name, adapter, module.down, module.up};
 }
 
@@ -667,14 +688,21 @@ inline LoraImport plan_lora_import(
 /// or "<layer>" (diffusers), "lora_unet_<layer with '.' as '_'>" and the
 /// other kohya prefixes; ImportLoraOptions::rename for any other. A key
 /// that fits no layer, a shape misfit, a missing alpha, or a layer that has
-/// an adapter already is an error naming the key and shapes, and the model
-/// is left as it was. As load_adapters does, the model's other parameters
-/// are frozen.
+/// an adapter of that name already is an error naming the key and shapes,
+/// and the model is left as it was. The LoRA is attached under
+/// ImportLoraOptions::adapter ("default" unless set), so that it can sit
+/// beside a trained adapter (see set_adapters). As load_adapters does, the
+/// model's other parameters, other adapters included, are frozen.
 ///
 /// Example:
 /// ```
 /// auto report = styleinject::import_lora(*unet, "community.safetensors");
 /// styleinject::set_scale(*unet, 0.8);
+///
+/// // Or beside a trained adapter, summed with it.
+/// styleinject::import_lora(*unet, "community.safetensors",
+///     styleinject::ImportLoraOptions().adapter("community"));
+/// styleinject::set_adapters(*unet, {{"default", 1.0}, {"community", 0.8}});
 /// ```
 inline ImportLoraReport import_lora(
     torch::nn::Module& model,
@@ -709,7 +737,8 @@ inline ImportLoraReport import_lora(
   report.metadata = file.metadata;
 
   // Each module of the file to the one layer it names.
-  const auto layers = detail::candidates(model);
+  detail::check_adapter_name(options.adapter(), context);
+  const auto layers = detail::candidates(model, options.adapter());
   std::map<std::string, const detail::Candidate*> by_module;
   for (const auto& layer : layers) {
     const auto renamed = options.rename().find(layer.name);
@@ -774,12 +803,15 @@ inline ImportLoraReport import_lora(
 
   // Everything fits: attach, then copy the values in.
   detail::AdapterLoadPlan load;
+  load.adapter = options.adapter();
   for (const auto& item : plan) {
     const auto& name = item.layer->name;
+    const auto& prefix = item.layer->prefix;
     load.attach.emplace_back(item.layer, item.options);
     load.values.emplace_back(
-        detail::qualified(name, "lora_A"), item.down.unsqueeze(0));
-    load.values.emplace_back(detail::qualified(name, "lora_B"), item.up);
+        detail::qualified(name, prefix + "lora_A"), item.down.unsqueeze(0));
+    load.values.emplace_back(
+        detail::qualified(name, prefix + "lora_B"), item.up);
     report.layers.push_back(
         {name, item.module, item.options.rank(), *item.options.alpha()});
   }

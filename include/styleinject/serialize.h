@@ -82,9 +82,11 @@ inline std::map<std::string, LayerRecord> parse_layer_records(
   return records;
 }
 
-/// What loading an adapter file changes: the layers that get an adapter
-/// first, then each parameter's new value, by qualified name.
+/// What loading an adapter file changes: the layers that get the adapter
+/// `adapter` first, then each parameter's new value, by its qualified name
+/// in the model.
 struct AdapterLoadPlan {
+  std::string adapter = kDefaultAdapter;
   std::vector<std::pair<const Candidate*, StyleInjectOptions>> attach;
   std::vector<std::pair<std::string, torch::Tensor>> values;
 };
@@ -99,7 +101,7 @@ inline void apply_adapter_load(
     layer.first->attach(layer.second);
   }
   if (!plan.attach.empty()) {
-    freeze_all_but_adapters(model);
+    freeze_all_but_adapter(model, plan.adapter);
   }
   auto parameters = model.named_parameters();
   torch::NoGradGuard no_grad;
@@ -108,18 +110,26 @@ inline void apply_adapter_load(
   }
 }
 
-/// The names and shapes of the tensors a file must hold for `model`: the
-/// adapters its records describe (checked against the model's layers), or,
-/// for a file without records, the adapters the model has.
-inline std::map<std::string, std::vector<int64_t>> expected_tensors(
+/// A tensor an adapter file must hold: its shape, and the model's
+/// parameter it goes to.
+struct ExpectedTensor {
+  std::vector<int64_t> shape;
+  std::string parameter;
+};
+
+/// The tensors a file must hold for `model`, by their names in the file:
+/// the adapters its records describe (checked against the model's layers),
+/// or, for a file without records, the adapters the model has.
+inline std::map<std::string, ExpectedTensor> expected_tensors(
     const std::vector<Candidate>& candidates,
     const std::map<std::string, LayerRecord>* records,
     AdapterLoadPlan& plan,
     const std::string& context) {
-  std::map<std::string, std::vector<int64_t>> expected;
+  std::map<std::string, ExpectedTensor> expected;
   const auto add = [&](const Candidate& layer, const StyleInjectOptions& o) {
     for (const auto& shape : layer.adapter_shapes(o)) {
-      expected[qualified(layer.name, shape.first)] = shape.second;
+      expected[qualified(layer.name, shape.first)] = {
+          shape.second, qualified(layer.name, layer.prefix + shape.first)};
     }
   };
   if (!records) {
@@ -178,6 +188,16 @@ inline std::map<std::string, std::vector<int64_t>> expected_tensors(
         to_json(record.second.type, options).dump(),
         " in the file");
     if (!layer.options) {
+      const auto obstacle = layer.attach_obstacle(options);
+      TORCH_CHECK(
+          obstacle.empty(),
+          context,
+          ": layer '",
+          record.first,
+          "' cannot take adapter '",
+          plan.adapter,
+          "': the layer ",
+          obstacle);
       plan.attach.emplace_back(&layer, options);
     }
     add(layer, options);
@@ -188,7 +208,9 @@ inline std::map<std::string, std::vector<int64_t>> expected_tensors(
         context,
         ": the model's layer '",
         candidate.name,
-        "' has an adapter, but the file has none for it");
+        "' has an adapter '",
+        plan.adapter,
+        "', but the file has none for it");
   }
   return expected;
 }
@@ -198,9 +220,11 @@ inline std::map<std::string, std::vector<int64_t>> expected_tensors(
 /// against the expected names, shapes and dtypes, one to one.
 inline AdapterLoadPlan plan_adapter_load(
     const std::vector<Candidate>& candidates,
+    const std::string& adapter,
     Safetensors contents,
     const std::string& context) {
   AdapterLoadPlan plan;
+  plan.adapter = adapter;
   const auto layers = contents.metadata.find(kLayersKey);
   std::map<std::string, LayerRecord> records;
   if (layers != contents.metadata.end()) {
@@ -211,6 +235,7 @@ inline AdapterLoadPlan plan_adapter_load(
       layers != contents.metadata.end() ? &records : nullptr,
       plan,
       context);
+  std::set<std::string> seen;
   for (auto& item : contents.tensors) {
     const auto shape = expected.find(item.first);
     TORCH_CHECK(
@@ -220,12 +245,12 @@ inline AdapterLoadPlan plan_adapter_load(
         item.first,
         "', which is not a parameter of the model's adapters");
     TORCH_CHECK(
-        item.second.sizes() == torch::IntArrayRef(shape->second),
+        item.second.sizes() == torch::IntArrayRef(shape->second.shape),
         context,
         ": expected '",
         item.first,
         "' of shape ",
-        torch::IntArrayRef(shape->second),
+        torch::IntArrayRef(shape->second.shape),
         ", but the file has ",
         item.second.sizes());
     TORCH_CHECK(
@@ -235,11 +260,8 @@ inline AdapterLoadPlan plan_adapter_load(
         item.first,
         "' of a floating-point dtype, but the file has ",
         item.second.scalar_type());
-    plan.values.push_back(std::move(item));
-  }
-  std::set<std::string> seen;
-  for (const auto& value : plan.values) {
-    seen.insert(value.first);
+    seen.insert(item.first);
+    plan.values.emplace_back(shape->second.parameter, std::move(item.second));
   }
   for (const auto& shape : expected) {
     TORCH_CHECK(
@@ -254,38 +276,45 @@ inline AdapterLoadPlan plan_adapter_load(
 
 } // namespace detail
 
-/// Saves the adapters of `model`, and nothing else, to a safetensors file at
-/// `path`: each adapter tensor under its qualified parameter name (e.g.
-/// "attn.to_q.lora_A"), in its own dtype, and in the file's `__metadata__`
-/// every adapted layer's type and options ("styleinject.layers", JSON) and
-/// the library version ("styleinject.version"). The write is atomic: if it
-/// fails, whatever was at `path` stays as it was.
+/// Saves the adapters of `model` named `adapter` ("default" unless given),
+/// and nothing else, to a safetensors file at `path`: each adapter tensor
+/// under its layer's qualified name and SPEC §5's name (e.g.
+/// "attn.to_q.lora_A", whatever the adapter's name), in its own dtype, and
+/// in the file's `__metadata__` every adapted layer's type and options
+/// ("styleinject.layers", JSON) and the library version
+/// ("styleinject.version"). So a file saved from one adapter loads into
+/// any other name. The write is atomic: if it fails, whatever was at
+/// `path` stays as it was.
 ///
 /// Example:
 /// ```
 /// styleinject::save_adapters(*unet, "style.safetensors");
+/// styleinject::save_adapters(*unet, "ink.safetensors", "ink");
 /// ```
 inline void save_adapters(
     const torch::nn::Module& model,
-    const std::string& path) {
+    const std::string& path,
+    const std::string& adapter = kDefaultAdapter) {
   const std::string context = "styleinject::save_adapters: '" + path + "'";
   std::vector<std::pair<std::string, torch::Tensor>> tensors;
   nlohmann::ordered_json layers = nlohmann::ordered_json::object();
   detail::for_each_adapted(model, [&](const std::string& name, auto& layer) {
     using Layer = std::decay_t<decltype(layer)>;
-    layers[name] = detail::to_json(Layer::Traits::type, *layer.adapter_options);
-    for (const auto& parameter : layer.named_parameters()) {
-      if (!detail::is_base_parameter(parameter.key())) {
-        tensors.emplace_back(
-            detail::qualified(name, parameter.key()), parameter.value());
-      }
+    if (!layer.has_adapter(adapter)) {
+      return;
+    }
+    layers[name] =
+        detail::to_json(Layer::Traits::type, layer.adapter_options_of(adapter));
+    for (const auto& parameter : layer.named_adapter_parameters(adapter)) {
+      tensors.emplace_back(
+          detail::qualified(name, parameter.first), parameter.second);
     }
   });
   TORCH_CHECK_VALUE(
       !tensors.empty(),
       context,
-      ": the model has no adapters to save; attach them with "
-      "styleinject::inject()");
+      ": nothing to save: the model has ",
+      detail::missing_adapter(model, adapter));
   const std::map<std::string, std::string> metadata{
       {"format", "styleinject"},
       {"styleinject.version", version},
@@ -293,10 +322,13 @@ inline void save_adapters(
   detail::safetensors::write(path, tensors, metadata, context);
 }
 
-/// Loads the adapters in the safetensors file at `path` into `model`. Where
-/// a layer of the file has no adapter in the model, one is attached with the
-/// file's options (the model's other parameters are then frozen, as
-/// `inject` does); where it has one, the two must compute the same: the
+/// Loads the adapters in the safetensors file at `path` into `model`, as
+/// its adapters named `adapter` ("default" unless given). Where a layer of
+/// the file has no such adapter in the model, one is attached with the
+/// file's options (the model's other parameters, other adapters included,
+/// are then frozen, as `inject` does); where it has one, the values are
+/// copied into it in place (a hot swap: optimizers and captured CUDA
+/// graphs keep their tensors), and the two must compute the same: the
 /// same rank, branches, router, gate, temperature and scale (alpha / r, or
 /// alpha / sqrt(r)), while dropout, the compute path and the dtype may
 /// differ. The file must hold every adapter the model has, and nothing
@@ -312,9 +344,14 @@ inline void save_adapters(
 /// UNet fresh;  // declares StyleInject layers, no adapters yet
 /// torch::load(fresh, "base.pt");
 /// styleinject::load_adapters(*fresh, "style.safetensors");
+/// styleinject::load_adapters(*fresh, "ink.safetensors", "ink"); // beside it
 /// ```
-inline void load_adapters(torch::nn::Module& model, const std::string& path) {
+inline void load_adapters(
+    torch::nn::Module& model,
+    const std::string& path,
+    const std::string& adapter = kDefaultAdapter) {
   const std::string context = "styleinject::load_adapters: '" + path + "'";
+  detail::check_adapter_name(adapter, context);
   detail::for_each_adapted(model, [&](const std::string& name, auto& layer) {
     TORCH_CHECK(
         !layer.is_merged(),
@@ -323,11 +360,12 @@ inline void load_adapters(torch::nn::Module& model, const std::string& path) {
         name,
         "' has its adapter merged into the weight; unmerge_adapters() first");
   });
-  const auto candidates = detail::candidates(model);
+  const auto candidates = detail::candidates(model, adapter);
   detail::apply_adapter_load(
       model,
       detail::plan_adapter_load(
           candidates,
+          adapter,
           detail::safetensors::read_mapped(path, context),
           context));
 }
