@@ -117,6 +117,110 @@ inline double reference_gate_factor(
   return std::tanh(p.scale * mixed);
 }
 
+/// A tensor in float64 on the CPU, for the references.
+inline torch::Tensor f64(const torch::Tensor& t) {
+  return t.defined() ? t.detach().to(torch::kCPU, torch::kDouble).contiguous()
+                     : t;
+}
+
+/// SPEC §1, naively: the style weights of instance i from its input
+/// pooled over the tokens (Linear) or H×W (Conv2d), (d_in).
+inline std::vector<double> reference_style(
+    const ReferenceLinear& p,
+    const std::vector<double>& pooled,
+    int64_t i) {
+  const auto R = f64(p.router_weight), c = f64(p.router_bias);
+  const auto style = f64(p.style);
+  const int64_t n = p.lora_A.size(0);
+  std::vector<double> s(n, 1.0 / n);
+  if (style.defined()) {
+    for (int64_t j = 0; j < n; ++j) {
+      s[j] = style.dim() == 1 ? style[j].item<double>()
+                              : style[i][j].item<double>();
+    }
+  } else if (R.defined()) {
+    std::vector<double> logits(n);
+    double largest = -INFINITY, total = 0.0;
+    for (int64_t j = 0; j < n; ++j) {
+      logits[j] = c[j].item<double>();
+      for (size_t k = 0; k < pooled.size(); ++k) {
+        logits[j] += R[j][static_cast<int64_t>(k)].item<double>() * pooled[k];
+      }
+      logits[j] /= p.temperature;
+      largest = std::max(largest, logits[j]);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      s[j] = std::exp(logits[j] - largest);
+      total += s[j];
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      s[j] /= total;
+    }
+  }
+  return s;
+}
+
+/// The mean of instance i of x (N, L, d_in) over its tokens, (d_in).
+inline std::vector<double> token_mean_of(const torch::Tensor& x, int64_t i) {
+  auto xa = x.accessor<double, 3>();
+  const int64_t L = x.size(1), d_in = x.size(2);
+  std::vector<double> pooled(d_in, 0.0);
+  for (int64_t t = 0; t < L; ++t) {
+    for (int64_t k = 0; k < d_in; ++k) {
+      pooled[k] += xa[i][t][k] / L;
+    }
+  }
+  return pooled;
+}
+
+/// SPEC §2, naively: the frozen path h0 = W0 x + b0 (with `base`) or the
+/// update dh = scale * scaling * B (sum_j s_j A_j x) of instance i, per
+/// channel and token: [d_out][L].
+inline std::vector<std::vector<double>> reference_term(
+    const ReferenceLinear& p,
+    const torch::Tensor& x,
+    int64_t i,
+    const std::vector<double>& s,
+    bool base) {
+  const auto W = f64(p.weight), b = f64(p.bias);
+  const auto A = f64(p.lora_A), B = f64(p.lora_B);
+  const int64_t L = x.size(1), d_in = x.size(2);
+  const int64_t d_out = W.size(0), n = A.size(0), r = A.size(1);
+  auto xa = x.accessor<double, 3>();
+  auto Wa = W.accessor<double, 2>();
+  auto Aa = A.accessor<double, 3>();
+  auto Ba = B.accessor<double, 2>();
+  std::vector<std::vector<double>> out(d_out, std::vector<double>(L));
+  for (int64_t t = 0; t < L; ++t) {
+    std::vector<double> z(r, 0.0);
+    for (int64_t j = 0; j < n && !base; ++j) {
+      for (int64_t q = 0; q < r; ++q) {
+        double a_x = 0.0;
+        for (int64_t k = 0; k < d_in; ++k) {
+          a_x += Aa[j][q][k] * xa[i][t][k];
+        }
+        z[q] += s[j] * a_x;
+      }
+    }
+    for (int64_t o = 0; o < d_out; ++o) {
+      double value = 0.0;
+      if (base) {
+        value = b.defined() ? b[o].item<double>() : 0.0;
+        for (int64_t k = 0; k < d_in; ++k) {
+          value += Wa[o][k] * xa[i][t][k];
+        }
+      } else {
+        for (int64_t q = 0; q < r; ++q) {
+          value += Ba[o][q] * z[q];
+        }
+        value *= p.scale * p.scaling;
+      }
+      out[o][t] = value;
+    }
+  }
+  return out;
+}
+
 /// SPEC §1-3 written out naively in float64: explicit loops over instances,
 /// tokens, branches and channels, explicit per-instance statistics.
 /// x: (N, L, d_in) -> (N, L, d_out); `has_tokens` false means x came as
@@ -125,83 +229,14 @@ inline torch::Tensor reference_forward(
     const ReferenceLinear& p,
     const torch::Tensor& x_in,
     bool has_tokens) {
-  const auto f64 = [](const torch::Tensor& t) {
-    return t.defined() ? t.detach().to(torch::kCPU, torch::kDouble).contiguous()
-                       : t;
-  };
-  const auto x = f64(x_in), W = f64(p.weight), b = f64(p.bias);
-  const auto A = f64(p.lora_A), B = f64(p.lora_B), G = f64(p.gate);
-  const auto R = f64(p.router_weight), c = f64(p.router_bias);
-  const auto style = f64(p.style);
-  const int64_t N = x.size(0), L = x.size(1), d_in = x.size(2);
-  const int64_t d_out = W.size(0), n = A.size(0), r = A.size(1);
-  auto xa = x.accessor<double, 3>();
-  auto Wa = W.accessor<double, 2>();
-  auto Aa = A.accessor<double, 3>();
-  auto Ba = B.accessor<double, 2>();
+  const auto x = f64(x_in), G = f64(p.gate);
+  const int64_t N = x.size(0), L = x.size(1), d_out = p.weight.size(0);
   auto out = torch::zeros({N, L, d_out}, torch::kDouble);
   auto oa = out.accessor<double, 3>();
   for (int64_t i = 0; i < N; ++i) {
-    // §1: style weights of instance i.
-    std::vector<double> s(n, 1.0 / n);
-    if (style.defined()) {
-      for (int64_t j = 0; j < n; ++j) {
-        s[j] = style.dim() == 1 ? style[j].item<double>()
-                                : style[i][j].item<double>();
-      }
-    } else if (R.defined()) {
-      std::vector<double> pooled(d_in, 0.0);
-      for (int64_t t = 0; t < L; ++t) {
-        for (int64_t k = 0; k < d_in; ++k) {
-          pooled[k] += xa[i][t][k] / L;
-        }
-      }
-      std::vector<double> logits(n);
-      double largest = -INFINITY, total = 0.0;
-      for (int64_t j = 0; j < n; ++j) {
-        logits[j] = c[j].item<double>();
-        for (int64_t k = 0; k < d_in; ++k) {
-          logits[j] += R[j][k].item<double>() * pooled[k];
-        }
-        logits[j] /= p.temperature;
-        largest = std::max(largest, logits[j]);
-      }
-      for (int64_t j = 0; j < n; ++j) {
-        s[j] = std::exp(logits[j] - largest);
-        total += s[j];
-      }
-      for (int64_t j = 0; j < n; ++j) {
-        s[j] /= total;
-      }
-    }
-    // §2: h0 = W0 x + b0 and dh = scale * scaling * B (sum_j s_j A_j x),
-    // per token, kept per channel for §3.
-    std::vector<std::vector<double>> h0(d_out, std::vector<double>(L));
-    auto dh = h0;
-    for (int64_t t = 0; t < L; ++t) {
-      std::vector<double> z(r, 0.0);
-      for (int64_t j = 0; j < n; ++j) {
-        for (int64_t q = 0; q < r; ++q) {
-          double a_x = 0.0;
-          for (int64_t k = 0; k < d_in; ++k) {
-            a_x += Aa[j][q][k] * xa[i][t][k];
-          }
-          z[q] += s[j] * a_x;
-        }
-      }
-      for (int64_t o = 0; o < d_out; ++o) {
-        double u = b.defined() ? b[o].item<double>() : 0.0;
-        for (int64_t k = 0; k < d_in; ++k) {
-          u += Wa[o][k] * xa[i][t][k];
-        }
-        double update = 0.0;
-        for (int64_t q = 0; q < r; ++q) {
-          update += Ba[o][q] * z[q];
-        }
-        h0[o][t] = u;
-        dh[o][t] = p.scale * p.scaling * update;
-      }
-    }
+    const auto s = reference_style(p, token_mean_of(x, i), i);
+    const auto h0 = reference_term(p, x, i, s, /*base=*/true);
+    const auto dh = reference_term(p, x, i, s, /*base=*/false);
     // §3: the gate, per channel over the tokens.
     for (int64_t o = 0; o < d_out; ++o) {
       const auto h = reference_gate(
@@ -211,6 +246,50 @@ inline torch::Tensor reference_forward(
           reference_gate_factor(p, G, s, o));
       for (int64_t t = 0; t < L; ++t) {
         oa[i][t][o] = h[t];
+      }
+    }
+  }
+  return out;
+}
+
+/// Several adapters on one base (the base from the first), naively: the
+/// updates summed onto h0, then each adapter's scale gate (SPEC §3) applied
+/// in turn to the result of the one before.
+/// x: (N, L, d_in) -> (N, L, d_out)
+inline torch::Tensor reference_sum_forward(
+    const std::vector<ReferenceLinear>& adapters,
+    const torch::Tensor& x_in,
+    bool has_tokens) {
+  const auto x = f64(x_in);
+  const auto& first = adapters.front();
+  const int64_t N = x.size(0), L = x.size(1), d_out = first.weight.size(0);
+  auto out = torch::zeros({N, L, d_out}, torch::kDouble);
+  auto oa = out.accessor<double, 3>();
+  for (int64_t i = 0; i < N; ++i) {
+    auto h = reference_term(first, x, i, {}, /*base=*/true);
+    std::vector<std::vector<double>> styles;
+    for (const auto& p : adapters) {
+      styles.push_back(reference_style(p, token_mean_of(x, i), i));
+      const auto dh = reference_term(p, x, i, styles.back(), /*base=*/false);
+      for (int64_t o = 0; o < d_out; ++o) {
+        for (int64_t t = 0; t < L; ++t) {
+          h[o][t] += dh[o][t];
+        }
+      }
+    }
+    for (size_t k = 0; k < adapters.size(); ++k) {
+      const auto& p = adapters[k];
+      for (int64_t o = 0; o < d_out; ++o) {
+        h[o] = reference_gate(
+            h[o],
+            std::vector<double>(L, 0.0),
+            reference_mode(p, has_tokens),
+            reference_gate_factor(p, f64(p.gate), styles[k], o));
+      }
+    }
+    for (int64_t o = 0; o < d_out; ++o) {
+      for (int64_t t = 0; t < L; ++t) {
+        oa[i][t][o] = h[o][t];
       }
     }
   }
@@ -254,24 +333,27 @@ void randomize_adapter(Layer& layer) {
   }
 }
 
-/// The reference's view of a module, with its run-time controls.
+/// The reference's view of a module's adapter `name`, at strength `scale`.
 template <typename Layer>
-ReferenceLinear reference_of(const Layer& layer, double scale = 1.0) {
+ReferenceLinear reference_of(
+    const Layer& layer,
+    double scale = 1.0,
+    const std::string& name = styleinject::kDefaultAdapter) {
+  const auto tensors = layer.adapter_tensors(name);
+  const auto& options = layer.adapter_options_of(name);
   ReferenceLinear p;
   p.weight = layer.weight;
   p.bias = layer.bias;
-  p.lora_A = layer.lora_A;
-  p.lora_B = layer.lora_B;
-  if (layer.router) {
-    p.router_weight = layer.router->weight;
-    p.router_bias = layer.router->bias;
-  }
-  p.gate = layer.gate;
-  p.style = layer.style();
-  p.scaling = layer.adapter_options->scaling();
+  p.lora_A = tensors.lora_A;
+  p.lora_B = tensors.lora_B;
+  p.router_weight = tensors.router_weight;
+  p.router_bias = tensors.router_bias;
+  p.gate = tensors.gate;
+  p.style = layer.style(name);
+  p.scaling = options.scaling();
   p.scale = scale;
-  p.temperature = layer.adapter_options->temperature();
-  p.gate_mode = layer.adapter_options->gate();
+  p.temperature = options.temperature();
+  p.gate_mode = options.gate();
   return p;
 }
 
@@ -358,14 +440,8 @@ inline torch::Tensor reference_conv2d_forward(
     const ReferenceLinear& p,
     const ConvGeometry& geometry,
     const torch::Tensor& x_in) {
-  const auto f64 = [](const torch::Tensor& t) {
-    return t.defined() ? t.detach().to(torch::kCPU, torch::kDouble).contiguous()
-                       : t;
-  };
   const auto x = f64(x_in), W = f64(p.weight), b = f64(p.bias);
   const auto A = f64(p.lora_A), B = f64(p.lora_B), G = f64(p.gate);
-  const auto R = f64(p.router_weight), c = f64(p.router_bias);
-  const auto style = f64(p.style);
   const int64_t N = x.size(0), C_in = x.size(1), H = x.size(2), Wd = x.size(3);
   const int64_t C_out = W.size(0), kH = W.size(2), kW = W.size(3);
   const int64_t n = A.size(0), r = A.size(1);
@@ -391,37 +467,15 @@ inline torch::Tensor reference_conv2d_forward(
   auto oa = out.accessor<double, 4>();
   for (int64_t i = 0; i < N; ++i) {
     // §1: style weights of instance i, from the spatial mean of x.
-    std::vector<double> s(n, 1.0 / n);
-    if (style.defined()) {
-      for (int64_t j = 0; j < n; ++j) {
-        s[j] = style.dim() == 1 ? style[j].item<double>()
-                                : style[i][j].item<double>();
-      }
-    } else if (R.defined()) {
-      std::vector<double> logits(n);
-      double largest = -INFINITY, total = 0.0;
-      for (int64_t j = 0; j < n; ++j) {
-        logits[j] = c[j].item<double>();
-        for (int64_t ch = 0; ch < C_in; ++ch) {
-          double pooled = 0.0;
-          for (int64_t y = 0; y < H; ++y) {
-            for (int64_t xo = 0; xo < Wd; ++xo) {
-              pooled += xa[i][ch][y][xo] / (H * Wd);
-            }
-          }
-          logits[j] += R[j][ch].item<double>() * pooled;
+    std::vector<double> pooled(C_in, 0.0);
+    for (int64_t ch = 0; ch < C_in; ++ch) {
+      for (int64_t y = 0; y < H; ++y) {
+        for (int64_t xo = 0; xo < Wd; ++xo) {
+          pooled[ch] += xa[i][ch][y][xo] / (H * Wd);
         }
-        logits[j] /= p.temperature;
-        largest = std::max(largest, logits[j]);
-      }
-      for (int64_t j = 0; j < n; ++j) {
-        s[j] = std::exp(logits[j] - largest);
-        total += s[j];
-      }
-      for (int64_t j = 0; j < n; ++j) {
-        s[j] /= total;
       }
     }
+    const auto s = reference_style(p, pooled, i);
     // §2: h0 = W0 * x + b0 and dh = scale * scaling * B (sum_j s_j A_j *
     // x), kept per channel over the positions for §3.
     std::vector<std::vector<double>> h0(C_out, std::vector<double>(Ho * Wo));

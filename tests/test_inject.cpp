@@ -260,8 +260,9 @@ TEST_CASE("inject refuses what it cannot do, and changes nothing", "[inject]") {
         error_of([&] {
           inject(*model, Targets::suffixes({"to_v", "attn.to_q"}), options);
         }) ==
-        "styleinject::inject: layer 'attn.to_q' has an adapter already; "
-        "inject each layer once (remove_adapter() takes one off)");
+        "styleinject::inject: layer 'attn.to_q' has an adapter already under "
+        "the name 'default'; inject each layer once per name "
+        "(remove_adapter() takes one off)");
     CHECK_FALSE(model->attn->to_v->has_adapter());
     CHECK(snapshot(*model).size() == adapted.size());
   }

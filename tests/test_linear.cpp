@@ -159,8 +159,9 @@ TEST_CASE(
     CHECK_FALSE(torch::allclose(declared(x), plain(x)));
     CHECK(
         error_of([&] { declared->add_adapter(StyleInjectOptions(2)); }) ==
-        "styleinject::StyleInjectLinear: the layer has an adapter already; "
-        "call remove_adapter() first");
+        "styleinject::StyleInjectLinear: add_adapter(\"default\"): the layer "
+        "has an adapter already under the name 'default'; "
+        "remove_adapter(\"default\") takes it off");
     declared->remove_adapter();
     CHECK_FALSE(declared->has_adapter());
     CHECK(

@@ -354,8 +354,9 @@ TEST_CASE(
   CHECK(
       error_of([&] { import_lora(*model, path); }) ==
       "styleinject::import_lora: '" + path +
-          "': layer 'attn.to_k' has an adapter already; remove_adapter() "
-          "first (one adapter per layer)");
+          "': layer 'attn.to_k' has an adapter 'default' already; import "
+          "under another name (ImportLoraOptions().adapter()) or "
+          "remove_adapter() first");
   for (const auto& p : snapshot(*model)) {
     CHECK(torch::equal(p.second, adapted.at(p.first)));
   }
@@ -389,8 +390,8 @@ TEST_CASE("export_lora refuses what it cannot write", "[lora-files]") {
       error_of(
           [&] { export_lora(*model, dir.path + "/x", LoraFormat::kKohya); }) ==
       "styleinject::export_lora: '" + dir.path +
-          "/x': the model has no adapters to export; attach them with "
-          "styleinject::inject() or styleinject::load_adapters()");
+          "/x': nothing to export: the model has no adapters; attach them "
+          "with styleinject::inject() or styleinject::load_adapters()");
   CHECK(
       error_of([&] {
         export_lora(*model, dir.path + "/x", LoraFormat::kDiffusers);
@@ -478,6 +479,19 @@ TEST_CASE(
     CAPTURE(output.first);
     CHECK(torch::allclose(
         output.second, peft_outputs.at(output.first), 1e-5, 1e-6));
+  }
+
+  // PEFT's second adapter beside the first, both weighted as PEFT has them.
+  import_lora(
+      *imported,
+      folder + "/peft_from_python/second",
+      ImportLoraOptions().adapter("second"));
+  styleinject::set_adapters(*imported, {{"default", 0.7}, {"second", -0.5}});
+  const auto two_outputs = tensors_of(folder + "/peft_two_outputs.safetensors");
+  for (const auto& output : peer_outputs(*imported, inputs)) {
+    CAPTURE(output.first);
+    CHECK(torch::allclose(
+        output.second, two_outputs.at(output.first), 1e-5, 1e-6));
   }
 
   // StyleInject adapters with one fixed style and the gate off, exported.

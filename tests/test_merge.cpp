@@ -261,8 +261,7 @@ TEST_CASE(
   layer->set_style(torch::tensor({1.f, 0.f}));
   layer->set_enabled(false);
   CHECK(
-      layer->merge_obstacle() ==
-      "the adapter is disabled (set_enabled(false))");
+      layer->merge_obstacle() == "no adapter is enabled (set_enabled(false))");
   layer->set_enabled(true);
 
   layer->merge();
@@ -274,13 +273,13 @@ TEST_CASE(
     CHECK(
         refused.second ==
         std::string("styleinject::StyleInjectLinear: ") + refused.first +
-            "() while the adapter is merged into the weight; unmerge() "
+            "() while the adapters are merged into the weight; unmerge() "
             "first");
   }
   std::stringstream stream;
   CHECK(
       error_of([&] { torch::save(layer, stream); }) ==
-      "styleinject::StyleInjectLinear: save() while the adapter is merged "
+      "styleinject::StyleInjectLinear: save() while the adapters are merged "
       "into the weight; unmerge() first");
   CHECK(
       error_of([&] { layer->remove_adapter(); }) ==

@@ -298,8 +298,8 @@ TEST_CASE(
     CHECK(
         error_of([&] { load_adapters(*fresh, path); }) ==
         context +
-            ": the model's layer 'attn.to_k' has an adapter, but the file has "
-            "none for it");
+            ": the model's layer 'attn.to_k' has an adapter 'default', but "
+            "the file has none for it");
     return;
   }
   SECTION(
@@ -531,8 +531,8 @@ TEST_CASE(
     CHECK(
         error_of([&] { save_adapters(*base_net(), path); }) ==
         "styleinject::save_adapters: '" + path +
-            "': the model has no adapters to save; attach them with "
-            "styleinject::inject()");
+            "': nothing to save: the model has no adapters; attach them with "
+            "styleinject::inject() or styleinject::load_adapters()");
     CHECK(read_bytes(path) == previous);
   }
 }

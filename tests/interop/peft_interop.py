@@ -16,6 +16,10 @@ its expected values with its own code:
    the same outputs; diffusers' own kohya conversion must read the kohya file
    into these layer names, and the LoRA formula on its tensors must give the
    same outputs again.
+3. PEFT adds a second LoRA, makes both active with weights 0.7 and -0.5 (as
+   diffusers' set_adapters does) and writes its outputs; C++ imports the
+   second beside the first under its own name, calls set_adapters with the
+   same weights, and must give the same outputs.
 """
 
 import os
@@ -27,6 +31,7 @@ from diffusers.loaders.lora_conversion_utils import (
     _convert_non_diffusers_lora_to_diffusers,
 )
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
 LINEAR_IN = "down_blocks.0.attentions.0.proj_in"
@@ -113,7 +118,25 @@ def main():
     save_file(
         outputs(peft_model.base_model.model, inputs),
         f"{folder}/peft_outputs.safetensors")
-    peft_model.save_pretrained(f"{folder}/peft_from_python")
+
+    # 3. A second PEFT adapter beside it, both active with their own
+    # weights as diffusers' set_adapters makes them; C++ imports both and
+    # sums them with set_adapters.
+    peft_model.add_adapter("second", LoraConfig(
+        r=3, lora_alpha=2, target_modules=LAYERS, rank_pattern={LINEAR_IN: 1}))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if ".second." in name:
+                parameter.copy_(torch.randn_like(parameter) * 0.5)
+    peft_model.save_pretrained(f"{folder}/peft_from_python")  # second/ too
+    for module in peft_model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.set_adapter(["default", "second"])
+            module.set_scale("default", 0.7)
+            module.set_scale("second", -0.5)
+    save_file(
+        outputs(peft_model.base_model.model, inputs),
+        f"{folder}/peft_two_outputs.safetensors")
     run(exe, "[interop-peft]", folder)
 
     # 2. C++'s export, into PEFT and through diffusers' kohya conversion.
