@@ -16,7 +16,8 @@
 // ratios with its interquartile range. Per layer: forward (no autograd);
 // forward + backward (base frozen, adapter trainable, input requiring grad
 // as inside a network); and for StyleInject, inference with a fixed style,
-// as it is and merged into the base weight.
+// as it is and merged into the base weight, and with a LoRA of rank r
+// beside the adapter ("two adapters", summed).
 // Memory, probed once per method with a counting allocator (CPU; CUDA's
 // caching allocator on CUDA) that is off while timing: what the forward
 // leaves allocated for backward besides its output ("kept MB", for a
@@ -344,7 +345,8 @@ using Forward = std::function<torch::Tensor(const torch::Tensor&)>;
 struct Runner {
   Forward forward;
   /// StyleInject's inference with a fixed style: as it is ("fixed style"),
-  /// and folded into the base weight ("merged"). Empty for the others.
+  /// and folded into the base weight ("merged"); and with a LoRA beside it
+  /// ("two adapters"). Empty for the others.
   std::vector<std::pair<std::string, Forward>> inference;
   std::vector<torch::Tensor> trainable;
   int64_t parameters = 0;
@@ -443,6 +445,18 @@ Runner library_layer(
           merge ? "merged" : "fixed style",
           [=](const torch::Tensor& x) mutable { return fixed(x); });
     }
+    // The adapter as trained (router on) with a LoRA of rank r beside it,
+    // summed: a trained style and a community LoRA at once.
+    Layer two(std::dynamic_pointer_cast<typename Layer::ContainedType>(
+        layer->clone()));
+    two->add_adapter(StyleInjectOptions::lora(kRank), "lora");
+    for (auto& p : two->adapter_parameters("lora")) {
+      torch::NoGradGuard no_grad;
+      p.normal_(0.0, 0.02);
+    }
+    runner.inference.emplace_back(
+        "two adapters",
+        [=](const torch::Tensor& x) mutable { return two(x); });
   }
   return runner;
 }
