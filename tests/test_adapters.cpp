@@ -338,6 +338,33 @@ TEST_CASE("checkpoints and clones carry every named adapter", "[adapters]") {
   CHECK(copy->scale("ink") == 0.5);
   CHECK(keys(*copy) == keys(*net->proj));
 
+  // A named adapter with a router of its own: cloned, saved and loaded.
+  StyleInjectLinear routed(6, 5);
+  routed->add_adapter(StyleInjectOptions(2).branches(2), "mix");
+  randomize_adapter(*routed);
+  auto routed_copy =
+      std::dynamic_pointer_cast<styleinject::StyleInjectLinearImpl>(
+          routed->clone());
+  CHECK(torch::equal(routed_copy->forward(tokens), routed(tokens)));
+  CHECK(
+      routed_copy->adapter_tensors("mix").router_weight.data_ptr() !=
+      routed->adapter_tensors("mix").router_weight.data_ptr());
+  std::stringstream routed_stream;
+  torch::save(routed, routed_stream);
+  StyleInjectLinear routed_fresh(6, 5);
+  torch::load(routed_fresh, routed_stream);
+  CHECK(
+      keys(*routed_fresh) ==
+      std::vector<std::string>{
+          "weight",
+          "bias",
+          "mix.lora_A",
+          "mix.lora_B",
+          "mix.gate",
+          "mix.router.weight",
+          "mix.router.bias"});
+  CHECK(torch::equal(routed_fresh(tokens), routed(tokens)));
+
   // A checkpoint whose named adapter has other options is refused whole.
   auto other = std::make_shared<Net>();
   styleinject::inject(
