@@ -242,9 +242,9 @@ TEST_CASE(
         layer->add_adapter(StyleInjectOptions(2).gate(GateMode::kAdain), "x");
       }) ==
       "styleinject::StyleInjectLinear: add_adapter(\"x\"): the layer would "
-      "have adapters 'default' and 'x', but 'x' has gate=adain, which takes "
-      "an adapter alone; several adapters need gate=scale or gate=off on "
-      "each");
+      "have adapters ['default', 'ink', 'x'], but 'x' has gate=adain, which "
+      "takes an adapter alone; several adapters need gate=scale or gate=off "
+      "on each");
   CHECK(layer->adapter_names().size() == 2);
 
   // Removing one leaves the other, and its forward.
@@ -375,6 +375,36 @@ TEST_CASE("checkpoints and clones carry every named adapter", "[adapters]") {
           .find("adapter 'ink': the layer's adapter has other options than the "
                 "checkpoint's") != std::string::npos);
   CHECK(other->proj->adapter_names() == std::vector<std::string>{"ink"});
+}
+
+TEST_CASE(
+    "a checkpoint whose adapters cannot sit together changes nothing",
+    "[adapters]") {
+  // Made by hand (the library never writes one): a first adapter with
+  // gate=adain and a named one beside it, for a layer that has neither.
+  StyleInjectLinear adain(
+      torch::nn::LinearOptions(6, 5),
+      StyleInjectOptions(2).gate(GateMode::kAdain));
+  StyleInjectLinear named(6, 5);
+  named->add_adapter(StyleInjectOptions::lora(2), "ink");
+  torch::serialize::OutputArchive archive, ink;
+  adain->save(archive);
+  named->named_children()["ink"]->save(ink);
+  archive.write("ink", ink);
+  std::stringstream stream;
+  archive.save_to(stream);
+  torch::serialize::InputArchive checkpoint;
+  checkpoint.load_from(stream);
+
+  StyleInjectLinear fresh(6, 5);
+  CHECK(
+      error_of([&] { fresh->load(checkpoint); }) ==
+      "styleinject::StyleInjectLinear: with the checkpoint, the layer would "
+      "have adapters ['default', 'ink'], but 'default' has gate=adain, "
+      "which takes an adapter alone; several adapters need gate=scale or "
+      "gate=off on each");
+  CHECK(fresh->adapter_names().empty());
+  CHECK(keys(*fresh) == std::vector<std::string>{"weight", "bias"});
 }
 
 TEST_CASE("adapter files save and load by name, in place", "[adapters]") {

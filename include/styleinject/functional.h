@@ -318,12 +318,6 @@ inline GateMode gate_mode(
       : options.gate();
 }
 
-/// Whether a gate mode takes no parameters but both the frozen path's
-/// output and the update (kAdain, kResidual).
-inline bool parameter_free(GateMode mode) {
-  return mode == GateMode::kAdain || mode == GateMode::kResidual;
-}
-
 /// SPEC §3b's parameter-free gates, composed by autograd, on the frozen
 /// path's output h0 and the update dh, with statistics over `token_dims` in
 /// float32 or wider; the output has h0's dtype. A variance is clamped away

@@ -301,20 +301,9 @@ class StyleInjectLayerImpl
     if (merged_) {
       return "has its adapters merged into the weight; unmerge() first";
     }
-    for (const auto& other : adapter_names()) {
-      for (const auto& item :
-           {std::make_pair(adapter.gate(), name),
-            std::make_pair(adapter_options_of(other).gate(), other)}) {
-        if (detail::parameter_free(item.first)) {
-          return "would have adapters '" + other + "' and '" + name +
-              "', but '" + item.second +
-              "' has gate=" + gate_mode_name(item.first) +
-              ", which takes an adapter alone; several adapters need "
-              "gate=scale or gate=off on each";
-        }
-      }
-    }
-    return {};
+    auto gates = adapter_gates();
+    gates.emplace_back(name, adapter.gate());
+    return detail::shared_layer_obstacle(gates);
   }
 
   /// Removes the adapter `name`, whatever parts it has (the base stays
@@ -346,10 +335,7 @@ class StyleInjectLayerImpl
     controls_.erase(name);
     if (name != kDefaultAdapter) {
       this->unregister_module(name);
-      named_.erase(std::find_if(
-          named_.begin(), named_.end(), [&](const NamedAdapter& named) {
-            return named.get() == &find(name);
-          }));
+      named_.erase(named_at(name));
       return;
     }
     for (const char* parameter : {"lora_A", "lora_B", "gate"}) {
@@ -390,6 +376,15 @@ class StyleInjectLayerImpl
   bool has_adapter() const {
     return !controls_.empty();
   }
+  /// The name and gate of each attached adapter, in adapter_names() order.
+  std::vector<std::pair<std::string, GateMode>> adapter_gates() const {
+    std::vector<std::pair<std::string, GateMode>> gates;
+    for (const auto& name : adapter_names()) {
+      gates.emplace_back(name, adapter_options_of(name).gate());
+    }
+    return gates;
+  }
+
   /// Whether the adapter `name` is attached.
   bool has_adapter(const std::string& name) const {
     return controls_.count(name) > 0;
@@ -854,11 +849,16 @@ class StyleInjectLayerImpl
             name, options, std::move(adapter), on));
   }
 
-  const detail::NamedAdapterImpl<Base>& find(const std::string& name) const {
-    const auto found = std::find_if(
+  typename std::vector<NamedAdapter>::const_iterator named_at(
+      const std::string& name) const {
+    return std::find_if(
         named_.begin(), named_.end(), [&](const NamedAdapter& named) {
           return named->name == name;
         });
+  }
+
+  const detail::NamedAdapterImpl<Base>& find(const std::string& name) const {
+    const auto found = named_at(name);
     TORCH_INTERNAL_ASSERT(found != named_.end(), "no adapter '", name, "'");
     return **found;
   }

@@ -203,6 +203,36 @@ inline std::string quoted_list(const std::vector<std::string>& names) {
   return text + "]";
 }
 
+/// Whether a gate mode takes no parameters but both the frozen path's
+/// output and the update (kAdain, kResidual).
+inline bool parameter_free(GateMode mode) {
+  return mode == GateMode::kAdain || mode == GateMode::kResidual;
+}
+
+/// Why adapters with these names and gates cannot sit on one layer
+/// together, completing "the layer ..."; empty if they can. A
+/// parameter-free gate reads the frozen output and its own update apart,
+/// so it takes an adapter alone.
+inline std::string shared_layer_obstacle(
+    const std::vector<std::pair<std::string, GateMode>>& adapters) {
+  if (adapters.size() < 2) {
+    return {};
+  }
+  std::vector<std::string> names;
+  for (const auto& adapter : adapters) {
+    names.push_back(adapter.first);
+  }
+  for (const auto& adapter : adapters) {
+    if (parameter_free(adapter.second)) {
+      return "would have adapters " + quoted_list(names) + ", but '" +
+          adapter.first + "' has gate=" + gate_mode_name(adapter.second) +
+          ", which takes an adapter alone; several adapters need gate=scale "
+          "or gate=off on each";
+    }
+  }
+  return {};
+}
+
 /// Refuses an adapter name that cannot be a child module of a layer: it
 /// must be made of letters, digits, '_' and '-', and must not be a name the
 /// layer uses itself. `context` names the caller in the message.

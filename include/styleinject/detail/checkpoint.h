@@ -199,6 +199,15 @@ CheckpointPlan plan_checkpoint_load(
       plan_adapter_checkpoint(layer, key, child, plan);
     }
   }
+  // The adapters the layer would have, checked together: attaching them
+  // one by one would stop half way.
+  auto gates = layer.adapter_gates();
+  for (const auto& adapter : plan.attach) {
+    gates.emplace_back(adapter.first, adapter.second.gate());
+  }
+  const auto obstacle = shared_layer_obstacle(gates);
+  TORCH_CHECK(
+      obstacle.empty(), name, ": with the checkpoint, the layer ", obstacle);
   return plan;
 }
 
