@@ -275,6 +275,25 @@ struct Candidate {
   std::function<void(const StyleInjectOptions&)> attach;
 };
 
+/// Refuses to attach the adapter `adapter` with `options` to `layer` where
+/// the layer cannot take it (Candidate::attach_obstacle), naming both.
+inline void check_attachable(
+    const Candidate& layer,
+    const StyleInjectOptions& options,
+    const std::string& adapter,
+    const std::string& context) {
+  const auto obstacle = layer.attach_obstacle(options);
+  TORCH_CHECK_VALUE(
+      obstacle.empty(),
+      context,
+      ": layer '",
+      layer.name,
+      "' cannot take adapter '",
+      adapter,
+      "': the layer ",
+      obstacle);
+}
+
 inline std::string qualified(
     const std::string& prefix,
     const std::string& key) {
@@ -612,8 +631,8 @@ inline AdapterReport inject(
         "off)");
     auto layer_options = targets.options_for(candidate.name, options);
     detail::check_options(layer_options, layer);
-    const auto obstacle = candidate.attach_obstacle(layer_options);
-    TORCH_CHECK(obstacle.empty(), layer, ": the layer ", obstacle);
+    detail::check_attachable(
+        candidate, layer_options, targets.adapter(), context);
     if (layer_options.rank() > candidate.in &&
         layer_options.rank() > candidate.out) {
       TORCH_WARN(

@@ -662,16 +662,7 @@ inline LoraImport plan_lora_import(
       module.down.sizes(),
       " and ",
       module.up.sizes());
-  const auto obstacle = layer.attach_obstacle(adapter);
-  TORCH_CHECK_VALUE(
-      obstacle.empty(),
-      context,
-      ": layer '",
-      layer.name,
-      "' cannot take adapter '",
-      options.adapter(),
-      "': the layer ",
-      obstacle);
+  check_attachable(layer, adapter, options.adapter(), context);
   return {&layer, name, adapter, module.down, module.up};
 }
 

@@ -188,16 +188,7 @@ inline std::map<std::string, ExpectedTensor> expected_tensors(
         to_json(record.second.type, options).dump(),
         " in the file");
     if (!layer.options) {
-      const auto obstacle = layer.attach_obstacle(options);
-      TORCH_CHECK(
-          obstacle.empty(),
-          context,
-          ": layer '",
-          record.first,
-          "' cannot take adapter '",
-          plan.adapter,
-          "': the layer ",
-          obstacle);
+      check_attachable(layer, options, plan.adapter, context);
       plan.attach.emplace_back(&layer, options);
     }
     add(layer, options);
