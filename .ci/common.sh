@@ -9,12 +9,14 @@ jobs=$(nproc)
 # Debian's packages: the compilers (clang for libFuzzer), CMake, LibTorch
 # 1.13 with OpenBLAS (Debian's LibTorch runs its GEMMs on whichever
 # libblas.so.3 is installed, and the reference one it gets otherwise is some
-# 40 times slower), nlohmann-json, fmt, Catch2 2, and venv for the PyPI
-# side; for the typeface example FreeType, fontconfig, libpng, CLI11, its
+# 40 times slower), nlohmann-json, fmt, Catch2 2, Gloo's headers (which
+# neither LibTorch ships; styleinject/distributed.h's CPU process groups
+# need them), and venv for the PyPI side; for the typeface example FreeType, fontconfig, libpng, CLI11, its
 # fonts and matplotlib (the experiments' plots).
 install_missing() {
   local wanted=(ca-certificates cmake g++ make clang libclang-rt-dev
     libtorch-dev libopenblas0-pthread nlohmann-json3-dev libfmt-dev catch2
+    libgloo-dev
     python3-venv libfreetype-dev libfontconfig-dev libpng-dev libcli11-dev
     fontconfig
     fonts-dejavu-core fonts-liberation fonts-freefont-ttf fonts-lobster

@@ -2,6 +2,7 @@
 // them into one program proves the headers define nothing twice (ODR).
 
 #include <styleinject/conv2d.h>
+#include <styleinject/distributed.h>
 #include <styleinject/detail/checkpoint.h>
 #include <styleinject/detail/json.h>
 #include <styleinject/safetensors.h>

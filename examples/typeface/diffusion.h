@@ -33,24 +33,33 @@ struct NoiseSchedule {
 };
 
 /// The DDPM loss: MSE between the true and the predicted v at random
-/// timesteps. images: (N, 1, S, S) in [-1, 1], ids: (N, L).
+/// timesteps, over rows [begin, end) of the batch (all by default). The
+/// timesteps and noise are drawn for every row, so that a process training
+/// on some rows draws what one process training on all would.
+/// images: (N, 1, S, S) in [-1, 1], ids: (N, L).
 inline torch::Tensor diffusion_loss(
     TextToImage& model,
     const NoiseSchedule& schedule,
     const torch::Tensor& images,
-    const torch::Tensor& ids) {
+    const torch::Tensor& ids,
+    int64_t begin = 0,
+    int64_t end = -1) {
   const auto n = images.size(0);
+  end = end < 0 ? n : end;
   // Drawn where the images are: no copy, and no wait, between host and
   // device.
   const auto t =
-      torch::randint(schedule.steps, {n}, images.options().dtype(torch::kLong));
-  const auto noise = torch::randn_like(images);
+      torch::randint(schedule.steps, {n}, images.options().dtype(torch::kLong))
+          .slice(0, begin, end);
+  const auto noise = torch::randn_like(images).slice(0, begin, end);
+  const auto x0 = images.slice(0, begin, end);
   const auto a = schedule.alpha_bar.to(images.device())
                      .index_select(0, t)
-                     .view({n, 1, 1, 1});
-  const auto noisy = a.sqrt() * images + (1 - a).sqrt() * noise;
-  const auto v = a.sqrt() * noise - (1 - a).sqrt() * images;
-  return torch::mse_loss(model(noisy, t, ids).to(torch::kFloat), v);
+                     .view({end - begin, 1, 1, 1});
+  const auto noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise;
+  const auto v = a.sqrt() * noise - (1 - a).sqrt() * x0;
+  return torch::mse_loss(
+      model(noisy, t, ids.slice(0, begin, end)).to(torch::kFloat), v);
 }
 
 /// Options of the sampler.

@@ -122,10 +122,10 @@ inline Judge load_or_train_judge(
     GlyphRenderer& renderer,
     const Runtime& runtime) {
   Judge judge;
-  const bool trained = fs::exists(dir / "judge.json");
+  const bool trained = exists_on_main(runtime, dir / "judge.json");
   if (trained) {
     members = read_json(dir / "judge.json").at("members");
-  } else {
+  } else if (runtime.is_main()) {
     fs::create_directories(dir);
   }
   for (int64_t i = 0; i < members; ++i) {
@@ -139,7 +139,11 @@ inline Judge load_or_train_judge(
       styleinject::load_weights(*classifier, file.string());
       classifier->to(runtime.device);
     } else {
+      // Every process trains it (the same seed, the same classifier), so
+      // that none waits on rank 0 for longer than the timeout.
       train_classifier(classifier, renderer, steps, i, runtime);
+    }
+    if (!trained && runtime.is_main()) {
       styleinject::save_weights(
           *classifier,
           file.string(),
@@ -159,7 +163,9 @@ inline Judge load_or_train_judge(
       {"steps", steps},
       {"held_out", judge_accuracy(judge, renderer, false, 7777)},
       {"held_out_moved", judge_accuracy(judge, renderer, true, 8888)}};
-  write_text(dir / "judge.json", judge.report.dump(2));
+  if (runtime.is_main()) {
+    write_text(dir / "judge.json", judge.report.dump(2));
+  }
   return judge;
 }
 
@@ -477,7 +483,8 @@ inline Run run_arm(
       {"base_prompts", options.base_prompts},
       {"guidance", options.sampler.guidance},
       {"adapter", styleinject::detail::options_to_json(arm.adapter)}};
-  if (fs::exists(scores_file) && fs::exists(images_file)) {
+  if (exists_on_main(runtime, scores_file) &&
+      exists_on_main(runtime, images_file)) {
     run.scores = read_json(scores_file);
     if (run.scores.value("settings", ordered_json()) != settings) {
       throw std::runtime_error(
@@ -517,11 +524,13 @@ inline Run run_arm(
   run.scores["settings"] = settings;
   run.scores["loss"] = curve;
   run.grid_row = images.slice(0, 0, static_cast<int64_t>(split.test.size()));
-  styleinject::save_safetensors(
-      images_file.string(),
-      {{"features", run.features}, {"grid_row", run.grid_row}});
-  write_text(scores_file, run.scores.dump());
-  fs::remove(dir / "optimizer.pt");
+  if (runtime.is_main()) {
+    styleinject::save_safetensors(
+        images_file.string(),
+        {{"features", run.features}, {"grid_row", run.grid_row}});
+    write_text(scores_file, run.scores.dump());
+    fs::remove(dir / "optimizer.pt");
+  }
   return run;
 }
 
@@ -545,7 +554,7 @@ inline double search_learning_rate(
     name << slug(arm.label) << "-lr" << lr;
     const auto dir = options.results / "lr-search" / name.str();
     double loss = 0;
-    if (fs::exists(dir / "validation.json")) {
+    if (exists_on_main(runtime, dir / "validation.json")) {
       loss = read_json(dir / "validation.json").at("loss");
     } else {
       auto tune = base_options;
@@ -554,9 +563,18 @@ inline double search_learning_rate(
       tune.seed = 1000;
       tune.checkpoint_every = tune.steps;
       auto model = finetune(tune, options.base_dir, dir, renderer, runtime);
-      loss = validation_loss(
-          model, renderer, font_index(tune.style), split.validation, runtime);
-      write_text(dir / "validation.json", ordered_json{{"loss", loss}}.dump());
+      loss = from_main(
+          runtime,
+          validation_loss(
+              model,
+              renderer,
+              font_index(tune.style),
+              split.validation,
+              runtime));
+      if (runtime.is_main()) {
+        write_text(
+            dir / "validation.json", ordered_json{{"loss", loss}}.dump());
+      }
     }
     record[std::to_string(lr)] = loss;
     if (best_loss < 0 || loss < best_loss) {
@@ -588,8 +606,10 @@ inline double seconds_per_step(
             .count());
   }
   std::sort(times.begin(), times.end());
-  fs::remove_all(options.results / "timing");
-  return times[1] / 10;
+  if (runtime.is_main()) {
+    fs::remove_all(options.results / "timing");
+  }
+  return from_main(runtime, times[1] / 10);
 }
 
 /// Renders of the test characters of a style with the training's jitter,
@@ -1059,17 +1079,19 @@ inline void run_experiment(
       // Measured once per results folder, so that a resumed experiment
       // gives this arm the steps it gave it before.
       const auto timing_file = options.results / "timing.json";
-      if (!fs::exists(timing_file)) {
-        write_text(
-            timing_file,
-            ordered_json{
-                {arms[0].label,
-                 seconds_per_step(arms[0], first, options, renderer, runtime)},
-                {arm.label,
-                 seconds_per_step(arm, first, options, renderer, runtime)}}
-                .dump(2));
+      ordered_json timing;
+      if (exists_on_main(runtime, timing_file)) {
+        timing = read_json(timing_file);
+      } else {
+        timing = {
+            {arms[0].label,
+             seconds_per_step(arms[0], first, options, renderer, runtime)},
+            {arm.label,
+             seconds_per_step(arm, first, options, renderer, runtime)}};
+        if (runtime.is_main()) {
+          write_text(timing_file, timing.dump(2));
+        }
       }
-      const auto timing = read_json(timing_file);
       arm.steps_factor = std::max(
           1.0,
           timing.at(arms[0].label).get<double>() /
@@ -1096,23 +1118,24 @@ inline void run_experiment(
   // The base model itself: on its own fonts' prompts (where retention
   // starts from) and on the first style's test characters.
   const auto base_file = options.results / "base-model.json";
-  if (!fs::exists(base_file)) {
+  if (exists_on_main(runtime, base_file)) {
+    report["base_model"] = read_json(base_file);
+  } else {
     auto model = load_base(options.base_dir, runtime.device);
     torch::Tensor images, features;
-    write_text(
-        base_file,
-        judge_model(
-            model,
-            judge,
-            font_index(styles[0]),
-            first_split.test,
-            options,
-            runtime,
-            images,
-            features)
-            .dump());
+    report["base_model"] = judge_model(
+        model,
+        judge,
+        font_index(styles[0]),
+        first_split.test,
+        options,
+        runtime,
+        images,
+        features);
+    if (runtime.is_main()) {
+      write_text(base_file, report["base_model"].dump());
+    }
   }
-  report["base_model"] = read_json(base_file);
 
   // Every (shots, style, seed, arm).
   Runs runs(options.shots.size());
@@ -1130,9 +1153,11 @@ inline void run_experiment(
           const auto dir = options.results / "runs" /
               (slug(style) + "-k" + std::to_string(tune.shots)) /
               (slug(arms[a].label) + "-seed" + std::to_string(tune.seed));
-          std::cerr << "[" << fixed(elapsed(), 0) << " s] " << style
-                    << ", K=" << tune.shots << ", seed " << tune.seed << ": "
-                    << arms[a].label << "\n";
+          if (runtime.is_main()) {
+            std::cerr << "[" << fixed(elapsed(), 0) << " s] " << style
+                      << ", K=" << tune.shots << ", seed " << tune.seed << ": "
+                      << arms[a].label << "\n";
+          }
           runs[k].back()[a].push_back(run_arm(
               arms[a], tune, split, judge, options, renderer, runtime, dir));
         }
@@ -1140,6 +1165,9 @@ inline void run_experiment(
     }
   }
   report["run_seconds"] = elapsed();
+  if (!runtime.is_main()) {
+    return; // rank 0 writes the report
+  }
   write_experiment_report(
       Finished{options, styles, arms, runs}, judge, renderer, report);
   make_plots(options.results);

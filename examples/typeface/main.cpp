@@ -9,6 +9,9 @@
 //   typeface judge                    # the judge's classifiers
 //   typeface experiment --setting few-shot [--quick]   # results/few-shot/
 //   typeface demo                     # a small few-shot run, results/demo/
+//
+// finetune and experiment also run data-parallel on several processes:
+//   torchrun --nproc-per-node 2 --no-python typeface finetune --out runs/si
 
 #include "experiment.h"
 
@@ -62,6 +65,24 @@ Runtime runtime_of(const std::string& device, const std::string& dtype) {
   return runtime;
 }
 
+/// Joins the processes that torchrun (or RANK, WORLD_SIZE, MASTER_ADDR and
+/// MASTER_PORT set by hand) started: each on its own GPU (LOCAL_RANK) with
+/// CUDA; only rank 0 draws progress bars. One process: nothing to join.
+void join_processes(Runtime& runtime, double timeout_seconds) {
+  namespace dist = styleinject::distributed;
+  const auto env = dist::Environment::from_env();
+  if (runtime.device.is_cuda()) {
+    runtime.device = torch::Device(
+        torch::kCUDA, static_cast<c10::DeviceIndex>(env.local_rank));
+  }
+  runtime.group = std::make_shared<dist::ProcessGroup>(
+      env,
+      runtime.device,
+      dist::ProcessGroupOptions().timeout(std::chrono::milliseconds(
+          static_cast<int64_t>(timeout_seconds * 1000))));
+  progress_drawn() = runtime.is_main();
+}
+
 } // namespace
 
 int main(int argc, char** argv) {
@@ -76,6 +97,18 @@ int main(int argc, char** argv) {
   std::string model_size = "small";
   uint64_t seed = 0;
   std::vector<std::string> font_files;
+  double timeout = 300;
+  // The commands that run on several processes.
+  const auto parallel = [&](CLI::App* command) {
+    command
+        ->add_option(
+            "--timeout",
+            timeout,
+            "seconds a process waits for the others (several processes) "
+            "before it stops with an error")
+        ->check(CLI::PositiveNumber)
+        ->capture_default_str();
+  };
   const auto shared = [&](CLI::App* command) {
     command->add_option("--device", device, "cpu or cuda")
         ->check(CLI::IsMember({"cpu", "cuda"}))
@@ -180,6 +213,7 @@ int main(int argc, char** argv) {
   auto* finetune_cmd = app.add_subcommand(
       "finetune", "fine-tune an adapter on a few characters of a new style");
   shared(finetune_cmd);
+  parallel(finetune_cmd);
   finetune_cmd->add_option("--method", tune.method)
       ->check(CLI::IsMember({"styleinject", "lora"}))
       ->capture_default_str();
@@ -333,6 +367,7 @@ int main(int argc, char** argv) {
       "StyleInject against LoRA (few-shot) or its own variants (ablation), "
       "with seeds, several images per prompt and paired 95 % intervals");
   shared(experiment_cmd);
+  parallel(experiment_cmd);
   experiment_cmd->add_option("--setting", experiment.setting)
       ->check(CLI::IsMember({"few-shot", "ablation"}))
       ->capture_default_str();
@@ -391,7 +426,16 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   try {
-    const auto runtime = runtime_of(device, dtype);
+    auto runtime = runtime_of(device, dtype);
+    if (*finetune_cmd || *experiment_cmd) {
+      join_processes(runtime, timeout);
+    } else if (
+        styleinject::distributed::Environment::from_env().world_size > 1) {
+      throw std::invalid_argument(
+          "only finetune and experiment run on several processes; start " +
+          std::string(app.get_subcommands()[0]->get_name()) +
+          " as one (WORLD_SIZE is " + std::getenv("WORLD_SIZE") + ")");
+    }
     torch::manual_seed(seed);
     const auto model_config = config();
     // The shipped base model and judge (assets/) unless told otherwise;
@@ -418,9 +462,11 @@ int main(int argc, char** argv) {
       GlyphRenderer renderer(
           {font_index(tune.style)}, model_config.image_size, font_paths());
       finetune(tune, base, run_dir, renderer, runtime);
-      std::cout << "adapters saved in "
-                << (fs::path(run_dir) / "adapters.safetensors").string()
-                << "\n";
+      if (runtime.is_main()) {
+        std::cout << "adapters saved in "
+                  << (fs::path(run_dir) / "adapters.safetensors").string()
+                  << "\n";
+      }
     } else if (*sample_cmd) {
       const Tokenizer tokenizer;
       const auto ids = tokenizer.encode(prompts).to(runtime.device);

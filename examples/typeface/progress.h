@@ -12,6 +12,13 @@
 
 namespace typeface {
 
+/// Whether progress bars are drawn: where torchrun starts several
+/// processes, only rank 0 draws them.
+inline bool& progress_drawn() {
+  static bool drawn = true;
+  return drawn;
+}
+
 /// A progress bar on stderr with the step, ETA and the running loss; on a
 /// terminal it redraws one line, elsewhere (logs, CI) it prints a line at each
 /// tenth of the loop, at most every 30 s, and the last.
@@ -38,6 +45,9 @@ class Progress {
             std::max<int64_t>(1, (total_ - start_step_) / 10) ==
         0;
     const auto since_draw = now - last_draw_;
+    if (!progress_drawn()) {
+      return;
+    }
     if (last || (tty_ && since_draw > std::chrono::milliseconds(200)) ||
         (!tty_ && tenth && since_draw > std::chrono::seconds(30))) {
       draw(now, last);

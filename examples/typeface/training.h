@@ -8,6 +8,7 @@
 #include "model.h"
 #include "progress.h"
 
+#include <styleinject/distributed.h>
 #include <styleinject/styleinject.h>
 
 #include <torch/torch.h>
@@ -33,11 +34,47 @@ using nlohmann::ordered_json;
 // ---------------------------------------------------------------- runtime
 
 /// Where and in which precision the model runs: float32, or bfloat16
-/// through autocast (the weights stay float32).
+/// through autocast (the weights stay float32); and with which other
+/// processes it trains (one alone unless torchrun started several).
 struct Runtime {
   torch::Device device = torch::kCPU;
   bool bfloat16 = false;
+  std::shared_ptr<styleinject::distributed::ProcessGroup> group =
+      std::make_shared<styleinject::distributed::ProcessGroup>();
+
+  /// Rank 0: the process that writes files and prints progress.
+  bool is_main() const {
+    return group->is_main();
+  }
 };
+
+/// Rank 0's `value` on every rank: what rank 0 decides (a file it found, a
+/// time it measured), every rank follows, so that all run the same steps.
+inline double from_main(const Runtime& runtime, double value) {
+  auto t = torch::tensor({value}, torch::kDouble).to(runtime.group->device());
+  runtime.group->broadcast(t, "a decision of rank 0", 0);
+  return t.item<double>();
+}
+
+/// Whether rank 0 sees `path`, on every rank.
+inline bool exists_on_main(const Runtime& runtime, const fs::path& path) {
+  return from_main(runtime, fs::exists(path) ? 1 : 0) != 0;
+}
+
+/// The rows [begin, end) of a batch of `n` that this process trains on:
+/// its share of the batch, in rank order.
+struct Rows {
+  int64_t begin, end;
+};
+inline Rows rows_of(const Runtime& runtime, int64_t n) {
+  const auto ranks = runtime.group->size(), rank = runtime.group->rank();
+  if (n < ranks) {
+    throw std::invalid_argument(
+        "--batch " + std::to_string(n) + " cannot be split across " +
+        std::to_string(ranks) + " processes; use at least one row each");
+  }
+  return {n * rank / ranks, n * (rank + 1) / ranks};
+}
 
 /// Turns autocast to bfloat16 on for the runtime's device while it lives
 /// (the call differs between LibTorch 1.13 and 2.x).
@@ -237,14 +274,18 @@ inline torch::Tensor on_device(const torch::Tensor& t, const Runtime& runtime) {
   return t.pin_memory().to(runtime.device, /*non_blocking=*/true);
 }
 
-/// One optimizer step on the diffusion loss of a batch. Returns the loss,
-/// still on the device.
+/// One optimizer step on the diffusion loss of a batch, of which this
+/// process trains on its rows (rows_of); the gradients are then averaged
+/// across the processes. Returns this process's share of the batch's loss,
+/// still on the device: their mean over the processes is the batch's loss.
 inline torch::Tensor diffusion_step(
     TextToImage& model,
     const NoiseSchedule& schedule,
     const Batch& batch,
     torch::optim::Optimizer& optimizer,
     const Runtime& runtime) {
+  const auto n = batch.images.size(0);
+  const auto rows = rows_of(runtime, n);
   optimizer.zero_grad();
   torch::Tensor loss;
   {
@@ -253,20 +294,38 @@ inline torch::Tensor diffusion_step(
         model,
         schedule,
         on_device(batch.images, runtime) * 2 - 1,
-        on_device(batch.ids, runtime));
+        on_device(batch.ids, runtime),
+        rows.begin,
+        rows.end);
+  }
+  if (rows.end - rows.begin != n) {
+    // Weighted by the rows' share, so that the mean over the processes of
+    // these losses (and of their gradients) is the whole batch's, also
+    // where the processes hold unequal numbers of rows.
+    loss = loss *
+        (static_cast<double>((rows.end - rows.begin) * runtime.group->size()) /
+         n);
   }
   loss.backward();
+  for (const auto& group : optimizer.param_groups()) {
+    styleinject::distributed::average_gradients(*runtime.group, group.params());
+  }
   optimizer.step();
   return loss.detach();
 }
 
 /// The loss for the progress bar, read back every tenth step and at the
-/// last only: each read makes the host wait for the device. -1: not read.
+/// last only: each read makes the host wait for the device (and, with
+/// several processes, is one small all-reduce). -1: not read.
 inline double shown_loss(
+    const Runtime& runtime,
     const torch::Tensor& loss,
     int64_t step,
     int64_t steps) {
-  return step % 10 == 0 || step == steps ? loss.item<double>() : -1.0;
+  if (step % 10 != 0 && step != steps) {
+    return -1.0;
+  }
+  return styleinject::distributed::average(*runtime.group, loss).item<double>();
 }
 
 struct PretrainOptions {
@@ -443,7 +502,7 @@ inline void pretrain(
       torch::_foreach_add_(averaged, weights, 1 - decay);
     }
     ++step;
-    progress.step(shown_loss(loss, step, options.steps));
+    progress.step(shown_loss(runtime, loss, step, options.steps));
     if (step % options.checkpoint_every == 0 || step == options.steps) {
       save();
     }
@@ -537,16 +596,20 @@ inline TextToImage finetune(
   auto model = load_base(base_dir, runtime.device);
   const auto report =
       styleinject::inject(*model, styleinject::Targets::all(), adapter);
-  std::cerr << options.method << ": adapters on " << report.layers.size()
-            << " layers, " << report.trainable_parameters
-            << " trainable parameters (the base model has "
-            << report.total_parameters - report.trainable_parameters << ")\n";
+  if (runtime.is_main()) {
+    std::cerr << options.method << ": adapters on " << report.layers.size()
+              << " layers, " << report.trainable_parameters
+              << " trainable parameters (the base model has "
+              << report.total_parameters - report.trainable_parameters << ")\n";
+  }
   const auto parameters = styleinject::adapter_parameters(*model);
   torch::optim::AdamW optimizer(
       parameters, torch::optim::AdamWOptions(options.lr).weight_decay(0));
   int64_t step = 0;
   const auto state_file = dir / "state.json";
   if (options.resume) {
+    // Every process reads the checkpoint: --out must be one folder that
+    // they all see (one machine, or a shared file system).
     if (!fs::exists(state_file)) {
       throw std::runtime_error(
           "--resume: no fine-tune checkpoint in " + dir.string());
@@ -555,9 +618,19 @@ inline TextToImage finetune(
     torch::load(optimizer, (dir / "optimizer.pt").string(), runtime.device);
     step = read_json(state_file).at("step");
   }
+  // All processes start from rank 0's adapter (and step).
+  styleinject::distributed::broadcast_parameters(*runtime.group, parameters);
+  if (static_cast<int64_t>(from_main(runtime, static_cast<double>(step))) !=
+      step) {
+    throw std::runtime_error(
+        "--resume: this process read step " + std::to_string(step) + " from " +
+        state_file.string() + ", rank 0 another");
+  }
   const auto shots = shot_characters(options.shots);
-  fs::create_directories(dir);
   const auto save = [&] {
+    if (!runtime.is_main()) {
+      return;
+    }
     styleinject::save_adapters(*model, (dir / "adapters.safetensors").string());
     save_atomically(optimizer, dir / "optimizer.pt");
     write_text(
@@ -574,19 +647,35 @@ inline TextToImage finetune(
             {"seed", options.seed}}
             .dump(2));
   };
+  if (runtime.is_main()) {
+    fs::create_directories(dir);
+  }
+  // Every process draws the whole batch from one stream and trains on its
+  // rows of it (diffusion_step): the processes see distinct rows, and
+  // together the batch that one process would.
   std::mt19937_64 rng(options.seed * 1000003 + step + 17);
   torch::manual_seed(options.seed * 1000003 + step + 17);
   Progress progress("finetune " + options.method, options.steps, step);
   const NoiseSchedule schedule(1000, runtime.device);
   model->train();
   const std::vector<int64_t> fonts = {style};
+  if (runtime.group->size() > 1) {
+    const auto rows = rows_of(runtime, options.batch);
+    std::cerr << "rank " << runtime.group->rank() << " of "
+              << runtime.group->size() << " trains on rows " << rows.begin
+              << "-" << rows.end - 1 << " of each batch of " << options.batch
+              << "\n";
+  }
+  const auto first = step;
+  const auto bytes = runtime.group->bytes_communicated();
+  const auto communicating = runtime.group->seconds_communicating();
   while (step < options.steps) {
     const auto batch =
         draw_batch(renderer, tokenizer, fonts, shots, options.batch, rng, 0.1);
     const auto loss =
         diffusion_step(model, schedule, batch, optimizer, runtime);
     ++step;
-    const double shown = shown_loss(loss, step, options.steps);
+    const double shown = shown_loss(runtime, loss, step, options.steps);
     progress.step(shown);
     if (curve != nullptr && shown >= 0) {
       curve->emplace_back(step, shown);
@@ -594,6 +683,17 @@ inline TextToImage finetune(
     if (step % options.checkpoint_every == 0 || step == options.steps) {
       save();
     }
+  }
+  if (runtime.group->size() > 1 && runtime.is_main() && step > first) {
+    const auto steps = static_cast<double>(step - first);
+    std::cerr << "data-parallel over " << runtime.group->size()
+              << " processes: "
+              << (runtime.group->bytes_communicated() - bytes) / steps
+              << " bytes communicated per step; communication took "
+              << 100 *
+            (runtime.group->seconds_communicating() - communicating) /
+            progress.seconds()
+              << " % of the " << progress.seconds() / steps << " s per step\n";
   }
   return model;
 }
