@@ -157,6 +157,74 @@ TEST_CASE("the model's shapes", "[typeface]") {
   }
 }
 
+TEST_CASE(
+    "a batch split into rows gives the whole batch's loss and gradient",
+    "[typeface]") {
+  // What a data-parallel step relies on: the ranks' losses over their rows,
+  // each weighted by its share, average to the whole batch's; and so do
+  // their gradients (the all-reduce's part is tests/test_distributed.cpp).
+  const auto config = tiny_config();
+  GlyphRenderer renderer(base_fonts(), config.image_size);
+  std::mt19937_64 rng(5);
+  const auto batch =
+      draw_batch(renderer, Tokenizer(), base_fonts(), characters(), 8, rng);
+  const auto images = batch.images * 2 - 1;
+  torch::manual_seed(0);
+  TextToImage model(config);
+  styleinject::inject(
+      *model, styleinject::Targets::all(), styleinject::StyleInjectOptions(2));
+  const auto parameters = styleinject::adapter_parameters(*model);
+  {
+    torch::NoGradGuard no_grad; // B = 0 at init: give every part a gradient
+    for (const auto& p : parameters) {
+      p.add_(torch::randn_like(p) * 0.05);
+    }
+  }
+  // Loss and gradients (float64) over rows [begin, end), weighted by the
+  // rows' share of the batch as diffusion_step weights them.
+  const auto loss_and_gradients = [&](int64_t begin, int64_t end) {
+    torch::manual_seed(11); // the same timesteps and noise for every split
+    for (const auto& p : parameters) {
+      p.mutable_grad() = torch::Tensor();
+    }
+    const auto loss =
+        diffusion_loss(model, NoiseSchedule(), images, batch.ids, begin, end) *
+        (end - begin) / 8.0;
+    loss.backward();
+    std::vector<torch::Tensor> gradients{loss.detach().to(torch::kDouble)};
+    for (const auto& p : parameters) {
+      gradients.push_back(
+          p.grad().defined() ? p.grad().to(torch::kDouble)
+                             : torch::zeros_like(p, torch::kDouble));
+    }
+    return gradients;
+  };
+  const auto whole = loss_and_gradients(0, 8);
+  // Three ranks' rows as rows_of gives them: 0-1, 2-4, 5-7.
+  const std::vector<std::pair<int64_t, int64_t>> rows = {
+      {0, 2}, {2, 5}, {5, 8}};
+  std::vector<torch::Tensor> sum;
+  for (const auto& [begin, end] : rows) {
+    const auto part = loss_and_gradients(begin, end);
+    for (size_t i = 0; i < part.size(); ++i) {
+      if (sum.size() <= i) {
+        sum.push_back(part[i]);
+      } else {
+        sum[i] = sum[i] + part[i];
+      }
+    }
+  }
+  double largest = 0;
+  for (const auto& g : whole) {
+    largest = std::max(largest, g.abs().max().item<double>());
+  }
+  REQUIRE(largest > 0);
+  for (size_t i = 0; i < whole.size(); ++i) {
+    INFO(i);
+    CHECK(torch::allclose(sum[i], whole[i], 0, 1e-5 * largest));
+  }
+}
+
 TEST_CASE("one training step lowers the loss on a fixed batch", "[typeface]") {
   const auto config = tiny_config();
   GlyphRenderer renderer(base_fonts(), config.image_size);

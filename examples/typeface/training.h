@@ -684,16 +684,21 @@ inline TextToImage finetune(
       save();
     }
   }
-  if (runtime.group->size() > 1 && runtime.is_main() && step > first) {
+  if (runtime.is_main() && step > first) {
     const auto steps = static_cast<double>(step - first);
-    std::cerr << "data-parallel over " << runtime.group->size()
-              << " processes: "
-              << (runtime.group->bytes_communicated() - bytes) / steps
-              << " bytes communicated per step; communication took "
-              << 100 *
-            (runtime.group->seconds_communicating() - communicating) /
-            progress.seconds()
-              << " % of the " << progress.seconds() / steps << " s per step\n";
+    std::cerr << "finetune: " << progress.seconds() / steps << " s per step";
+    if (runtime.group->size() > 1) {
+      std::cerr << "; data-parallel over " << runtime.group->size()
+                << " processes: "
+                << std::llround(
+                       (runtime.group->bytes_communicated() - bytes) / steps)
+                << " bytes communicated per step, in "
+                << 100 *
+              (runtime.group->seconds_communicating() - communicating) /
+              progress.seconds()
+                << " % of the time";
+    }
+    std::cerr << "\n";
   }
   return model;
 }

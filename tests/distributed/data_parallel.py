@@ -12,7 +12,9 @@ Checks:
   error within the timeout, no temporary file is left, and the last
   checkpoint resumes;
 - a WORLD_SIZE mismatch, an unreachable master and a command that does not
-  run on several processes are clear errors.
+  run on several processes are clear errors;
+- the experiment's quick mode runs on two processes, and a second run
+  reuses every run that rank 0 finds on disk.
 """
 
 import json
@@ -236,7 +238,24 @@ for name in ("mismatch", "nomaster"):
     if os.path.exists(out(name)) and os.listdir(out(name)):
         fail("a failed start wrote into " + out(name))
 
-# 5. The README's command: torchrun starts the ranks (its agent hosts the
+# 5. The experiment's quick mode on two processes: every file of the report;
+# then a second run that reuses every run on disk, as rank 0 decides.
+experiment = [typeface, "experiment", *tiny, "--quick", "--steps", "4",
+              "--judge", out("judge"), "--judge-members", "2",
+              "--judge-steps", "20", "--results", out("experiment"),
+              "--timeout", "120"]
+run_ranks(experiment)
+for name in ("summary.md", "metrics.json", "grids/lobster-k16.png"):
+    if not os.path.getsize(os.path.join(out("experiment"), "few-shot", name)):
+        fail("no experiment/few-shot/" + name)
+with open(os.path.join(out("experiment"), "few-shot", "metrics.json")) as f:
+    if len(json.load(f)["runs"]) != 4 * 2:
+        fail("the experiment's report lacks runs")
+outputs = run_ranks(experiment)
+if any("finetune" in err or "data-parallel" in err for _, err in outputs):
+    fail("the second experiment fine-tuned again:\n" + outputs[0][1])
+
+# 6. The README's command: torchrun starts the ranks (its agent hosts the
 # store).
 if torchrun:
     result = subprocess.run(

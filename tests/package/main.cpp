@@ -1,6 +1,8 @@
 // Uses StyleInject as a user's project would: declares an adaptable layer,
-// injects an adapter, saves it to a file and loads it into a fresh model.
+// injects an adapter, saves it to a file and loads it into a fresh model;
+// and links the data-parallel part through styleinject::distributed.
 
+#include <styleinject/distributed.h>
 #include <styleinject/styleinject.h>
 
 #include <cstdio>
@@ -41,6 +43,11 @@ int main() {
   std::remove(path.c_str());
   ok = ok && torch::equal(loaded(x), trained(x)) &&
       !torch::allclose(loaded(x), base);
+  // One process: the data-parallel calls change nothing.
+  styleinject::distributed::ProcessGroup group;
+  const auto params = styleinject::adapter_parameters(*loaded);
+  styleinject::distributed::broadcast_parameters(group, params);
+  ok = ok && group.size() == 1 && torch::equal(loaded(x), trained(x));
   std::cout << "styleinject " << styleinject::version << ": "
             << (ok ? "ok" : "FAILED") << '\n';
   return ok ? 0 : 1;
