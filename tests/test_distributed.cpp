@@ -161,7 +161,7 @@ TEST_CASE(
   double waited = 0;
   const auto errors = on_ranks(2, [&](int64_t r) {
     dist::ProcessGroup group(
-        rank_of(r, 2, port), torch::kCPU, within(std::chrono::seconds(2)));
+        rank_of(r, 2, port), torch::kCPU, within(std::chrono::seconds(5)));
     auto params = parameters_of(r);
     if (r == 1) {
       released.wait(); // hangs where rank 0 all-reduces
@@ -186,9 +186,9 @@ TEST_CASE(
       Catch::Contains(
           "styleinject::distributed (rank 0 of 2): the all-reduce of adapter "
           "gradients (18 values) failed: a rank died, hung for longer than "
-          "the timeout (2000 ms) or left early: "));
-  CHECK(waited >= 1.5);
-  CHECK(waited < 20);
+          "the timeout (5000 ms) or left early: "));
+  CHECK(waited >= 4.5);
+  CHECK(waited < 30);
 }
 
 TEST_CASE(
@@ -200,7 +200,7 @@ TEST_CASE(
       dist::ProcessGroup(
           rank_of(r, r == 0 ? 2 : 3, port),
           torch::kCPU,
-          within(std::chrono::seconds(2)));
+          within(std::chrono::seconds(30)));
     });
     CHECK_THAT(
         errors[0],
@@ -212,16 +212,20 @@ TEST_CASE(
         errors[1],
         Catch::Contains(
             "styleinject::distributed (rank 1 of 3): not every rank joined "
-            "within 2000 ms"));
+            "within 30000 ms"));
   }
   SECTION("two processes with one RANK") {
     const auto port = free_port();
+    // Kept until every thread is done, so that rank 0 still serves the
+    // store when the later of the two rank-1 threads arrives.
+    dist::ProcessGroup groups[3];
     const auto errors = on_ranks(3, [&](int64_t r) {
-      dist::ProcessGroup(
+      groups[r] = dist::ProcessGroup(
           rank_of(std::min<int64_t>(r, 1), 2, port),
           torch::kCPU,
-          within(std::chrono::seconds(2)));
+          within(std::chrono::seconds(30)));
     });
+    INFO(errors[0] << " | " << errors[1] << " | " << errors[2]);
     CHECK(std::count_if(errors.begin(), errors.end(), [](const auto& e) {
             return e.find(
                        "another process was started with RANK=1; each rank "

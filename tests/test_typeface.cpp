@@ -33,6 +33,17 @@ ModelConfig tiny_config() {
   return config;
 }
 
+/// A training batch of `n` renders of the base fonts, its images scaled to
+/// [-1, 1] as the loss wants them.
+Batch training_batch(const ModelConfig& config, int64_t n, uint64_t seed) {
+  GlyphRenderer renderer(base_fonts(), config.image_size);
+  std::mt19937_64 rng(seed);
+  auto batch =
+      draw_batch(renderer, Tokenizer(), base_fonts(), characters(), n, rng);
+  batch.images = batch.images * 2 - 1;
+  return batch;
+}
+
 } // namespace
 
 TEST_CASE("every font of the catalogue renders all 62 glyphs", "[typeface]") {
@@ -164,11 +175,7 @@ TEST_CASE(
   // each weighted by its share, average to the whole batch's; and so do
   // their gradients (the all-reduce's part is tests/test_distributed.cpp).
   const auto config = tiny_config();
-  GlyphRenderer renderer(base_fonts(), config.image_size);
-  std::mt19937_64 rng(5);
-  const auto batch =
-      draw_batch(renderer, Tokenizer(), base_fonts(), characters(), 8, rng);
-  const auto images = batch.images * 2 - 1;
+  const auto batch = training_batch(config, 8, 5);
   torch::manual_seed(0);
   TextToImage model(config);
   styleinject::inject(
@@ -188,7 +195,8 @@ TEST_CASE(
       p.mutable_grad() = torch::Tensor();
     }
     const auto loss =
-        diffusion_loss(model, NoiseSchedule(), images, batch.ids, begin, end) *
+        diffusion_loss(
+            model, NoiseSchedule(), batch.images, batch.ids, begin, end) *
         (end - begin) / 8.0;
     loss.backward();
     std::vector<torch::Tensor> gradients{loss.detach().to(torch::kDouble)};
@@ -227,14 +235,10 @@ TEST_CASE(
 
 TEST_CASE("one training step lowers the loss on a fixed batch", "[typeface]") {
   const auto config = tiny_config();
-  GlyphRenderer renderer(base_fonts(), config.image_size);
-  std::mt19937_64 rng(3);
-  const auto batch =
-      draw_batch(renderer, Tokenizer(), base_fonts(), characters(), 16, rng);
-  const auto images = batch.images * 2 - 1;
+  const auto batch = training_batch(config, 16, 3);
   const auto loss_at_fixed_noise = [&](TextToImage& model) {
     torch::manual_seed(11); // the same timesteps and noise every time
-    return diffusion_loss(model, NoiseSchedule(), images, batch.ids);
+    return diffusion_loss(model, NoiseSchedule(), batch.images, batch.ids);
   };
   SECTION("the whole model (pretraining)") {
     torch::manual_seed(0);

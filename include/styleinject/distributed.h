@@ -227,8 +227,9 @@ class ProcessGroup {
     return options_;
   }
 
-  /// Bytes this process has sent into collectives, and the host's seconds
-  /// spent in them (on CUDA: in launching them, as NCCL runs on a stream).
+  /// The bytes of the tensors this process has handed to collectives, and
+  /// the host's seconds spent in them (on CUDA: in launching them, as NCCL
+  /// runs on a stream).
   int64_t bytes_communicated() const {
     return bytes_;
   }
