@@ -474,8 +474,9 @@ inline void pretrain(
             << base_fonts().size() << " fonts x " << characters().size()
             << " characters, " << options.steps << " steps of " << options.batch
             << "\n";
-  // The data stream is seeded by the step, so a resumed run draws what the
-  // uninterrupted run would have drawn.
+  // The data stream is seeded by the seed and the step it starts at: a
+  // resumed run is reproducible (but draws another stream than the
+  // uninterrupted run would have).
   std::mt19937_64 rng(options.seed * 1000003 + step);
   torch::manual_seed(options.seed * 1000003 + step);
   Progress progress("pretrain", options.steps, step);
@@ -536,6 +537,33 @@ inline std::string held_out_characters(const std::string& shots) {
     }
   }
   return rest;
+}
+
+/// Prints, on rank 0, a fine-tune's seconds per step over its `steps`
+/// steps and, with several processes, what they communicated since the
+/// group's counters stood at `bytes` and `seconds`.
+inline void print_speed(
+    const Runtime& runtime,
+    const Progress& progress,
+    int64_t steps,
+    int64_t bytes,
+    double seconds) {
+  if (!runtime.is_main() || steps == 0) {
+    return;
+  }
+  const auto& group = *runtime.group;
+  const double elapsed = progress.seconds();
+  std::cerr << "finetune: " << elapsed / steps << " s per step";
+  if (group.size() > 1) {
+    std::cerr << "; data-parallel over " << group.size() << " processes: "
+              << std::llround(
+                     static_cast<double>(group.bytes_communicated() - bytes) /
+                     steps)
+              << " bytes communicated per step, in "
+              << 100 * (group.seconds_communicating() - seconds) / elapsed
+              << " % of the time";
+  }
+  std::cerr << "\n";
 }
 
 struct FinetuneOptions {
@@ -684,22 +712,7 @@ inline TextToImage finetune(
       save();
     }
   }
-  if (runtime.is_main() && step > first) {
-    const auto steps = static_cast<double>(step - first);
-    std::cerr << "finetune: " << progress.seconds() / steps << " s per step";
-    if (runtime.group->size() > 1) {
-      std::cerr << "; data-parallel over " << runtime.group->size()
-                << " processes: "
-                << std::llround(
-                       (runtime.group->bytes_communicated() - bytes) / steps)
-                << " bytes communicated per step, in "
-                << 100 *
-              (runtime.group->seconds_communicating() - communicating) /
-              progress.seconds()
-                << " % of the time";
-    }
-    std::cerr << "\n";
-  }
+  print_speed(runtime, progress, step - first, bytes, communicating);
   return model;
 }
 
