@@ -20,17 +20,25 @@ using styleinject_test::error_of;
 
 namespace {
 
-/// A TCP port that nothing listens on now (the kernel's pick).
-int64_t free_port() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+/// A loopback TCP socket bound to a port of the kernel's pick; returns
+/// the port.
+int64_t bound_socket(int& fd) {
+  fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in address{};
   address.sin_family = AF_INET;
   address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   REQUIRE(bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0);
   socklen_t length = sizeof address;
   getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length);
-  close(fd);
   return ntohs(address.sin_port);
+}
+
+/// A TCP port that nothing listens on now.
+int64_t free_port() {
+  int fd = -1;
+  const auto port = bound_socket(fd);
+  close(fd);
+  return port;
 }
 
 dist::Environment rank_of(int64_t rank, int64_t world_size, int64_t port) {
@@ -231,6 +239,26 @@ TEST_CASE(
                        "another process was started with RANK=1; each rank "
                        "must be unique") != std::string::npos;
           }) == 1);
+  }
+  SECTION("a store that never answers") {
+    // A socket that listens but never accepts: the kernel completes the
+    // connection and nobody replies (LibTorch 1.13's client then waits in
+    // recv without a timeout; 2.x's gives up itself).
+    int fd = -1;
+    const auto port = bound_socket(fd);
+    REQUIRE(listen(fd, 8) == 0);
+    const auto begin = std::chrono::steady_clock::now();
+    const auto error = error_of([&] {
+      dist::ProcessGroup(
+          rank_of(1, 2, port), torch::kCPU, within(std::chrono::seconds(1)));
+    });
+    // fd stays open until the program ends: LibTorch 1.13's client, still
+    // blocked on it, has a listener thread that a reset connection would
+    // end with an uncaught exception (std::terminate).
+    CHECK_THAT(
+        error, Catch::StartsWith("styleinject::distributed (rank 1 of 2): "));
+    CHECK_THAT(error, Catch::Contains("127.0.0.1:" + std::to_string(port)));
+    CHECK(seconds_since(begin) < 20);
   }
   SECTION("nobody serves the store") {
     const auto port = free_port();

@@ -36,8 +36,10 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <future>
 #include <optional>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -164,6 +166,149 @@ inline Environment Environment::from_env() {
   return env;
 }
 
+namespace detail {
+
+inline std::string where(int64_t rank, int64_t size) {
+  return "styleinject::distributed (rank " + std::to_string(rank) + " of " +
+      std::to_string(size) + "): ";
+}
+
+// The TCPStore at MASTER_ADDR:MASTER_PORT: served by rank 0 unless
+// torchrun's agent serves it; each attempt's keys under a prefix.
+inline c10::intrusive_ptr<c10d::Store> connect(
+    const Environment& env,
+    std::chrono::milliseconds timeout) {
+  c10d::TCPStoreOptions store;
+  store.port = static_cast<uint16_t>(env.master_port);
+  store.isServer = env.rank == 0 && !env.agent_store;
+  store.waitWorkers = false; // check_world waits, with a clearer error
+  store.timeout = timeout;
+  store.multiTenant = true;
+  c10::intrusive_ptr<c10d::Store> tcp;
+  try {
+    tcp = c10::make_intrusive<c10d::TCPStore>(env.master_addr, store);
+  } catch (const std::exception& error) {
+    TORCH_CHECK(
+        false,
+        where(env.rank, env.world_size),
+        "could not ",
+        store.isServer ? "serve" : "reach",
+        " the rendezvous store at MASTER_ADDR:MASTER_PORT = ",
+        env.master_addr,
+        ":",
+        env.master_port,
+        " within ",
+        timeout.count(),
+        " ms: ",
+        message_of(error));
+  }
+  return c10::make_intrusive<c10d::PrefixStore>(
+      "styleinject/" + std::to_string(env.attempt), tcp);
+}
+
+// "; absent: rank(s) 2, 3" where the store still answers.
+inline std::string absent(
+    c10d::Store& store,
+    const std::vector<std::string>& keys) {
+  std::string ranks;
+  try {
+    for (size_t r = 0; r < keys.size(); ++r) {
+      if (!store.check({keys[r]})) {
+        ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
+      }
+    }
+  } catch (const std::exception&) {
+    return "";
+  }
+  return ranks.empty() ? "" : "; absent: rank(s) " + ranks;
+}
+
+// Each rank records its WORLD_SIZE under its RANK; all wait for all.
+inline void check_world(
+    c10d::Store& store,
+    const Environment& env,
+    std::chrono::milliseconds timeout) {
+  const auto here = where(env.rank, env.world_size);
+  const auto key = [](int64_t rank) { return "rank/" + std::to_string(rank); };
+  TORCH_CHECK(
+      store.add(key(env.rank) + "/claimed", 1) == 1,
+      here,
+      "another process was started with RANK=",
+      env.rank,
+      "; each rank must be unique");
+  store.set(
+      key(env.rank) + "/world_size", bytes_of(std::to_string(env.world_size)));
+  std::vector<std::string> keys;
+  for (int64_t r = 0; r < env.world_size; ++r) {
+    keys.push_back(key(r) + "/world_size");
+  }
+  try {
+    store.wait(keys, timeout);
+  } catch (const std::exception& error) {
+    TORCH_CHECK(
+        false,
+        here,
+        "not every rank joined within ",
+        timeout.count(),
+        " ms",
+        absent(store, keys),
+        " (a rank with another WORLD_SIZE, or one that was not started or "
+        "stopped): ",
+        message_of(error));
+  }
+  for (int64_t r = 0; r < env.world_size; ++r) {
+    const auto value = store.get(keys[r]);
+    const std::string theirs(value.begin(), value.end());
+    TORCH_CHECK_VALUE(
+        theirs == std::to_string(env.world_size),
+        here,
+        "rank ",
+        r,
+        " was started with WORLD_SIZE=",
+        theirs,
+        ", but this one with WORLD_SIZE=",
+        env.world_size,
+        "; every rank must be started with the same WORLD_SIZE");
+  }
+}
+
+// connect and check_world on a thread of their own, given up after their
+// timeouts: c10d's client can wait for a reply without any timeout (a 1.13
+// client under a 2.x torchrun, whose store never answers it), and a hang
+// is the one failure this must not have. A given-up thread stays blocked,
+// detached, until the process ends.
+inline c10::intrusive_ptr<c10d::Store> rendezvous(
+    const Environment& env,
+    std::chrono::milliseconds timeout) {
+  auto promise =
+      std::make_shared<std::promise<c10::intrusive_ptr<c10d::Store>>>();
+  auto result = promise->get_future();
+  std::thread([promise, env, timeout] {
+    try {
+      auto store = connect(env, timeout);
+      check_world(*store, env, timeout);
+      promise->set_value(std::move(store));
+    } catch (...) {
+      promise->set_exception(std::current_exception());
+    }
+  }).detach();
+  const auto grace = 2 * timeout + std::chrono::seconds(5);
+  TORCH_CHECK(
+      result.wait_for(grace) == std::future_status::ready,
+      where(env.rank, env.world_size),
+      "the rendezvous store at MASTER_ADDR:MASTER_PORT = ",
+      env.master_addr,
+      ":",
+      env.master_port,
+      " did not answer within ",
+      std::chrono::duration_cast<std::chrono::milliseconds>(grace).count(),
+      " ms; is it served by a torchrun of another torch version than this "
+      "LibTorch (" TORCH_VERSION ")?");
+  return result.get();
+}
+
+} // namespace detail
+
 /// The processes that train together: a rendezvous store (c10d's TCPStore)
 /// and a communicator, Gloo for CPU tensors and NCCL for CUDA ones. A
 /// default-constructed group is one process: every collective is a no-op.
@@ -198,8 +343,7 @@ class ProcessGroup {
     if (size_ == 1) {
       return;
     }
-    store_ = connect(env);
-    check_world(env);
+    store_ = detail::rendezvous(env, options_.timeout());
     backend_ = make_backend();
   }
 
@@ -255,97 +399,6 @@ class ProcessGroup {
   }
 
  private:
-  c10::intrusive_ptr<c10d::Store> connect(const Environment& env) const {
-    c10d::TCPStoreOptions store;
-    store.port = static_cast<uint16_t>(env.master_port);
-    store.isServer = env.rank == 0 && !env.agent_store;
-    store.waitWorkers = false; // check_world waits, with a clearer error
-    store.timeout = options_.timeout();
-    store.multiTenant = true;
-    c10::intrusive_ptr<c10d::Store> tcp;
-    try {
-      tcp = c10::make_intrusive<c10d::TCPStore>(env.master_addr, store);
-    } catch (const std::exception& error) {
-      TORCH_CHECK(
-          false,
-          where(),
-          "could not ",
-          store.isServer ? "serve" : "reach",
-          " the rendezvous store at MASTER_ADDR:MASTER_PORT = ",
-          env.master_addr,
-          ":",
-          env.master_port,
-          " within ",
-          options_.timeout().count(),
-          " ms: ",
-          detail::message_of(error));
-    }
-    return c10::make_intrusive<c10d::PrefixStore>(
-        "styleinject/" + std::to_string(env.attempt), tcp);
-  }
-
-  // Each rank records its WORLD_SIZE under its RANK; all wait for all.
-  void check_world(const Environment& env) const {
-    const auto key = [](int64_t rank) {
-      return "rank/" + std::to_string(rank);
-    };
-    TORCH_CHECK(
-        store_->add(key(rank_) + "/claimed", 1) == 1,
-        where(),
-        "another process was started with RANK=",
-        rank_,
-        "; each rank must be unique");
-    store_->set(
-        key(rank_) + "/world_size", detail::bytes_of(std::to_string(size_)));
-    std::vector<std::string> keys;
-    for (int64_t r = 0; r < size_; ++r) {
-      keys.push_back(key(r) + "/world_size");
-    }
-    try {
-      store_->wait(keys, options_.timeout());
-    } catch (const std::exception& error) {
-      TORCH_CHECK(
-          false,
-          where(),
-          "not every rank joined within ",
-          options_.timeout().count(),
-          " ms",
-          absent(keys),
-          " (a rank with another WORLD_SIZE, or one that was not started or "
-          "stopped): ",
-          detail::message_of(error));
-    }
-    for (int64_t r = 0; r < size_; ++r) {
-      const auto value = store_->get(keys[r]);
-      const std::string theirs(value.begin(), value.end());
-      TORCH_CHECK_VALUE(
-          theirs == std::to_string(size_),
-          where(),
-          "rank ",
-          r,
-          " was started with WORLD_SIZE=",
-          theirs,
-          ", but this one with WORLD_SIZE=",
-          size_,
-          "; every rank must be started with the same WORLD_SIZE");
-    }
-  }
-
-  // "; absent: rank(s) 2, 3" where the store still answers.
-  std::string absent(const std::vector<std::string>& keys) const {
-    std::string ranks;
-    try {
-      for (size_t r = 0; r < keys.size(); ++r) {
-        if (!store_->check({keys[r]})) {
-          ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
-        }
-      }
-    } catch (const std::exception&) {
-      return "";
-    }
-    return ranks.empty() ? "" : "; absent: rank(s) " + ranks;
-  }
-
   c10::intrusive_ptr<detail::Backend> make_backend() const {
     if (device_.is_cuda()) {
 #ifdef USE_C10D_NCCL
@@ -428,8 +481,7 @@ class ProcessGroup {
   }
 
   std::string where() const {
-    return "styleinject::distributed (rank " + std::to_string(rank_) + " of " +
-        std::to_string(size_) + "): ";
+    return detail::where(rank_, size_);
   }
 
   int64_t rank_ = 0;
