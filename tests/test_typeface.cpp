@@ -25,8 +25,8 @@ std::string error_text(const std::function<void()>& f) {
   return "";
 }
 
-ModelConfig tiny_config() {
-  auto config = ModelConfig::tiny();
+ModelConfig tiny_config(const std::string& arch = "unet") {
+  auto config = ModelConfig::tiny(arch);
   const Tokenizer tokenizer;
   config.vocabulary = tokenizer.vocabulary_size();
   config.context = tokenizer.length();
@@ -138,7 +138,8 @@ TEST_CASE("captions round-trip through the tokenizer", "[typeface]") {
 
 TEST_CASE("the model's shapes", "[typeface]") {
   torch::manual_seed(0);
-  const auto config = tiny_config();
+  const auto config = tiny_config(GENERATE("unet", "dit"));
+  INFO(config.arch);
   TextToImage model(config);
   const auto s = config.image_size;
   const auto ids = Tokenizer().encode(std::vector<std::string>{
@@ -158,7 +159,7 @@ TEST_CASE("the model's shapes", "[typeface]") {
   // Every Linear and Conv2d takes an adapter; the base stays frozen.
   const auto report = styleinject::inject(
       *model, styleinject::Targets::all(), styleinject::StyleInjectOptions(2));
-  CHECK(report.layers.size() > 30);
+  CHECK(report.layers.size() > 20);
   for (const auto& p : model->named_parameters()) {
     const bool adapter = p.key().find("lora_") != std::string::npos ||
         p.key().find("router") != std::string::npos ||
@@ -234,7 +235,8 @@ TEST_CASE(
 }
 
 TEST_CASE("one training step lowers the loss on a fixed batch", "[typeface]") {
-  const auto config = tiny_config();
+  const auto config = tiny_config(GENERATE("unet", "dit"));
+  INFO(config.arch);
   const auto batch = training_batch(config, 16, 3);
   const auto loss_at_fixed_noise = [&](TextToImage& model) {
     torch::manual_seed(11); // the same timesteps and noise every time
@@ -258,7 +260,7 @@ TEST_CASE("one training step lowers the loss on a fixed batch", "[typeface]") {
         *model,
         styleinject::Targets::all(),
         styleinject::StyleInjectOptions(2));
-    const auto base = model->conv_in->weight.clone();
+    const auto base = model->time1->weight.clone();
     torch::optim::AdamW optimizer(
         styleinject::adapter_parameters(*model),
         torch::optim::AdamWOptions(1e-3));
@@ -267,7 +269,92 @@ TEST_CASE("one training step lowers the loss on a fixed batch", "[typeface]") {
     before.backward();
     optimizer.step();
     CHECK(loss_at_fixed_noise(model).item<double>() < before.item<double>());
-    CHECK(torch::equal(model->conv_in->weight, base));
+    CHECK(torch::equal(model->time1->weight, base));
+  }
+}
+
+TEST_CASE("the DiT's patches, adaLN-Zero start and targets", "[typeface]") {
+  torch::manual_seed(0);
+  const auto config = tiny_config("dit");
+  SECTION("unpatchify puts back what a strided convolution cut") {
+    // A convolution whose output channel a*p+b copies pixel (a, b) of each
+    // patch: tokens of raw pixels, which unpatchify must reassemble.
+    const int64_t p = 4;
+    const auto x = torch::randn({2, 1, 16, 16});
+    const auto pick = torch::eye(p * p).view({p * p, 1, p, p});
+    const auto tokens = F::conv2d(x, pick, F::Conv2dFuncOptions().stride(p))
+                            .flatten(2)
+                            .transpose(1, 2);
+    CHECK(torch::equal(unpatchify(tokens, p), x));
+    CHECK_THAT(
+        error_text([&] {
+          unpatchify(torch::zeros({1, 15, 16}), p);
+        }),
+        Catch::Contains("expected (N, side^2, 16)"));
+  }
+  SECTION("the gated branches start shut, and the output at zero") {
+    // adaLN-Zero: the gates of the self-attention and the MLP start at
+    // zero, so only the (ungated, as PixArt-alpha's) cross-attention acts.
+    TextToImage model(config);
+    const auto h = torch::randn({2, 16, config.width});
+    const auto c = torch::randn({2, config.width});
+    const auto context = torch::randn({2, config.context, config.text_dim});
+    for (auto& block : model->dit->blocks) {
+      const auto cross = h + block->attn2(block->norm2(h), context);
+      CHECK(torch::allclose(block(h, c, context), cross, 0, 1e-6));
+      CHECK(!torch::allclose(cross, h, 0, 1e-3));
+    }
+    const auto ids = Tokenizer().encode(
+        std::vector<std::string>{"the letter a in lobster style", ""});
+    const auto v =
+        model(torch::randn({2, 1, 16, 16}), torch::tensor({3, 900}), ids);
+    CHECK(torch::equal(v, torch::zeros_like(v)));
+  }
+  SECTION("inject covers the patches, modulations, attention and MLPs") {
+    TextToImage model(config);
+    const auto report = styleinject::inject(
+        *model,
+        styleinject::Targets::all(),
+        styleinject::StyleInjectOptions(2));
+    std::set<std::string> names;
+    for (const auto& layer : report.layers) {
+      names.insert(layer.name);
+    }
+    for (const auto* name :
+         {"dit.patchify",
+          "dit.block0.modulation",
+          "dit.block1.attn1.to_q",
+          "dit.block1.attn2.to_k",
+          "dit.block0.ff.fc2",
+          "dit.modulation_out",
+          "dit.proj_out",
+          "time1",
+          "text_pool",
+          "text.attn_0.to_v"}) {
+      INFO(name);
+      CHECK(names.count(name) == 1);
+    }
+    // Per block: modulation, 4 + 4 attention projections, 2 MLP layers;
+    // then patchify, modulation_out, proj_out; the condition's 3; the text
+    // encoder's one layer of 4 + 2.
+    CHECK(names.size() == 2 * (1 + 4 + 4 + 2) + 3 + 3 + 6);
+  }
+  SECTION("the configuration round-trips, and one without arch is a UNet") {
+    CHECK(
+        ModelConfig::from_json(config.to_json()).to_json() == config.to_json());
+    auto old = tiny_config("unet").to_json();
+    old.erase("arch");
+    const auto read = ModelConfig::from_json(old);
+    CHECK(read.arch == "unet");
+    CHECK(read.channels == tiny_config("unet").channels);
+    CHECK_THAT(
+        error_text([&] {
+          auto wrong = config;
+          wrong.arch = "vit";
+          TextToImage model(wrong);
+        }),
+        Catch::Contains(
+            "expected the architecture \"unet\" or \"dit\", but got \"vit\""));
   }
 }
 

@@ -264,8 +264,7 @@ struct ExperimentOptions {
   std::string setting = "few-shot"; // or "ablation"
   std::string name; // of the results' subfolder; empty: the setting's
   bool quick = false;
-  ModelConfig config = ModelConfig::small();
-  fs::path base_dir; // the pretrained base model
+  fs::path base_dir; // the pretrained base model (its config.json: which)
   fs::path judge_dir; // the judge (trained there if missing)
   int64_t judge_members = 3;
   int64_t judge_steps = 2000;
@@ -1042,8 +1041,11 @@ inline void run_experiment(
           "'" + style + "' is a base font, not a new style");
     }
   }
-  GlyphRenderer renderer(all_fonts(), options.config.image_size, font_paths);
   load_base(options.base_dir, runtime.device); // fails early where missing
+  // The base decides the architecture and sizes that the arms are counted on.
+  const auto config = ModelConfig::from_json(
+      read_json(config_file(options.base_dir)).at("model"));
+  GlyphRenderer renderer(all_fonts(), config.image_size, font_paths);
   auto judge = load_or_train_judge(
       options.judge_dir,
       options.judge_members,
@@ -1067,7 +1069,7 @@ inline void run_experiment(
 
   // The arms, their learning rates (searched on the first style and K)
   // and the wall-clock factor of the equal-time arm.
-  auto arms = setting_arms(options.setting, options.config);
+  auto arms = setting_arms(options.setting, config);
   FinetuneOptions first;
   first.style = styles[0];
   first.shots = options.shots[0];

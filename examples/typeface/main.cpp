@@ -94,7 +94,7 @@ int main(int argc, char** argv) {
 
   // Options every command shares.
   std::string device = "cpu", dtype = "float32", cache = default_cache();
-  std::string model_size = "small";
+  std::string model_size = "small", arch = "unet";
   uint64_t seed = 0;
   std::vector<std::string> font_files;
   double timeout = 300;
@@ -132,6 +132,14 @@ int main(int argc, char** argv) {
             "model size: small (default) or tiny (tests)")
         ->check(CLI::IsMember({"small", "tiny"}))
         ->capture_default_str();
+    command
+        ->add_option(
+            "--arch",
+            arch,
+            "denoiser: unet or dit; pretrain builds it, the other commands "
+            "take base-<model> or base-dit-<model> (a --base has its own)")
+        ->check(CLI::IsMember({"unet", "dit"}))
+        ->capture_default_str();
     command->add_option(
         "--font",
         font_files,
@@ -155,7 +163,8 @@ int main(int argc, char** argv) {
     return paths;
   };
   const auto config = [&] {
-    return model_size == "tiny" ? ModelConfig::tiny() : ModelConfig::small();
+    return model_size == "tiny" ? ModelConfig::tiny(arch)
+                                : ModelConfig::small(arch);
   };
 
   // Options that several commands share.
@@ -205,7 +214,8 @@ int main(int argc, char** argv) {
   pretrain_cmd->add_option(
       "--out",
       base_dir,
-      "folder of the base model (default: <cache>/base-<model>)");
+      "folder of the base model (default: <cache>/base-<model> for the UNet, "
+      "<cache>/base-dit-<model> for the DiT)");
 
   // finetune
   FinetuneOptions tune;
@@ -445,9 +455,11 @@ int main(int argc, char** argv) {
       return fs::exists(shipped) ? shipped
                                  : fs::path(cache) / (name + "-" + model_size);
     };
+    // base-small is the UNet (its name before the DiT), base-dit-small the DiT.
+    const std::string base_name = arch == "unet" ? "base" : "base-" + arch;
     const auto base = !base_dir.empty() ? fs::path(base_dir)
-        : *pretrain_cmd ? fs::path(cache) / ("base-" + model_size)
-                        : shipped_or_cached("base");
+        : *pretrain_cmd ? fs::path(cache) / (base_name + "-" + model_size)
+                        : shipped_or_cached(base_name);
     const auto judge_path =
         judge_dir.empty() ? shipped_or_cached("judge") : fs::path(judge_dir);
     if (*pretrain_cmd) {
@@ -532,7 +544,6 @@ int main(int argc, char** argv) {
       std::cout << judge.report.dump(2) << "\njudge in " << dir.string()
                 << "\n";
     } else if (*experiment_cmd) {
-      experiment.config = model_config;
       experiment.base_dir = base;
       experiment.judge_dir = judge_path;
       experiment.seed = seed;
@@ -556,7 +567,6 @@ int main(int argc, char** argv) {
             base_fonts(), model_config.image_size, font_paths());
         pretrain(pre, base, renderer, runtime);
       }
-      demo.config = model_config;
       demo.base_dir = base;
       demo.judge_dir = judge_path;
       demo.seed = seed;

@@ -1,11 +1,13 @@
 #pragma once
 // A miniature Stable-Diffusion-style model built from the library's layers:
-// a text encoder (token embedding + transformer) and a UNet of Conv2d
-// ResBlocks with a timestep embedding and spatial-transformer blocks (self-
-// and cross-attention to the text). Every Linear and Conv2d is declared as a
-// StyleInject layer without an adapter: it computes, trains and checkpoints
-// as the plain torch::nn layer until `styleinject::inject` attaches one.
-// Last, the glyph classifier of the evaluation (plain torch::nn).
+// a text encoder (token embedding + transformer) and a denoiser, either a
+// UNet of Conv2d ResBlocks with a timestep embedding and spatial-transformer
+// blocks (self- and cross-attention to the text), or a DiT of transformer
+// blocks with adaLN-Zero modulation and cross-attention. Every Linear and
+// Conv2d is declared as a StyleInject layer without an adapter: it computes,
+// trains and checkpoints as the plain torch::nn layer until
+// `styleinject::inject` attaches one. Last, the glyph classifier of the
+// evaluation (plain torch::nn).
 
 #include <styleinject/styleinject.h>
 
@@ -23,43 +25,82 @@ namespace F = torch::nn::functional;
 using styleinject::StyleInjectConv2d;
 using styleinject::StyleInjectLinear;
 
-/// The sizes of the model; `small` is the example's default, `tiny` the
+/// The architecture and sizes of the model: a UNet (`arch` "unet", sized
+/// by `channels`) or a DiT ("dit", sized by `width`, `depth` and `patch`),
+/// with the same text encoder. `small` is the example's default, `tiny` the
 /// tests' and the smoke run's.
 struct ModelConfig {
+  std::string arch = "unet";
   int64_t image_size = 32;
   std::vector<int64_t> channels = {32, 64, 96}; // per UNet level
+  int64_t width = 128; // DiT tokens
+  int64_t depth = 6; // DiT blocks
+  int64_t patch = 4; // DiT patch side, in pixels
   int64_t text_dim = 64;
   int64_t text_layers = 2;
   int64_t heads = 4;
   int64_t vocabulary = 0; // from the Tokenizer
   int64_t context = 10; // caption length in tokens
 
-  static ModelConfig small() {
-    return {};
-  }
-  static ModelConfig tiny() {
+  static ModelConfig small(const std::string& arch = "unet") {
     ModelConfig config;
+    config.arch = arch;
+    return config;
+  }
+  static ModelConfig tiny(const std::string& arch = "unet") {
+    ModelConfig config;
+    config.arch = arch;
     config.image_size = 16;
     config.channels = {8, 16, 16};
+    config.width = 16;
+    config.depth = 2;
+    config.patch = 4;
     config.text_dim = 16;
     config.text_layers = 1;
     config.heads = 2;
     return config;
   }
+  bool is_dit() const {
+    return arch == "dit";
+  }
+  /// Features of the sinusoidal timestep embedding, and of the condition
+  /// (timestep + pooled text) that it becomes.
+  int64_t time_features() const {
+    return is_dit() ? width : channels.at(0);
+  }
+  int64_t condition_dim() const {
+    return is_dit() ? width : 4 * channels.at(0);
+  }
   nlohmann::json to_json() const {
-    return {
+    nlohmann::json json = {
+        {"arch", arch},
         {"image_size", image_size},
-        {"channels", channels},
         {"text_dim", text_dim},
         {"text_layers", text_layers},
         {"heads", heads},
         {"vocabulary", vocabulary},
         {"context", context}};
+    if (is_dit()) {
+      json["width"] = width;
+      json["depth"] = depth;
+      json["patch"] = patch;
+    } else {
+      json["channels"] = channels;
+    }
+    return json;
   }
+  /// Reads `to_json`'s object; one without "arch" (before 0.8) is a UNet.
   static ModelConfig from_json(const nlohmann::json& json) {
     ModelConfig config;
+    config.arch = json.value("arch", std::string("unet"));
     config.image_size = json.at("image_size");
-    config.channels = json.at("channels").get<std::vector<int64_t>>();
+    if (config.is_dit()) {
+      config.width = json.at("width");
+      config.depth = json.at("depth");
+      config.patch = json.at("patch");
+    } else {
+      config.channels = json.at("channels").get<std::vector<int64_t>>();
+    }
     config.text_dim = json.at("text_dim");
     config.text_layers = json.at("text_layers");
     config.heads = json.at("heads");
@@ -255,21 +296,208 @@ inline torch::Tensor timestep_embedding(const torch::Tensor& t, int64_t dim) {
   return torch::cat({angles.sin(), angles.cos()}, 1);
 }
 
+/// adaLN's modulation of normalised tokens by the condition's shift and
+/// scale. x: (N, L, dim), shift and scale: (N, dim).
+inline torch::Tensor modulate(
+    const torch::Tensor& x,
+    const torch::Tensor& shift,
+    const torch::Tensor& scale) {
+  return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1);
+}
+
+/// LayerNorm without weights of its own: adaLN supplies shift and scale.
+inline torch::nn::LayerNorm plain_layer_norm(int64_t dim) {
+  return torch::nn::LayerNorm(
+      torch::nn::LayerNormOptions({dim}).elementwise_affine(false).eps(1e-6));
+}
+
+/// A Linear whose weight and bias start at zero: adaLN-Zero's modulation and
+/// the DiT's output, so that each block starts as the identity.
+inline StyleInjectLinear zero_linear(int64_t in, int64_t out) {
+  StyleInjectLinear linear(in, out);
+  torch::NoGradGuard no_grad;
+  linear->weight.zero_();
+  linear->bias.zero_();
+  return linear;
+}
+
+/// A DiT block (Peebles & Xie) with cross-attention to the text between its
+/// self-attention and MLP (as PixArt-alpha): adaLN-Zero modulates and gates
+/// the self-attention and the MLP from the condition.
+/// x: (N, L, dim), condition: (N, dim) after SiLU, context: (N, S,
+/// text_dim) -> (N, L, dim).
+struct DiTBlockImpl : torch::nn::Module {
+  DiTBlockImpl(int64_t dim, int64_t text_dim, int64_t heads)
+      : modulation(register_module("modulation", zero_linear(dim, 6 * dim))),
+        norm1(register_module("norm1", plain_layer_norm(dim))),
+        attn1(register_module("attn1", Attention(dim, dim, heads))),
+        norm2(register_module(
+            "norm2",
+            torch::nn::LayerNorm(torch::nn::LayerNormOptions({dim})))),
+        attn2(register_module("attn2", Attention(dim, text_dim, heads))),
+        norm3(register_module("norm3", plain_layer_norm(dim))),
+        ff(register_module("ff", FeedForward(dim))) {}
+  torch::Tensor forward(
+      torch::Tensor x,
+      const torch::Tensor& condition,
+      const torch::Tensor& context) {
+    // shift, scale and gate of the self-attention, then of the MLP.
+    const auto m = modulation(condition).chunk(6, 1);
+    const auto a = modulate(norm1(in_float32(x)), m[0], m[1]);
+    x = x + m[2].unsqueeze(1) * attn1(a, a);
+    x = x + attn2(norm2(in_float32(x)), context);
+    return x +
+        m[5].unsqueeze(1) * ff(modulate(norm3(in_float32(x)), m[3], m[4]));
+  }
+  StyleInjectLinear modulation;
+  torch::nn::LayerNorm norm1;
+  Attention attn1;
+  torch::nn::LayerNorm norm2;
+  Attention attn2;
+  torch::nn::LayerNorm norm3;
+  FeedForward ff;
+};
+TORCH_MODULE(DiTBlock);
+
+/// The image that tokens of patch x patch pixels make, the tokens in rows
+/// as a strided Conv2d's output flattens them.
+/// tokens: (N, L, patch * patch) with L a square -> (N, 1, S, S).
+inline torch::Tensor unpatchify(const torch::Tensor& tokens, int64_t patch) {
+  const auto n = tokens.size(0);
+  const auto side =
+      static_cast<int64_t>(std::lround(std::sqrt(tokens.size(1))));
+  TORCH_CHECK(
+      side * side == tokens.size(1) && tokens.size(2) == patch * patch,
+      "unpatchify: expected (N, side^2, ",
+      patch * patch,
+      ") tokens, but got ",
+      tokens.sizes());
+  // (N, row, col, p, p) -> (N, row, p, col, p)
+  return tokens.reshape({n, side, side, patch, patch})
+      .permute({0, 1, 3, 2, 4})
+      .reshape({n, 1, side * patch, side * patch});
+}
+
+/// The DiT backbone: the image cut into patch x patch tokens (a strided
+/// Conv2d) with learned positions, `depth` blocks, and an adaLN-modulated
+/// output layer that puts the patches back.
+/// x: (N, 1, S, S), condition: (N, width), context: (N, S', text_dim) ->
+/// (N, 1, S, S).
+struct DiTImpl : torch::nn::Module {
+  explicit DiTImpl(const ModelConfig& c) : patch(c.patch) {
+    TORCH_CHECK(
+        c.image_size % c.patch == 0,
+        "DiT: image size ",
+        c.image_size,
+        " is not a multiple of the patch size ",
+        c.patch);
+    const auto tokens = (c.image_size / c.patch) * (c.image_size / c.patch);
+    patchify = register_module(
+        "patchify",
+        StyleInjectConv2d(
+            torch::nn::Conv2dOptions(1, c.width, c.patch).stride(c.patch)));
+    position =
+        register_parameter("position", torch::randn({tokens, c.width}) * 0.02);
+    for (int64_t i = 0; i < c.depth; ++i) {
+      blocks.push_back(register_module(
+          "block" + std::to_string(i), DiTBlock(c.width, c.text_dim, c.heads)));
+    }
+    norm_out = register_module("norm_out", plain_layer_norm(c.width));
+    modulation_out =
+        register_module("modulation_out", zero_linear(c.width, 2 * c.width));
+    proj_out =
+        register_module("proj_out", zero_linear(c.width, c.patch * c.patch));
+  }
+  torch::Tensor forward(
+      const torch::Tensor& x,
+      const torch::Tensor& condition,
+      const torch::Tensor& context) {
+    auto h = patchify(x).flatten(2).transpose(1, 2) + position; // (N, L, D)
+    const auto c = torch::silu(condition);
+    for (auto& block : blocks) {
+      h = block(h, c, context);
+    }
+    const auto m = modulation_out(c).chunk(2, 1);
+    return unpatchify(
+        proj_out(modulate(norm_out(in_float32(h)), m[0], m[1])), patch);
+  }
+  int64_t patch;
+  StyleInjectConv2d patchify{nullptr};
+  torch::Tensor position;
+  std::vector<DiTBlock> blocks;
+  torch::nn::LayerNorm norm_out{nullptr};
+  StyleInjectLinear modulation_out{nullptr}, proj_out{nullptr};
+};
+TORCH_MODULE(DiT);
+
 /// The denoiser: predicts v = sqrt(a) eps - sqrt(1 - a) x0 (see
-/// diffusion.h) from x_t, t and the caption.
-/// Three levels (full, 1/2, 1/4 resolution); attention at the two lower
-/// ones and in the middle.
+/// diffusion.h) from x_t, t and the caption, with a UNet or a DiT
+/// (`config.arch`). Both see the caption's tokens through cross-attention,
+/// and a condition made of the timestep and the caption's mean token.
+/// The UNet has three levels (full, 1/2, 1/4 resolution) and attention at
+/// the two lower ones and in the middle. Its modules sit at the top level,
+/// the DiT's under `dit.`: the UNet's names are those of files written
+/// before the DiT existed.
 /// x: (N, 1, S, S), t: (N,), ids: (N, L) -> v: (N, 1, S, S).
 struct TextToImageImpl : torch::nn::Module {
   explicit TextToImageImpl(const ModelConfig& c) : config(c) {
+    TORCH_CHECK(
+        c.arch == "unet" || c.arch == "dit",
+        "expected the architecture \"unet\" or \"dit\", but got \"",
+        c.arch,
+        "\"");
+    const auto td = c.condition_dim();
+    text = register_module("text", TextEncoder(c));
+    time1 = register_module("time1", StyleInjectLinear(c.time_features(), td));
+    time2 = register_module("time2", StyleInjectLinear(td, td));
+    text_pool = register_module("text_pool", StyleInjectLinear(c.text_dim, td));
+    if (c.is_dit()) {
+      dit = register_module("dit", DiT(c));
+    } else {
+      register_unet(c);
+    }
+  }
+
+  torch::Tensor forward(
+      const torch::Tensor& x,
+      const torch::Tensor& t,
+      const torch::Tensor& ids) {
+    return denoise(x, t, text(ids));
+  }
+
+  /// The denoiser alone, for a text encoding computed once (as the sampler
+  /// does).
+  torch::Tensor denoise(
+      const torch::Tensor& x,
+      const torch::Tensor& t,
+      const torch::Tensor& context) {
+    // The caption's mean token joins the timestep embedding (as Imagen and
+    // SDXL add a pooled text embedding): every ResBlock (or adaLN) sees the
+    // prompt, not only the attention blocks, which speeds up learning it.
+    const auto condition =
+        time2(
+            torch::silu(time1(timestep_embedding(t, config.time_features())))) +
+        text_pool(context.mean(1));
+    return dit ? dit(x, condition, context) : unet(x, condition, context);
+  }
+
+  ModelConfig config;
+  TextEncoder text{nullptr};
+  StyleInjectLinear time1{nullptr}, time2{nullptr}, text_pool{nullptr};
+  DiT dit{nullptr};
+  StyleInjectConv2d conv_in{nullptr}, downsample0{nullptr},
+      downsample1{nullptr}, conv_out{nullptr};
+  ResBlock down0{nullptr}, down1{nullptr}, mid1{nullptr}, mid2{nullptr},
+      up1{nullptr}, up0{nullptr};
+  SpatialTransformer down1_attn{nullptr}, mid_attn{nullptr}, up1_attn{nullptr};
+  torch::nn::GroupNorm norm_out{nullptr};
+
+ private:
+  void register_unet(const ModelConfig& c) {
     TORCH_CHECK(c.channels.size() == 3, "expected 3 UNet levels");
     TORCH_CHECK(c.image_size % 4 == 0, "image size must be a multiple of 4");
     const auto c0 = c.channels[0], c1 = c.channels[1], c2 = c.channels[2];
-    const auto td = 4 * c0;
-    text = register_module("text", TextEncoder(c));
-    time1 = register_module("time1", StyleInjectLinear(c0, td));
-    time2 = register_module("time2", StyleInjectLinear(td, td));
-    text_pool = register_module("text_pool", StyleInjectLinear(c.text_dim, td));
+    const auto td = c.condition_dim();
     conv_in = register_module("conv_in", conv3x3(1, c0));
     down0 = register_module("down0", ResBlock(c0, c0, td));
     downsample0 = register_module("downsample0", conv3x3(c0, c0, 2));
@@ -289,24 +517,10 @@ struct TextToImageImpl : torch::nn::Module {
     conv_out = register_module("conv_out", conv3x3(c0, 1));
   }
 
-  torch::Tensor forward(
+  torch::Tensor unet(
       const torch::Tensor& x,
-      const torch::Tensor& t,
-      const torch::Tensor& ids) {
-    return denoise(x, t, text(ids));
-  }
-
-  /// The UNet alone, for a text encoding computed once (as the sampler does).
-  torch::Tensor denoise(
-      const torch::Tensor& x,
-      const torch::Tensor& t,
+      const torch::Tensor& temb,
       const torch::Tensor& context) {
-    // The caption's mean token joins the timestep embedding (as Imagen and
-    // SDXL add a pooled text embedding): every ResBlock sees the prompt,
-    // not only the attention blocks, which speeds up learning it.
-    const auto temb =
-        time2(torch::silu(time1(timestep_embedding(t, config.channels[0])))) +
-        text_pool(context.mean(1));
     const auto h0 = down0(conv_in(x), temb); // S
     const auto h1 = down1_attn(down1(downsample0(h0), temb), context); // S/2
     auto h = downsample1(h1); // S/4
@@ -323,16 +537,6 @@ struct TextToImageImpl : torch::nn::Module {
             .scale_factor(std::vector<double>{2, 2})
             .mode(torch::kNearest));
   }
-
-  ModelConfig config;
-  TextEncoder text{nullptr};
-  StyleInjectLinear time1{nullptr}, time2{nullptr}, text_pool{nullptr};
-  StyleInjectConv2d conv_in{nullptr}, downsample0{nullptr},
-      downsample1{nullptr}, conv_out{nullptr};
-  ResBlock down0{nullptr}, down1{nullptr}, mid1{nullptr}, mid2{nullptr},
-      up1{nullptr}, up0{nullptr};
-  SpatialTransformer down1_attn{nullptr}, mid_attn{nullptr}, up1_attn{nullptr};
-  torch::nn::GroupNorm norm_out{nullptr};
 };
 TORCH_MODULE(TextToImage);
 

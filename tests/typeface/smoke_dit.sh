@@ -1,0 +1,33 @@
+#!/bin/sh
+# smoke_dit.sh TYPEFACE WORKDIR: the DiT through the single commands with the
+# tiny model and a few steps: pretrain (into the cache's base-dit-tiny),
+# finetune with adapters on its modulation layers too, resume, sample, eval.
+set -eu
+typeface=$1
+work=$2
+rm -rf "$work"
+mkdir -p "$work"
+tiny="--model tiny --arch dit --cache $work/cache"
+
+"$typeface" pretrain $tiny --steps 12
+python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); assert c["model"]["arch"] == "dit" and c["step"] == 12, c' \
+  "$work/cache/base-dit-tiny/config.json"
+"$typeface" finetune $tiny --steps 3 --out "$work/ft" 2>&1 | tee "$work/ft.log"
+"$typeface" finetune $tiny --steps 6 --resume --out "$work/ft"
+grep -q '"step": 6' "$work/ft/state.json"
+# Every Linear and Conv2d of the tiny DiT (and of the text encoder and the
+# condition): 2 blocks of 11, 3 around them, 3 + 6.
+grep -q "adapters on 34 layers" "$work/ft.log"
+python3 -c 'import json,struct,sys
+f=open(sys.argv[1],"rb"); n=struct.unpack("<Q",f.read(8))[0]; h=json.loads(f.read(n))
+assert "dit.block1.modulation.lora_A" in h and "dit.patchify.router.weight" in h, sorted(h)[:8]' \
+  "$work/ft/adapters.safetensors"
+"$typeface" sample $tiny --adapter "$work/ft/adapters.safetensors" --steps 3 \
+  --prompt "the letter g in lobster style" --out "$work/sample.png"
+test -s "$work/sample.png"
+"$typeface" judge --model tiny --cache "$work/cache" --members 1 --steps 20
+"$typeface" eval $tiny --adapter "$work/ft/adapters.safetensors" --images 1 \
+  --base-prompts 2 --out "$work/eval.json"
+python3 -c 'import json,sys; e=json.load(open(sys.argv[1])); assert 0 <= e["alignment_mean"] <= 1, e' \
+  "$work/eval.json"
+echo "DiT smoke run passed"
