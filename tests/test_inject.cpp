@@ -15,7 +15,11 @@ using styleinject::Override;
 using styleinject::StyleInjectOptions;
 using styleinject::Targets;
 using styleinject_test::error_of;
+using styleinject_test::f64;
 using styleinject_test::randomize_adapter;
+using styleinject_test::reference_of;
+using styleinject_test::reference_style;
+using styleinject_test::ReferenceLinear;
 using styleinject_test::snapshot;
 using styleinject_test::TinyNet;
 
@@ -342,4 +346,97 @@ TEST_CASE(
   text << 3.14159265 << "|" << std::setw(5) << "ab";
   const std::string out = text.str();
   CHECK(out.substr(out.size() - 11) == "3.142|   ab");
+}
+
+TEST_CASE(
+    "RoutingRecord records each layer's style weights per sample",
+    "[inject]") {
+  torch::manual_seed(43);
+  TinyNet model;
+  inject(*model, Targets::all(), StyleInjectOptions(2).branches(3));
+  inject(
+      *model,
+      Targets::suffixes({"to_k"}).adapter("second"),
+      StyleInjectOptions(1).branches(2));
+  const auto modules = model->named_modules();
+  auto& conv =
+      *modules["blocks.0.body.0"]->as<styleinject::StyleInjectConv2dImpl>();
+  auto& to_k = *modules["attn.to_k"]->as<styleinject::StyleInjectLinearImpl>();
+  randomize_adapter(conv);
+  randomize_adapter(to_k);
+  {
+    torch::NoGradGuard no_grad; // a router of its own that is not uniform
+    for (auto& p : to_k.adapter_parameters("second")) {
+      p.copy_(torch::randn_like(p));
+    }
+  }
+  const auto x = torch::randn({2, 4, 5, 5}), y = torch::randn({3, 4, 5, 5});
+  const auto context = torch::randn({2, 7, 6});
+  const auto context_y = torch::randn({3, 7, 6});
+  // The naive SPEC §1 weights of sample i: the router of its input pooled
+  // over H×W (Conv2d) or the tokens (Linear).
+  const auto expected = [](const ReferenceLinear& p,
+                           const torch::Tensor& input,
+                           int64_t i) {
+    const auto mean = input.dim() == 4 ? f64(input[i]).flatten(1).mean(1)
+                                       : f64(input[i]).mean(0);
+    return reference_style(
+        p,
+        std::vector<double>(
+            mean.data_ptr<double>(), mean.data_ptr<double>() + mean.numel()),
+        i);
+  };
+  const auto rows_match = [&](const torch::Tensor& recorded,
+                              const ReferenceLinear& p,
+                              const torch::Tensor& input,
+                              int64_t offset) {
+    bool all = true;
+    for (int64_t i = 0; i < input.size(0); ++i) {
+      const auto s = expected(p, input, i);
+      for (size_t j = 0; j < s.size(); ++j) {
+        all = all &&
+            std::abs(recorded[offset + i][j].item<double>() - s[j]) < 1e-5;
+      }
+    }
+    return all;
+  };
+
+  SECTION("every adapted layer, in model order, a row per sample") {
+    styleinject::RoutingRecord record(*model);
+    model(x, context);
+    model(y, context_y);
+    const auto weights = record.weights();
+    REQUIRE(weights.size() == 9);
+    CHECK(weights[0].first == "blocks.0.body.0");
+    CHECK(weights[6].first == "attn.to_k");
+    for (const auto& [name, s] : weights) {
+      INFO(name);
+      REQUIRE(s.sizes() == torch::IntArrayRef({5, 3}));
+      CHECK(torch::allclose(s.sum(1), torch::ones({5})));
+    }
+    CHECK(rows_match(weights[0].second, reference_of(conv), x, 0));
+    CHECK(rows_match(weights[0].second, reference_of(conv), y, 2));
+    CHECK(rows_match(weights[6].second, reference_of(to_k), context, 0));
+    CHECK(rows_match(weights[6].second, reference_of(to_k), context_y, 2));
+  }
+  SECTION("only while it lives, only enabled adapters, the one named") {
+    model(x, context); // before: not recorded
+    styleinject::RoutingRecord second(*model, "second");
+    {
+      styleinject::RoutingRecord inner(*model);
+      to_k.set_enabled(false);
+      model(x, context);
+      const auto weights = inner.weights();
+      CHECK(!weights[6].second.defined());
+      CHECK(weights[7].second.size(0) == 2);
+      to_k.set_enabled(true);
+    }
+    model(y, context_y); // the inner record is gone: `second` records
+    const auto weights = second.weights();
+    REQUIRE(weights.size() == 1);
+    CHECK(weights[0].first == "attn.to_k");
+    REQUIRE(weights[0].second.sizes() == torch::IntArrayRef({3, 2}));
+    CHECK(rows_match(
+        weights[0].second, reference_of(to_k, 1.0, "second"), context_y, 0));
+  }
 }

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <functional>
 #include <iomanip>
+#include <map>
 #include <memory>
 #include <ostream>
 #include <regex>
@@ -876,6 +877,73 @@ inline void unmerge_adapters(
 
 /// The report as a table: one row per adapted layer, then the counts. The
 /// stream's formatting is left as it was.
+/// Records, while it lives, the style weights (SPEC §1) that the adapter
+/// `adapter` of each layer of `model` gives its inputs in the forwards that
+/// run on this thread: which branches each sample uses. A disabled adapter
+/// or a merged layer records nothing; of nested records, the innermost
+/// records.
+///
+///   styleinject::RoutingRecord record(*model);
+///   model->forward(x);
+///   for (const auto& [layer, weights] : record.weights()) ... // (N, n)
+class RoutingRecord : detail::RoutingObserver {
+ public:
+  explicit RoutingRecord(
+      const torch::nn::Module& model,
+      std::string adapter = kDefaultAdapter)
+      : adapter_(std::move(adapter)), previous_(detail::routing_observer()) {
+    detail::for_each_adapted(model, [&](const std::string& name, auto& layer) {
+      if (layer.has_adapter(adapter_)) {
+        slots_.emplace(&layer, names_.size());
+        names_.push_back(name);
+      }
+    });
+    recorded_.resize(names_.size());
+    detail::routing_observer() = this;
+  }
+  ~RoutingRecord() override {
+    detail::routing_observer() = previous_;
+  }
+  RoutingRecord(const RoutingRecord&) = delete;
+  RoutingRecord& operator=(const RoutingRecord&) = delete;
+
+  /// Per layer with the adapter, in the model's order: the style weights of
+  /// every recorded forward, concatenated along the batch, (N, n); an
+  /// undefined tensor where none was recorded.
+  std::vector<std::pair<std::string, torch::Tensor>> weights() const {
+    std::vector<std::pair<std::string, torch::Tensor>> all;
+    for (size_t i = 0; i < names_.size(); ++i) {
+      all.emplace_back(
+          names_[i],
+          recorded_[i].empty() ? torch::Tensor() : torch::cat(recorded_[i]));
+    }
+    return all;
+  }
+
+ private:
+  void observe(
+      const torch::nn::Module& layer,
+      const std::function<torch::Tensor(const std::string&)>& weights)
+      override {
+    const auto slot = slots_.find(&layer);
+    if (slot == slots_.end()) {
+      return;
+    }
+    torch::NoGradGuard no_grad;
+    auto s = weights(adapter_);
+    if (s.defined()) {
+      // One row per sample: (d_in) inputs give (n).
+      recorded_[slot->second].push_back(s.reshape({-1, s.size(-1)}));
+    }
+  }
+
+  std::string adapter_;
+  detail::RoutingObserver* previous_;
+  std::map<const torch::nn::Module*, size_t> slots_;
+  std::vector<std::string> names_;
+  std::vector<std::vector<torch::Tensor>> recorded_;
+};
+
 inline std::ostream& operator<<(std::ostream& stream, const AdapterReport& r) {
   std::vector<std::vector<std::string>> rows{
       {"layer", "type", "shape", "rank", "branches", "alpha", "parameters"}};

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <map>
 #include <memory>
 #include <ostream>
@@ -34,6 +35,25 @@ template <typename Base>
 struct layer_traits;
 
 namespace detail {
+
+/// Where StyleInject layers report the style weights of their inputs while a
+/// styleinject::RoutingRecord (<styleinject/inject.h>) records on this
+/// thread.
+class RoutingObserver {
+ public:
+  virtual ~RoutingObserver() = default;
+  /// `weights(name)`: the style weights that the layer's enabled adapter
+  /// `name` gives this forward's input; undefined where it has none.
+  virtual void observe(
+      const torch::nn::Module& layer,
+      const std::function<torch::Tensor(const std::string&)>& weights) = 0;
+};
+
+/// The observer of this thread's forwards; null: none records.
+inline RoutingObserver*& routing_observer() {
+  static thread_local RoutingObserver* observer = nullptr;
+  return observer;
+}
 
 /// The run-time controls of one adapter.
 struct AdapterControls {
@@ -433,6 +453,13 @@ class StyleInjectLayerImpl
   torch::Tensor forward(const torch::Tensor& input) {
     if (merged_) {
       return Traits::merged_forward(options, input, weight, bias, merged_gate_);
+    }
+    if (auto* observer = detail::routing_observer()) {
+      observer->observe(*this, [&](const std::string& name) {
+        return has_adapter(name) && is_enabled(name)
+            ? style_weights(input, name)
+            : torch::Tensor();
+      });
     }
     std::vector<functional::AdapterTerm> terms;
     for (const auto& name : enabled_names()) {
