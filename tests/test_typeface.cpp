@@ -358,6 +358,86 @@ TEST_CASE("the DiT's patches, adaLN-Zero start and targets", "[typeface]") {
   }
 }
 
+TEST_CASE("distillation: the teacher's prediction as target", "[typeface]") {
+  torch::manual_seed(0);
+  const auto config = tiny_config();
+  TextToImage teacher(config), student(config);
+  {
+    // The student is the teacher with its last layer's output times 3:
+    // s = 3 T exactly, so |s - T|^2 / |T|^2 = 4 on every image.
+    torch::NoGradGuard no_grad;
+    const auto from = teacher->parameters();
+    auto to = student->parameters();
+    for (size_t i = 0; i < from.size(); ++i) {
+      to[i].copy_(from[i]);
+    }
+    student->conv_out->weight.mul_(3);
+    student->conv_out->bias.mul_(3);
+  }
+  const auto batch = training_batch(config, 6, 4);
+  Batch pool{
+      batch.images * 0.5 + 0.5, batch.ids, batch.characters, batch.fonts};
+  SECTION("the output error is the relative squared distance, per prompt") {
+    const auto same = output_error(teacher, teacher, pool, 3, Runtime{});
+    CHECK(same == std::vector<double>(3, 0.0));
+    const auto tripled = output_error(student, teacher, pool, 3, Runtime{});
+    REQUIRE(tripled.size() == 3);
+    for (const auto e : tripled) {
+      CHECK(e == Approx(4.0).epsilon(1e-5));
+    }
+  }
+  SECTION("the loss against a teacher is zero for the teacher itself") {
+    torch::manual_seed(1);
+    const auto self = diffusion_loss(
+        teacher, NoiseSchedule(), batch.images, batch.ids, 0, -1, &teacher);
+    CHECK(self.item<double>() == 0);
+    torch::manual_seed(1);
+    const auto v_loss =
+        diffusion_loss(teacher, NoiseSchedule(), batch.images, batch.ids);
+    torch::manual_seed(1);
+    const auto distilled = diffusion_loss(
+        student, NoiseSchedule(), batch.images, batch.ids, 0, -1, &teacher);
+    // The target is 1/3 of the student's output: 4/9 of its mean square.
+    torch::manual_seed(1);
+    torch::Tensor out;
+    {
+      torch::NoGradGuard no_grad;
+      const auto n = batch.images.size(0);
+      const auto t = torch::randint(1000, {n}, torch::kLong);
+      const auto noise = torch::randn_like(batch.images);
+      const auto a =
+          NoiseSchedule().alpha_bar.index_select(0, t).view({n, 1, 1, 1});
+      out = student(
+          a.sqrt() * batch.images + (1 - a).sqrt() * noise, t, batch.ids);
+    }
+    CHECK(
+        distilled.item<double>() ==
+        Approx(out.pow(2).mean().item<double>() * 4 / 9).epsilon(1e-4));
+    CHECK(v_loss.item<double>() != Approx(distilled.item<double>()));
+  }
+  SECTION("a pool's draw: its rows, and empty captions at the given rate") {
+    std::mt19937_64 rng(3);
+    const auto drawn = draw_from_pool(pool, 400, rng, 0.25);
+    const auto empty = Tokenizer().encode("");
+    int64_t dropped = 0;
+    for (int64_t i = 0; i < 400; ++i) {
+      const auto row =
+          (pool.images - drawn.images[i]).abs().flatten(1).sum(1).argmin();
+      CHECK(torch::equal(pool.images[row.item<int64_t>()], drawn.images[i]));
+      CHECK(
+          drawn.fonts[i].item<int64_t>() ==
+          pool.fonts[row.item<int64_t>()].item<int64_t>());
+      if (torch::equal(drawn.ids[i], empty)) {
+        ++dropped;
+      } else {
+        CHECK(torch::equal(drawn.ids[i], pool.ids[row.item<int64_t>()]));
+      }
+    }
+    CHECK(dropped > 70); // 100 expected; 70 is 3.5 sigma below
+    CHECK(dropped < 130);
+  }
+}
+
 TEST_CASE("the sampler is deterministic for a seed", "[typeface]") {
   torch::manual_seed(0);
   const auto config = tiny_config();
@@ -640,9 +720,16 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "the shipped base model loads and draws its own fonts as stated",
+    "the shipped base models load and draw their own fonts as stated",
     "[typeface]") {
-  const auto dir = shipped_assets() / "base-small";
+  // README.md states 0.905 (UNet) and 0.975 (DiT) on 192 prompts x 4
+  // images; on these 96 images a base of 0.9 falls below 0.85 with a chance
+  // of about 5 %, and one of 0.975 below 0.92 with one of 0.02 %.
+  const auto [name, least] = GENERATE(
+      std::make_pair("base-small", 0.85),
+      std::make_pair("base-dit-small", 0.92));
+  INFO(name);
+  const auto dir = shipped_assets() / name;
   REQUIRE(base_complete(dir));
   auto model = load_base(dir, torch::kCPU);
   GlyphRenderer renderer(all_fonts(), ModelConfig::small().image_size);
@@ -651,17 +738,9 @@ TEST_CASE(
   ExperimentOptions options;
   options.images = 2;
   options.base_prompts = 48;
-  torch::Tensor images, features;
-  const auto scores = judge_model(
-      model,
-      judge,
-      font_index("lobster"),
-      "a",
-      options,
-      Runtime{},
-      images,
-      features);
-  // README.md states 0.905 on 192 prompts x 4 images; on these 96 images a
-  // base of 0.9 falls below 0.85 with a chance of about 5 %.
-  CHECK(mean(scores["retention"]) >= 0.85);
+  const auto scores =
+      judge_model(
+          model, judge, {font_index("lobster")}, "a", options, Runtime{})[0]
+          .scores;
+  CHECK(mean(scores["retention"]) >= least);
 }

@@ -36,6 +36,8 @@ struct NoiseSchedule {
 /// timesteps, over rows [begin, end) of the batch (all by default). The
 /// timesteps and noise are drawn for every row, so that a process training
 /// on some rows draws what one process training on all would.
+/// With a `teacher`, the distillation loss: the teacher's prediction at
+/// the same input is the target instead of the true v.
 /// images: (N, 1, S, S) in [-1, 1], ids: (N, L).
 inline torch::Tensor diffusion_loss(
     TextToImage& model,
@@ -43,7 +45,8 @@ inline torch::Tensor diffusion_loss(
     const torch::Tensor& images,
     const torch::Tensor& ids,
     int64_t begin = 0,
-    int64_t end = -1) {
+    int64_t end = -1,
+    TextToImage* teacher = nullptr) {
   const auto n = images.size(0);
   end = end < 0 ? n : end;
   // Drawn where the images are: no copy, and no wait, between host and
@@ -57,9 +60,13 @@ inline torch::Tensor diffusion_loss(
                      .index_select(0, t)
                      .view({end - begin, 1, 1, 1});
   const auto noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise;
-  const auto v = a.sqrt() * noise - (1 - a).sqrt() * x0;
-  return torch::mse_loss(
-      model(noisy, t, ids.slice(0, begin, end)).to(torch::kFloat), v);
+  const auto captions = ids.slice(0, begin, end);
+  torch::Tensor target = a.sqrt() * noise - (1 - a).sqrt() * x0; // v
+  if (teacher != nullptr) {
+    torch::NoGradGuard no_grad;
+    target = (*teacher)(noisy, t, captions).to(torch::kFloat);
+  }
+  return torch::mse_loss(model(noisy, t, captions).to(torch::kFloat), target);
 }
 
 /// Options of the sampler.

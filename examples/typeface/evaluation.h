@@ -58,12 +58,12 @@ inline Prompts base_font_prompts(int64_t count) {
   return prompts;
 }
 
-/// The denoising loss on renders of the validation characters at fixed
-/// noise and timesteps: what the learning-rate search minimises.
+/// The denoising loss on renders of the validation characters of `styles`
+/// at fixed noise and timesteps: what the learning-rate search minimises.
 inline double validation_loss(
     TextToImage& model,
     GlyphRenderer& renderer,
-    int64_t style,
+    const std::vector<int64_t>& styles,
     const std::string& validation,
     const Runtime& runtime) {
   torch::NoGradGuard no_grad;
@@ -74,7 +74,7 @@ inline double validation_loss(
   double total = 0;
   for (int round = 0; round < 4; ++round) {
     const auto batch =
-        draw_batch(renderer, tokenizer, {style}, validation, 64, rng);
+        draw_batch(renderer, tokenizer, styles, validation, 64, rng);
     AutocastGuard autocast(runtime);
     total += diffusion_loss(
                  model,

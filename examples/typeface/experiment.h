@@ -16,6 +16,8 @@
 #include <cstdlib>
 #include <iomanip>
 #include <map>
+#include <memory>
+#include <set>
 #include <sstream>
 
 namespace typeface {
@@ -204,7 +206,9 @@ inline Arm make_arm(
 /// The arms of a setting; the first is the reference of every comparison.
 /// few-shot: StyleInject with the library's defaults, LoRA of about its
 /// parameter count, LoRA of twice that, and the first LoRA given
-/// StyleInject's wall-clock time. ablation: the defaults, then one change
+/// StyleInject's wall-clock time; multi-style and distill: the same but the
+/// last.
+/// ablation: the defaults, then one change
 /// each (n at equal parameters).
 inline std::vector<Arm> setting_arms(
     const std::string& setting,
@@ -214,7 +218,7 @@ inline std::vector<Arm> setting_arms(
   const StyleInjectOptions defaults(4);
   std::vector<Arm> arms{make_arm(config, "StyleInject", defaults)};
   const auto target = arms[0].parameters;
-  if (setting == "few-shot") {
+  if (setting != "ablation") {
     const auto rank = rank_for(config, StyleInjectOptions::lora(1), target);
     arms.push_back(make_arm(
         config,
@@ -224,9 +228,11 @@ inline std::vector<Arm> setting_arms(
         config,
         "LoRA r=" + std::to_string(2 * rank),
         StyleInjectOptions::lora(2 * rank)));
-    auto timed = arms[1];
-    timed.label += " (equal time)";
-    arms.push_back(timed);
+    if (setting == "few-shot") {
+      auto timed = arms[1];
+      timed.label += " (equal time)";
+      arms.push_back(timed);
+    }
     return arms;
   }
   arms.push_back(make_arm(
@@ -276,6 +282,7 @@ struct ExperimentOptions {
   int64_t base_prompts = 16;
   SamplerOptions sampler; // of every judged image
   int64_t steps = 100;
+  int64_t teacher_steps = 1500; // distill: the teacher's full fine-tune
   std::vector<double> lrs = {1e-3, 3e-3, 1e-2}; // the search's candidates
   fs::path results = "results";
   uint64_t seed = 0;
@@ -294,23 +301,48 @@ struct ExperimentOptions {
     return options;
   }
 
-  /// The ablation's defaults where not given: K = 16 only, on lobster,
-  /// which keeps its 50 runs near 35 minutes on a 2-core CPU (--styles
-  /// adds more).
-  void ablation_defaults(bool shots_given) {
-    if (!shots_given) {
-      shots = {16};
-    }
-    if (styles.empty()) {
-      styles = {"lobster"};
+  /// Which options the command line gave; the rest take the setting's.
+  struct Given {
+    bool shots = false, steps = false, base_prompts = false, lrs = false;
+  };
+
+  /// The setting's defaults where not given. ablation: K = 16 only, on
+  /// lobster, which keeps its 50 runs near 35 minutes on a 2-core CPU
+  /// (--styles adds more). multi-style: one adapter on all of each style's
+  /// training characters (K = 38: all but the 8 validation and 16 test
+  /// ones), 600 steps, 8 base-font prompts per style.
+  void setting_defaults(const Given& given) {
+    if (setting == "ablation") {
+      if (!given.shots) {
+        shots = {16};
+      }
+      if (styles.empty()) {
+        styles = {"lobster"};
+      }
+    } else if (setting == "multi-style" || setting == "distill") {
+      if (!given.shots) {
+        shots = {38};
+      }
+      if (!given.steps) {
+        steps = 600;
+      }
+      if (!given.base_prompts) {
+        base_prompts = 48;
+      }
+      if (!given.lrs) {
+        lrs = {1e-3, 3e-3};
+      }
     }
   }
 
-  /// The quick mode's cuts: one style, one K, two seeds, two images per
-  /// prompt, few steps, no learning-rate search.
+  /// The quick mode's cuts: one style (multi-style: two), one K, two seeds,
+  /// two images per prompt, few steps, no learning-rate search.
   void make_quick() {
     quick = true;
-    styles = {"lobster"};
+    styles = setting == "multi-style" || setting == "distill"
+        ? std::vector<std::string>{"lobster", "comic neue"}
+        : std::vector<std::string>{"lobster"};
+    teacher_steps = std::min<int64_t>(teacher_steps, 40);
     shots = {shots[0]};
     seeds = 2;
     images = 2;
@@ -377,26 +409,45 @@ inline std::vector<double> per_prompt(
   return {means.data_ptr<double>(), means.data_ptr<double>() + prompts};
 }
 
-/// One fine-tuned model judged: per-prompt scores (means over the images)
-/// of the style's test characters and of the base-font prompts.
-inline ordered_json judge_model(
+/// The mean of a JSON array of numbers.
+inline double mean(const ordered_json& values) {
+  const auto v = values.get<std::vector<double>>();
+  return std::accumulate(v.begin(), v.end(), 0.0) / v.size();
+}
+
+/// What a model gave on one style's test prompts.
+struct Judged {
+  ordered_json scores; // per-prompt means over the images, and agreement
+  torch::Tensor images; // (images · P, 1, S, S), image-major
+  torch::Tensor features; // the judge's features of `images`
+};
+
+/// The elements [begin, end) of a vector.
+inline std::vector<double> slice_of(
+    const std::vector<double>& values,
+    size_t begin,
+    size_t end) {
+  return {values.begin() + begin, values.begin() + end};
+}
+
+/// One fine-tuned model judged on the test characters of each of `styles`:
+/// per-prompt scores (means over the images). The base-font prompts are
+/// shared out among the styles, each its own, so that the styles' scores
+/// stay independent strata of the report's intervals.
+inline std::vector<Judged> judge_model(
     TextToImage& model,
     Judge& judge,
-    int64_t style,
+    const std::vector<int64_t>& styles,
     const std::string& test_characters,
     const ExperimentOptions& options,
-    const Runtime& runtime,
-    torch::Tensor& test_images,
-    torch::Tensor& test_features) {
-  Prompts test;
-  for (const char c : test_characters) {
-    test.emplace_back(style, c);
-  }
+    const Runtime& runtime) {
   const auto base = base_font_prompts(options.base_prompts);
-  test_images =
-      generate(model, repeated(test, options.images), options.sampler, runtime);
-  const auto base_images =
-      generate(model, repeated(base, options.images), options.sampler, runtime);
+  const auto S = styles.size(), B = base.size();
+  if (B < S) {
+    throw std::invalid_argument(
+        "--base-prompts " + std::to_string(B) + " is fewer than the " +
+        std::to_string(S) + " styles that share them");
+  }
   const auto expected = [](const Prompts& prompts, int64_t images) {
     std::vector<int64_t> chars, fonts;
     for (const auto& [font, c] : repeated(prompts, images)) {
@@ -405,33 +456,54 @@ inline ordered_json judge_model(
     }
     return std::make_pair(torch::tensor(chars), torch::tensor(fonts));
   };
-  const auto on_test = score(judge, test_images);
+  std::vector<Judged> judged;
+  for (const auto style : styles) {
+    Prompts test;
+    for (const char c : test_characters) {
+      test.emplace_back(style, c);
+    }
+    auto images = generate(
+        model, repeated(test, options.images), options.sampler, runtime);
+    const auto on_test = score(judge, images);
+    const auto [chars, fonts] = expected(test, options.images);
+    const auto P = static_cast<int64_t>(test.size());
+    const auto member_alignment =
+        on_test.votes.eq(chars).to(torch::kDouble).mean(1).contiguous();
+    judged.push_back(
+        {{{"alignment", per_prompt(on_test.characters.argmax(1).eq(chars), P)},
+          {"style_fit",
+           per_prompt(
+               on_test.fonts.gather(1, fonts.unsqueeze(1)).squeeze(1), P)},
+          {"judge_agreement",
+           on_test.votes.eq(on_test.votes[0])
+               .all(0)
+               .to(torch::kDouble)
+               .mean()
+               .item<double>()},
+          // What each member alone would have said of the alignment.
+          {"member_alignment",
+           std::vector<double>(
+               member_alignment.data_ptr<double>(),
+               member_alignment.data_ptr<double>() +
+                   member_alignment.numel())}},
+         images,
+         on_test.features});
+  }
+  const auto base_images =
+      generate(model, repeated(base, options.images), options.sampler, runtime);
   const auto on_base = score(judge, base_images);
-  const auto [test_chars, test_fonts] = expected(test, options.images);
-  const auto [base_chars, base_fonts] = expected(base, options.images);
-  test_features = on_test.features;
-  const auto member_alignment =
-      on_test.votes.eq(test_chars).to(torch::kDouble).mean(1).contiguous();
-  const auto P = static_cast<int64_t>(test.size());
-  const auto B = static_cast<int64_t>(base.size());
-  return {
-      {"alignment", per_prompt(on_test.characters.argmax(1).eq(test_chars), P)},
-      {"style_fit",
-       per_prompt(
-           on_test.fonts.gather(1, test_fonts.unsqueeze(1)).squeeze(1), P)},
-      {"retention", per_prompt(on_base.characters.argmax(1).eq(base_chars), B)},
-      {"font_kept", per_prompt(on_base.fonts.argmax(1).eq(base_fonts), B)},
-      {"judge_agreement",
-       on_test.votes.eq(on_test.votes[0])
-           .all(0)
-           .to(torch::kDouble)
-           .mean()
-           .item<double>()},
-      // What each member alone would have said of the alignment.
-      {"member_alignment",
-       std::vector<double>(
-           member_alignment.data_ptr<double>(),
-           member_alignment.data_ptr<double>() + member_alignment.numel())}};
+  const auto [chars, fonts] = expected(base, options.images);
+  const auto retention = per_prompt(
+      on_base.characters.argmax(1).eq(chars), static_cast<int64_t>(B));
+  const auto font_kept =
+      per_prompt(on_base.fonts.argmax(1).eq(fonts), static_cast<int64_t>(B));
+  for (size_t i = 0; i < S; ++i) {
+    judged[i].scores["retention"] =
+        slice_of(retention, i * B / S, (i + 1) * B / S);
+    judged[i].scores["font_kept"] =
+        slice_of(font_kept, i * B / S, (i + 1) * B / S);
+  }
+  return judged;
 }
 
 /// The measures of a run, how each is named in the report, and whether
@@ -446,11 +518,244 @@ inline const std::vector<Measure>& measures() {
       {"alignment", "alignment", true},
       {"style_fit", "style fit", true},
       {"retention", "retention (character)", true},
-      {"font_kept", "retention (font)", true}};
+      {"font_kept", "retention (font)", true},
+      {"output_error", "output error (vs teacher)", false}};
   return list;
 }
 
+/// The measures that a run's scores hold (output_error: distill only).
+inline std::vector<Measure> measures_of(const ordered_json& scores) {
+  std::vector<Measure> held;
+  for (const auto& m : measures()) {
+    if (scores.contains(m.key)) {
+      held.push_back(m);
+    }
+  }
+  return held;
+}
+
 // ----------------------------------------------------------------- driver
+
+// ----------------------------------------------------------- distill
+
+/// Every (style, character) prompt of `styles` and `chars`.
+inline Prompts style_prompts(
+    const std::vector<std::string>& styles,
+    const std::string& chars) {
+  Prompts prompts;
+  for (const auto& style : styles) {
+    for (const char c : chars) {
+      prompts.emplace_back(font_index(style), c);
+    }
+  }
+  return prompts;
+}
+
+/// What the teacher generates for `prompts`, each `images` times
+/// (image-major, as `repeated`), as a batch: a distillation's inputs. Read
+/// from `file` where an earlier run left it, else generated and saved.
+inline Batch teacher_pool(
+    TextToImage& teacher,
+    const Prompts& prompts,
+    int64_t images,
+    const ExperimentOptions& options,
+    const Runtime& runtime,
+    const fs::path& file) {
+  const auto all = repeated(prompts, images);
+  std::vector<int64_t> chars, fonts;
+  for (const auto& [font, c] : all) {
+    chars.push_back(static_cast<int64_t>(characters().find(c)));
+    fonts.push_back(font);
+  }
+  Batch pool{
+      torch::Tensor(),
+      encode(Tokenizer(), all),
+      torch::tensor(chars),
+      torch::tensor(fonts)};
+  if (exists_on_main(runtime, file)) {
+    pool.images =
+        styleinject::load_safetensors(file.string()).tensors.at(0).second;
+  } else {
+    pool.images = generate(teacher, all, options.sampler, runtime);
+    if (runtime.is_main()) {
+      fs::create_directories(file.parent_path());
+      styleinject::save_safetensors(file.string(), {{"images", pool.images}});
+    }
+  }
+  TORCH_CHECK(
+      pool.images.size(0) == static_cast<int64_t>(all.size()),
+      file.string(),
+      " holds ",
+      pool.images.size(0),
+      " images, expected ",
+      all.size(),
+      "; use another --results folder");
+  return pool;
+}
+
+/// How far `student`'s predictions lie from the teacher's on a pool of
+/// `prompts` prompts (image-major), each image noised at t = 100, 300, 500,
+/// 700 and 900 with fixed noise: per image, the mean over t of |s − T|² /
+/// |T|²; per prompt, the mean over its images. 0: the teacher's output.
+inline std::vector<double> output_error(
+    TextToImage& student,
+    TextToImage& teacher,
+    const Batch& pool,
+    int64_t prompts,
+    const Runtime& runtime) {
+  torch::NoGradGuard no_grad;
+  student->eval();
+  const NoiseSchedule schedule(1000, runtime.device);
+  const auto x0 = pool.images.to(runtime.device) * 2 - 1;
+  const auto ids = pool.ids.to(runtime.device);
+  torch::Tensor total = torch::zeros({x0.size(0)}, torch::kDouble);
+  for (const int64_t step : {100, 300, 500, 700, 900}) {
+    auto generator = at::detail::createCPUGenerator(step);
+    const auto noise = torch::randn(x0.sizes(), generator);
+    const auto a = schedule.alpha_bar[step];
+    const auto noisy =
+        a.sqrt() * x0 + (1 - a).sqrt() * noise.to(runtime.device);
+    const auto t =
+        torch::full({x0.size(0)}, step, torch::kLong).to(runtime.device);
+    AutocastGuard autocast(runtime);
+    const auto target = teacher(noisy, t, ids).to(torch::kDouble).flatten(1);
+    const auto out = student(noisy, t, ids).to(torch::kDouble).flatten(1);
+    total += ((out - target).pow(2).sum(1) / target.pow(2).sum(1)).cpu() / 5;
+  }
+  student->train();
+  return per_prompt(total, prompts);
+}
+
+/// The distill setting's teacher, made as the community makes one: every
+/// weight of the base fine-tuned on `styles` (all `chars` of each), into
+/// `dir`, or read from there.
+inline TextToImage make_teacher(
+    const ExperimentOptions& options,
+    const std::vector<std::string>& styles,
+    const std::string& chars,
+    GlyphRenderer& renderer,
+    const Runtime& runtime) {
+  const auto dir = options.results / "teacher";
+  if (!from_main(runtime, base_complete(dir) ? 1 : 0)) {
+    PretrainOptions teach;
+    teach.init = options.base_dir;
+    teach.fonts = new_style_fonts(styles);
+    teach.chars = chars;
+    teach.steps = options.teacher_steps;
+    teach.lr = 3e-4;
+    teach.checkpoint_every = options.teacher_steps;
+    teach.seed = options.seed;
+    teach.resume = exists_on_main(runtime, dir / "training.pt");
+    pretrain(teach, dir, renderer, runtime);
+    from_main(runtime, 1); // every rank reads it after rank 0 wrote it
+  }
+  auto teacher = load_base(dir, runtime.device);
+  teacher->eval();
+  for (auto& p : teacher->parameters()) {
+    p.requires_grad_(false);
+  }
+  return teacher;
+}
+
+/// The distill setting's teacher and pools: the training pool (each
+/// training character of every style, 2 images), the validation
+/// characters' (the learning-rate search's), and each style's test
+/// characters' (`images` each, for the output error).
+struct Teaching {
+  Distillation training;
+  Batch validation;
+  std::vector<Batch> test;
+};
+
+inline Teaching make_teaching(
+    const ExperimentOptions& options,
+    const std::vector<std::string>& styles,
+    const Split& split,
+    GlyphRenderer& renderer,
+    const Runtime& runtime) {
+  Teaching teaching;
+  auto& teacher = teaching.training.teacher;
+  teacher = make_teacher(options, styles, split.shots, renderer, runtime);
+  const auto dir = options.results / "teacher";
+  teaching.training.pool = teacher_pool(
+      teacher,
+      style_prompts(styles, split.shots),
+      2,
+      options,
+      runtime,
+      dir / "pool-train.safetensors");
+  teaching.validation = teacher_pool(
+      teacher,
+      style_prompts(styles, split.validation),
+      1,
+      options,
+      runtime,
+      dir / "pool-validation.safetensors");
+  for (const auto& style : styles) {
+    teaching.test.push_back(teacher_pool(
+        teacher,
+        style_prompts({style}, split.test),
+        options.images,
+        options,
+        runtime,
+        dir / ("pool-test-" + slug(style) + ".safetensors")));
+  }
+  return teaching;
+}
+
+/// The mean output error of `model` over every style's test pool.
+inline double mean_output_error(
+    TextToImage& model,
+    Teaching& teaching,
+    int64_t prompts,
+    const Runtime& runtime) {
+  double total = 0;
+  for (const auto& pool : teaching.test) {
+    const auto error =
+        output_error(model, teaching.training.teacher, pool, prompts, runtime);
+    total += std::accumulate(error.begin(), error.end(), 0.0) /
+        static_cast<double>(error.size() * teaching.test.size());
+  }
+  return total;
+}
+
+/// The teacher judged as the students are (means over the styles), and
+/// the output error of the base model itself, where a student starts;
+/// teacher.json in the results, or read from there.
+inline ordered_json judge_teacher(
+    Teaching& teaching,
+    Judge& judge,
+    const std::vector<std::string>& styles,
+    const std::string& test,
+    const ExperimentOptions& options,
+    const Runtime& runtime) {
+  const auto file = options.results / "teacher" / "judged.json";
+  if (exists_on_main(runtime, file)) {
+    return read_json(file);
+  }
+  const auto judged = judge_model(
+      teaching.training.teacher,
+      judge,
+      new_style_fonts(styles),
+      test,
+      options,
+      runtime);
+  ordered_json record;
+  for (const auto& m : measures_of(judged[0].scores)) {
+    double sum = 0;
+    for (const auto& one : judged) {
+      sum += mean(one.scores.at(m.key)) / static_cast<double>(judged.size());
+    }
+    record[m.key] = sum;
+  }
+  auto base = load_base(options.base_dir, runtime.device);
+  record["base_output_error"] = mean_output_error(
+      base, teaching, static_cast<int64_t>(test.size()), runtime);
+  if (runtime.is_main()) {
+    write_text(file, record.dump(2));
+  }
+  return record;
+}
 
 /// What one arm gave on one (shots, style, seed): its scores.json.
 struct Run {
@@ -459,9 +764,24 @@ struct Run {
   torch::Tensor grid_row; // image 0 of every test prompt
 };
 
-/// Fine-tunes and judges one arm on one (shots, style, seed), or reads what
-/// an earlier experiment left in `dir`.
-inline Run run_arm(
+/// Where a run keeps a style's scores and test images: scores.json and
+/// test_images.safetensors for a run of one style, prefixed by the style
+/// for one of several.
+inline std::pair<fs::path, fs::path> run_files(
+    const fs::path& dir,
+    const std::string& style,
+    size_t styles) {
+  const auto prefix = styles == 1 ? std::string() : slug(style) + ".";
+  return {
+      dir / (prefix + "scores.json"),
+      dir / (prefix + "test_images.safetensors")};
+}
+
+/// Fine-tunes one arm on one (shots, styles, seed) and judges it on each
+/// style, or reads what an earlier experiment left in `dir`. One Run per
+/// style of `base_options.styles`. With `teaching`, the arm is distilled
+/// from its teacher and also scored by its output error.
+inline std::vector<Run> run_arm(
     const Arm& arm,
     const FinetuneOptions& base_options,
     const Split& split,
@@ -469,10 +789,9 @@ inline Run run_arm(
     const ExperimentOptions& options,
     GlyphRenderer& renderer,
     const Runtime& runtime,
-    const fs::path& dir) {
-  Run run;
-  const auto scores_file = dir / "scores.json";
-  const auto images_file = dir / "test_images.safetensors";
+    const fs::path& dir,
+    Teaching* teaching = nullptr) {
+  const auto& styles = base_options.styles;
   // What a run on disk must have been made with to be reused.
   const ordered_json settings{
       {"steps", std::llround(base_options.steps * arm.steps_factor)},
@@ -482,19 +801,29 @@ inline Run run_arm(
       {"base_prompts", options.base_prompts},
       {"guidance", options.sampler.guidance},
       {"adapter", styleinject::detail::options_to_json(arm.adapter)}};
-  if (exists_on_main(runtime, scores_file) &&
-      exists_on_main(runtime, images_file)) {
-    run.scores = read_json(scores_file);
-    if (run.scores.value("settings", ordered_json()) != settings) {
-      throw std::runtime_error(
-          dir.string() + " holds a run made with other settings (" +
-          run.scores.value("settings", ordered_json()).dump() + ", now " +
-          settings.dump() + "); use another --results folder");
+  bool on_disk = true;
+  for (const auto& style : styles) {
+    const auto [scores_file, images_file] =
+        run_files(dir, style, styles.size());
+    on_disk = on_disk && fs::exists(scores_file) && fs::exists(images_file);
+  }
+  std::vector<Run> runs(styles.size());
+  if (from_main(runtime, on_disk ? 1 : 0) != 0) {
+    for (size_t i = 0; i < styles.size(); ++i) {
+      const auto [scores_file, images_file] =
+          run_files(dir, styles[i], styles.size());
+      runs[i].scores = read_json(scores_file);
+      if (runs[i].scores.value("settings", ordered_json()) != settings) {
+        throw std::runtime_error(
+            dir.string() + " holds a run made with other settings (" +
+            runs[i].scores.value("settings", ordered_json()).dump() + ", now " +
+            settings.dump() + "); use another --results folder");
+      }
+      const auto contents = styleinject::load_safetensors(images_file.string());
+      runs[i].features = contents.tensors.at(0).second;
+      runs[i].grid_row = contents.tensors.at(1).second;
     }
-    const auto contents = styleinject::load_safetensors(images_file.string());
-    run.features = contents.tensors.at(0).second;
-    run.grid_row = contents.tensors.at(1).second;
-    return run;
+    return runs;
   }
   auto tune = base_options;
   tune.adapter = arm.adapter;
@@ -503,39 +832,57 @@ inline Run run_arm(
   tune.checkpoint_every = tune.steps;
   std::vector<std::pair<int64_t, double>> curve;
   const auto start = std::chrono::steady_clock::now();
-  auto model = finetune(tune, options.base_dir, dir, renderer, runtime, &curve);
+  auto model = finetune(
+      tune,
+      options.base_dir,
+      dir,
+      renderer,
+      runtime,
+      &curve,
+      teaching ? &teaching->training : nullptr);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
           .count();
-  torch::Tensor images;
-  run.scores = judge_model(
-      model,
-      judge,
-      font_index(tune.style),
-      split.test,
-      options,
-      runtime,
-      images,
-      run.features);
-  run.scores["seconds"] = seconds;
-  run.scores["steps"] = tune.steps;
-  run.scores["lr"] = tune.lr;
-  run.scores["settings"] = settings;
-  run.scores["loss"] = curve;
-  run.grid_row = images.slice(0, 0, static_cast<int64_t>(split.test.size()));
+  auto judged = judge_model(
+      model, judge, new_style_fonts(styles), split.test, options, runtime);
+  for (size_t i = 0; i < styles.size(); ++i) {
+    auto& run = runs[i];
+    run.scores = std::move(judged[i].scores);
+    run.scores["seconds"] = seconds;
+    run.scores["steps"] = tune.steps;
+    run.scores["lr"] = tune.lr;
+    run.scores["settings"] = settings;
+    run.scores["loss"] = curve;
+    if (teaching != nullptr) {
+      run.scores["output_error"] = output_error(
+          model,
+          teaching->training.teacher,
+          teaching->test.at(i),
+          static_cast<int64_t>(split.test.size()),
+          runtime);
+    }
+    run.features = judged[i].features;
+    run.grid_row =
+        judged[i].images.slice(0, 0, static_cast<int64_t>(split.test.size()));
+    if (runtime.is_main()) {
+      const auto [scores_file, images_file] =
+          run_files(dir, styles[i], styles.size());
+      styleinject::save_safetensors(
+          images_file.string(),
+          {{"features", run.features}, {"grid_row", run.grid_row}});
+      write_text(scores_file, run.scores.dump());
+    }
+  }
   if (runtime.is_main()) {
-    styleinject::save_safetensors(
-        images_file.string(),
-        {{"features", run.features}, {"grid_row", run.grid_row}});
-    write_text(scores_file, run.scores.dump());
     fs::remove(dir / "optimizer.pt");
   }
-  return run;
+  return runs;
 }
 
 /// The learning rate of an arm: the candidate with the lowest validation
-/// loss (held-out characters, never test ones) after a fine-tune of the
-/// first style and K at seed 1000, the same budget for every arm.
+/// loss (held-out characters, never test ones; distill: the output error
+/// on them) after a fine-tune of the first style group and K at seed 1000,
+/// the same budget for every arm.
 inline double search_learning_rate(
     const Arm& arm,
     const FinetuneOptions& base_options,
@@ -543,7 +890,8 @@ inline double search_learning_rate(
     const ExperimentOptions& options,
     GlyphRenderer& renderer,
     const Runtime& runtime,
-    ordered_json& record) {
+    ordered_json& record,
+    Teaching* teaching = nullptr) {
   if (options.lrs.size() == 1) {
     return options.lrs[0];
   }
@@ -561,15 +909,32 @@ inline double search_learning_rate(
       tune.lr = lr;
       tune.seed = 1000;
       tune.checkpoint_every = tune.steps;
-      auto model = finetune(tune, options.base_dir, dir, renderer, runtime);
-      loss = from_main(
+      auto model = finetune(
+          tune,
+          options.base_dir,
+          dir,
+          renderer,
           runtime,
-          validation_loss(
-              model,
-              renderer,
-              font_index(tune.style),
-              split.validation,
-              runtime));
+          nullptr,
+          teaching ? &teaching->training : nullptr);
+      if (teaching != nullptr) {
+        const auto error = output_error(
+            model,
+            teaching->training.teacher,
+            teaching->validation,
+            teaching->validation.images.size(0),
+            runtime);
+        loss = std::accumulate(error.begin(), error.end(), 0.0) /
+            static_cast<double>(error.size());
+      } else {
+        loss = validation_loss(
+            model,
+            renderer,
+            new_style_fonts(tune.styles),
+            split.validation,
+            runtime);
+      }
+      loss = from_main(runtime, loss);
       if (runtime.is_main()) {
         write_text(
             dir / "validation.json", ordered_json{{"loss", loss}}.dump());
@@ -633,12 +998,6 @@ inline std::string fixed(double value, int digits = 3) {
   std::ostringstream text;
   text << std::fixed << std::setprecision(digits) << value;
   return text.str();
-}
-
-/// The mean of a JSON array of numbers.
-inline double mean(const ordered_json& values) {
-  const auto v = values.get<std::vector<double>>();
-  return std::accumulate(v.begin(), v.end(), 0.0) / v.size();
 }
 
 /// A markdown table's separator row of `columns` columns.
@@ -722,6 +1081,9 @@ struct Finished {
   const std::vector<std::string>& styles;
   const std::vector<Arm>& arms;
   const Runs& runs;
+  std::vector<Measure> measures() const {
+    return measures_of(runs[0][0][0][0].scores);
+  }
 };
 
 inline ordered_json to_json(const Interval& interval) {
@@ -756,8 +1118,21 @@ inline std::string settings_section(
      << " of its own fonts' prompts correctly (font "
      << fixed(mean(report["base_model"]["font_kept"])) << "), and "
      << fixed(mean(report["base_model"]["alignment"])) << " of "
-     << done.styles[0] << "'s test prompts.\n\n"
-     << "| arm | adapter parameters | lr | steps | fine-tune time |\n"
+     << done.styles[0] << "'s test prompts.\n\n";
+  if (report.contains("teacher")) {
+    const auto& teacher = report["teacher"];
+    md << "The teacher (every weight of the base fine-tuned on the styles, "
+       << report["teacher_steps"] << " steps) scores alignment "
+       << fixed(teacher["alignment"]) << ", style fit "
+       << fixed(teacher["style_fit"]) << ", retention "
+       << fixed(teacher["retention"]) << " (font "
+       << fixed(teacher["font_kept"])
+       << "), means over the styles. The base model's output error against "
+          "it is "
+       << fixed(teacher["base_output_error"])
+       << ": a student's starts there, and 0 is the teacher's own.\n\n";
+  }
+  md << "| arm | adapter parameters | lr | steps | fine-tune time |\n"
      << separator(5) << "\n";
   for (size_t a = 0; a < done.arms.size(); ++a) {
     double seconds = 0;
@@ -786,16 +1161,16 @@ inline void means_section(
     std::ostream& md,
     ordered_json& results) {
   md << "Mean over styles, seeds and prompts (95 % interval):\n\n| arm |";
-  for (const auto& m : measures()) {
+  for (const auto& m : done.measures()) {
     md << " " << m.title << " |";
   }
-  md << " FID |\n" << separator(measures().size() + 2) << "\n";
+  md << " FID |\n" << separator(done.measures().size() + 2) << "\n";
   std::vector<size_t> every_seed(done.options.seeds);
   std::iota(every_seed.begin(), every_seed.end(), 0);
   for (size_t a = 0; a < done.arms.size(); ++a) {
     const auto& label = done.arms[a].label;
     md << "| " << label << " |";
-    for (const auto& m : measures()) {
+    for (const auto& m : done.measures()) {
       std::vector<Grid> strata;
       for (size_t si = 0; si < done.styles.size(); ++si) {
         strata.push_back(arm_grid(done.runs[k][si][a], m.key));
@@ -822,7 +1197,7 @@ inline void means_section(
 /// comparisons (Bonferroni): among (arms − 1) × 4 measures, some 95 %
 /// verdicts are wins by chance alone.
 inline double family_level(const Finished& done) {
-  const auto comparisons = (done.arms.size() - 1) * measures().size();
+  const auto comparisons = (done.arms.size() - 1) * done.measures().size();
   return 1 - 0.05 / static_cast<double>(comparisons);
 }
 
@@ -856,7 +1231,7 @@ inline void differences_section(
     json["verdict"] = verdict(interval, higher_is_better);
     return json;
   };
-  for (const auto& m : measures()) {
+  for (const auto& m : done.measures()) {
     auto& record = results["differences"][other][m.key];
     std::vector<Grid> strata;
     std::vector<Interval> per_style;
@@ -944,6 +1319,175 @@ inline double collect_runs(const Finished& done, ordered_json& report) {
   return agreement / count;
 }
 
+// ----------------------------------------------------------- routing
+
+/// Where a layer sits in the model, for the router report: its first name
+/// part (UNet levels: down0, mid_attn, ...), or two for the text encoder's
+/// and the DiT's blocks (text.attn_0, dit.block3).
+inline std::string depth_group(const std::string& layer) {
+  const auto first = layer.find('.');
+  const auto head = layer.substr(0, first);
+  if ((head == "text" || head == "dit") && first != std::string::npos) {
+    const auto second = layer.find('.', first + 1);
+    return second == std::string::npos ? layer : layer.substr(0, second);
+  }
+  return head;
+}
+
+/// The mean of style weights (N, n) and their mean entropy over log n (1:
+/// uniform, 0: one branch).
+inline ordered_json usage_of(const torch::Tensor& weights) {
+  const auto entropy = -(weights * weights.clamp_min(1e-12).log()).sum(1) /
+      std::log(static_cast<double>(weights.size(1)));
+  const auto mean = weights.mean(0).contiguous();
+  return {
+      {"weights",
+       std::vector<double>(
+           mean.data_ptr<double>(), mean.data_ptr<double>() + mean.numel())},
+      {"entropy", entropy.mean().item<double>()}};
+}
+
+/// Which branches the routers of the adapter give each style, per layer
+/// ("layers") and per depth group ("depth"): over renders of `chars` in the
+/// style noised at five timesteps, with the style's captions.
+inline ordered_json router_usage(
+    TextToImage& model,
+    GlyphRenderer& renderer,
+    const std::vector<std::string>& styles,
+    const std::string& chars,
+    const Runtime& runtime) {
+  torch::NoGradGuard no_grad;
+  model->eval();
+  const NoiseSchedule schedule(1000, runtime.device);
+  const Tokenizer tokenizer;
+  ordered_json usage;
+  for (const auto& style : styles) {
+    std::vector<torch::Tensor> renders;
+    std::vector<std::string> captions;
+    for (const char c : chars) {
+      renders.push_back(renderer.render(font_index(style), c, nullptr));
+      captions.push_back(caption(c, style));
+    }
+    const auto x0 =
+        (torch::stack(renders).unsqueeze(1) * 2 - 1).to(runtime.device);
+    const auto ids = tokenizer.encode(captions).to(runtime.device);
+    torch::manual_seed(7);
+    styleinject::RoutingRecord record(*model);
+    for (const int64_t step : {100, 300, 500, 700, 900}) {
+      const auto a = schedule.alpha_bar[step];
+      const auto t =
+          torch::full({x0.size(0)}, step, torch::kLong).to(runtime.device);
+      AutocastGuard autocast(runtime);
+      model(a.sqrt() * x0 + (1 - a).sqrt() * torch::randn_like(x0), t, ids);
+    }
+    // Per layer, and per depth group (the mean of its layers' weights).
+    std::map<std::string, std::vector<torch::Tensor>> groups;
+    std::vector<std::string> order;
+    for (const auto& [layer, s] : record.weights()) {
+      const auto w = s.to(torch::kDouble).cpu();
+      usage[style]["layers"][layer] = usage_of(w);
+      const auto group = depth_group(layer);
+      if (groups[group].empty()) {
+        order.push_back(group);
+      }
+      groups[group].push_back(w);
+    }
+    for (const auto& group : order) {
+      usage[style]["depth"][group] =
+          usage_of(torch::stack(groups[group]).mean(0));
+    }
+  }
+  model->train();
+  return usage;
+}
+
+/// The router report: per style, the mean weight of each branch over the
+/// layers, the mean normalised entropy, and how far the style's mean
+/// weights lie from the styles' average (total variation, mean over
+/// layers). Per depth group: plots/router-usage.png.
+inline std::string router_section(const ordered_json& usage) {
+  std::ostringstream md;
+  const auto& first = usage.begin().value().at("layers");
+  const auto n = first.begin().value().at("weights").size();
+  // The styles' average weights per layer.
+  std::map<std::string, std::vector<double>> average;
+  for (const auto& [style, record] : usage.items()) {
+    const auto& layers = record.at("layers");
+    for (const auto& [layer, cell] : layers.items()) {
+      auto& sum = average[layer];
+      sum.resize(n);
+      for (size_t j = 0; j < n; ++j) {
+        sum[j] += cell.at("weights")[j].get<double>() / usage.size();
+      }
+    }
+  }
+  md << "\n## Routing\n\nThe StyleInject adapter of seed 0: each style's "
+        "renders of its test characters, noised at t = 100, 300, 500, 700 "
+        "and 900, through the routers of all "
+     << first.size()
+     << " layers. Mean weight of each branch over the layers; entropy over "
+        "log n (1: all branches alike, 0: one branch); distance: total "
+        "variation between the style's weights and the styles' average, "
+        "mean over layers (0: every style routed alike).\n\n| style |";
+  for (size_t j = 0; j < n; ++j) {
+    md << " branch " << j + 1 << " |";
+  }
+  md << " entropy | distance |\n" << separator(n + 3) << "\n";
+  for (const auto& [style, record] : usage.items()) {
+    const auto& layers = record.at("layers");
+    std::vector<double> weights(n);
+    double entropy = 0, distance = 0;
+    for (const auto& [layer, cell] : layers.items()) {
+      double tv = 0;
+      for (size_t j = 0; j < n; ++j) {
+        const auto w = cell.at("weights")[j].get<double>();
+        weights[j] += w / layers.size();
+        tv += std::abs(w - average[layer][j]) / 2;
+      }
+      entropy += cell.at("entropy").get<double>() / layers.size();
+      distance += tv / layers.size();
+    }
+    md << "| " << style << " |";
+    for (const auto w : weights) {
+      md << " " << fixed(w) << " |";
+    }
+    md << " " << fixed(entropy) << " | " << fixed(distance) << " |\n";
+  }
+  md << "\nPer depth group: plots/router-usage.png. Style mixing at inference "
+        "in grids/style-mixing.png: two test characters in every style "
+        "(columns), generated with the routers (first row), then with each "
+        "branch alone (`set_style` one-hot), then all branches alike.\n";
+  return md.str();
+}
+
+/// grids/style-mixing.png: the StyleInject adapter of seed 0 generating two
+/// characters in every style, with its routers (first row), then with each
+/// branch alone (`set_style` one-hot), then all branches alike.
+inline void write_style_mixing(
+    TextToImage& model,
+    const std::vector<std::string>& styles,
+    const std::string& chars,
+    int64_t branches,
+    const ExperimentOptions& options,
+    const Runtime& runtime) {
+  Prompts prompts;
+  for (const char c : chars.substr(0, 2)) {
+    for (const auto& style : styles) {
+      prompts.emplace_back(font_index(style), c);
+    }
+  }
+  std::vector<torch::Tensor> rows{
+      generate(model, prompts, options.sampler, runtime)};
+  auto mixes = torch::eye(branches).unbind(0);
+  mixes.push_back(torch::full({branches}, 1.0 / branches));
+  for (const auto& style : mixes) {
+    styleinject::set_style(*model, style.to(runtime.device));
+    rows.push_back(generate(model, prompts, options.sampler, runtime));
+  }
+  styleinject::clear_style(*model);
+  write_png(options.results / "grids" / "style-mixing.png", grid(rows, 2));
+}
+
 /// summary.md, metrics.json and grids/ of a finished experiment.
 inline void write_experiment_report(
     const Finished& done,
@@ -974,6 +1518,9 @@ inline void write_experiment_report(
   }
   const double agreement = collect_runs(done, report);
   report["judge_agreement_on_generated"] = agreement;
+  if (report.contains("router_usage")) {
+    md << router_section(report["router_usage"]);
+  }
   md << "\nThe judge's members agree on the character of "
      << fixed(100 * agreement, 1)
      << " % of the generated test images. Grids (rows: the real font, then "
@@ -1016,6 +1563,21 @@ inline void make_plots(const fs::path& results) {
                "install python3-matplotlib; or set TYPEFACE_PYTHON)\n";
 }
 
+/// The styles that one adapter learns together: each alone, or (multi-style)
+/// all of them at once.
+inline std::vector<std::vector<std::string>> style_groups(
+    const std::string& setting,
+    const std::vector<std::string>& styles) {
+  if (setting == "multi-style" || setting == "distill") {
+    return {styles};
+  }
+  std::vector<std::vector<std::string>> groups;
+  for (const auto& style : styles) {
+    groups.push_back({style});
+  }
+  return groups;
+}
+
 /// The whole experiment of `options.setting`, into results/<setting>/.
 inline void run_experiment(
     ExperimentOptions options,
@@ -1027,10 +1589,13 @@ inline void run_experiment(
                std::chrono::steady_clock::now() - begin)
         .count();
   };
-  if (options.setting != "few-shot" && options.setting != "ablation") {
+  const std::set<std::string> settings{
+      "few-shot", "ablation", "multi-style", "distill"};
+  if (settings.count(options.setting) == 0) {
     throw std::invalid_argument(
-        "--setting must be few-shot or ablation, but got '" + options.setting +
-        "'");
+        "--setting must be few-shot, ablation, multi-style or distill, but "
+        "got '" +
+        options.setting + "'");
   }
   options.results =
       options.results / (options.name.empty() ? options.setting : options.name);
@@ -1070,11 +1635,18 @@ inline void run_experiment(
   // The arms, their learning rates (searched on the first style and K)
   // and the wall-clock factor of the equal-time arm.
   auto arms = setting_arms(options.setting, config);
+  const auto groups = style_groups(options.setting, styles);
   FinetuneOptions first;
-  first.style = styles[0];
+  first.styles = groups[0];
   first.shots = options.shots[0];
   first.steps = options.steps;
   const auto first_split = experiment_split(options, first.shots);
+  std::unique_ptr<Teaching> teaching;
+  if (options.setting == "distill") {
+    teaching = std::make_unique<Teaching>(
+        make_teaching(options, styles, first_split, renderer, runtime));
+    report["teacher_steps"] = options.teacher_steps;
+  }
   for (auto& arm : arms) {
     if (arm.label.find("(equal time)") != std::string::npos) {
       arm.lr = arms[1].lr;
@@ -1107,7 +1679,8 @@ inline void run_experiment(
           options,
           renderer,
           runtime,
-          report["lr_search"][arm.label]);
+          report["lr_search"][arm.label],
+          teaching.get());
     }
     report["arms"].push_back(
         {{"label", arm.label},
@@ -1124,44 +1697,59 @@ inline void run_experiment(
     report["base_model"] = read_json(base_file);
   } else {
     auto model = load_base(options.base_dir, runtime.device);
-    torch::Tensor images, features;
     report["base_model"] = judge_model(
-        model,
-        judge,
-        font_index(styles[0]),
-        first_split.test,
-        options,
-        runtime,
-        images,
-        features);
+                               model,
+                               judge,
+                               {font_index(styles[0])},
+                               first_split.test,
+                               options,
+                               runtime)[0]
+                               .scores;
     if (runtime.is_main()) {
       write_text(base_file, report["base_model"].dump());
     }
   }
+  if (teaching) {
+    report["teacher"] = judge_teacher(
+        *teaching, judge, styles, first_split.test, options, runtime);
+  }
 
-  // Every (shots, style, seed, arm).
+  // Every (shots, style group, seed, arm), into runs[shots][style][arm].
   Runs runs(options.shots.size());
   for (size_t k = 0; k < options.shots.size(); ++k) {
     const auto split = experiment_split(options, options.shots[k]);
-    for (const auto& style : styles) {
-      runs[k].emplace_back(arms.size());
+    runs[k].assign(styles.size(), std::vector<std::vector<Run>>(arms.size()));
+    for (const auto& group : groups) {
+      const auto name = group.size() == 1 ? slug(group[0]) : "together";
       for (int64_t seed = 0; seed < options.seeds; ++seed) {
         for (size_t a = 0; a < arms.size(); ++a) {
           FinetuneOptions tune;
-          tune.style = style;
+          tune.styles = group;
           tune.shots = options.shots[k];
           tune.steps = options.steps;
           tune.seed = options.seed + seed;
           const auto dir = options.results / "runs" /
-              (slug(style) + "-k" + std::to_string(tune.shots)) /
+              (name + "-k" + std::to_string(tune.shots)) /
               (slug(arms[a].label) + "-seed" + std::to_string(tune.seed));
           if (runtime.is_main()) {
-            std::cerr << "[" << fixed(elapsed(), 0) << " s] " << style
+            std::cerr << "[" << fixed(elapsed(), 0) << " s] " << name
                       << ", K=" << tune.shots << ", seed " << tune.seed << ": "
                       << arms[a].label << "\n";
           }
-          runs[k].back()[a].push_back(run_arm(
-              arms[a], tune, split, judge, options, renderer, runtime, dir));
+          const auto judged = run_arm(
+              arms[a],
+              tune,
+              split,
+              judge,
+              options,
+              renderer,
+              runtime,
+              dir,
+              teaching.get());
+          for (size_t i = 0; i < group.size(); ++i) {
+            const auto at = std::find(styles.begin(), styles.end(), group[i]);
+            runs[k][at - styles.begin()][a].push_back(judged[i]);
+          }
         }
       }
     }
@@ -1170,8 +1758,27 @@ inline void run_experiment(
   if (!runtime.is_main()) {
     return; // rank 0 writes the report
   }
+  // One adapter for all styles: how its routers tell them apart.
+  TextToImage together{nullptr};
+  const auto test = experiment_split(options, options.shots[0]).test;
+  if (options.setting == "multi-style") {
+    together = load_base(options.base_dir, runtime.device);
+    styleinject::load_adapters(
+        *together,
+        (options.results / "runs" /
+         ("together-k" + std::to_string(options.shots[0])) /
+         (slug(arms[0].label) + "-seed" + std::to_string(options.seed)) /
+         "adapters.safetensors")
+            .string());
+    report["router_usage"] =
+        router_usage(together, renderer, styles, test, runtime);
+  }
   write_experiment_report(
       Finished{options, styles, arms, runs}, judge, renderer, report);
+  if (together) {
+    write_style_mixing(
+        together, styles, test, arms[0].adapter.branches(), options, runtime);
+  }
   make_plots(options.results);
   std::cout << "results in " << options.results.string() << " ("
             << fixed(elapsed(), 0) << " s)\n";

@@ -181,11 +181,12 @@ int main(int argc, char** argv) {
         judge_dir,
         "the judge's folder (default: the shipped one, else the cache's)");
   };
+  // Returns the --base-prompts option.
   const auto judged_images = [](CLI::App* command, ExperimentOptions& options) {
     command->add_option("--images", options.images, "per prompt")
         ->check(CLI::PositiveNumber)
         ->capture_default_str();
-    command
+    return command
         ->add_option(
             "--base-prompts", options.base_prompts, "base-font prompts")
         ->check(CLI::PositiveNumber)
@@ -228,7 +229,11 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"styleinject", "lora"}))
       ->capture_default_str();
   finetune_cmd
-      ->add_option("--style", tune.style, "a new style (not a base font)")
+      ->add_option(
+          "--style",
+          tune.styles,
+          "new styles (not base fonts), comma-separated: one adapter for all")
+      ->delimiter(',')
       ->capture_default_str();
   finetune_cmd
       ->add_option("--shots", tune.shots, "characters of the style to train on")
@@ -374,17 +379,19 @@ int main(int argc, char** argv) {
   // experiment
   auto* experiment_cmd = app.add_subcommand(
       "experiment",
-      "StyleInject against LoRA (few-shot) or its own variants (ablation), "
-      "with seeds, several images per prompt and paired 95 % intervals");
+      "StyleInject against LoRA (few-shot, multi-style, distill) or its own "
+      "variants (ablation), with seeds, several images per prompt and paired "
+      "95 % intervals");
   shared(experiment_cmd);
   parallel(experiment_cmd);
   experiment_cmd->add_option("--setting", experiment.setting)
-      ->check(CLI::IsMember({"few-shot", "ablation"}))
+      ->check(CLI::IsMember({"few-shot", "ablation", "multi-style", "distill"}))
       ->capture_default_str();
   experiment_cmd->add_flag(
       "--quick",
       experiment.quick,
-      "one style, one K, 2 seeds, 2 images per prompt, 40 steps, no search");
+      "one style (multi-style, distill: two), one K, 2 seeds, 2 images per "
+      "prompt, 40 steps (and teacher steps), no search");
   experiment_cmd
       ->add_option(
           "--styles",
@@ -395,7 +402,8 @@ int main(int argc, char** argv) {
                            ->add_option(
                                "--shots",
                                experiment.shots,
-                               "K values (default: 16,4; ablation: 16)")
+                               "K values (default: 16,4; ablation: 16; "
+                               "multi-style: 38)")
                            ->delimiter(',');
   experiment_cmd
       ->add_option(
@@ -407,15 +415,22 @@ int main(int argc, char** argv) {
   experiment_cmd->add_option("--seeds", experiment.seeds)
       ->check(CLI::Range(2, 1000))
       ->capture_default_str();
-  judged_images(experiment_cmd, experiment);
-  experiment_cmd->add_option("--steps", experiment.steps, "fine-tune steps")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
-  experiment_cmd
-      ->add_option(
-          "--lrs", experiment.lrs, "learning rates searched for every arm")
-      ->delimiter(',')
-      ->capture_default_str();
+  auto* base_prompts_option = judged_images(experiment_cmd, experiment);
+  auto* steps_option =
+      experiment_cmd
+          ->add_option(
+              "--steps",
+              experiment.steps,
+              "fine-tune steps (default: 100; multi-style: 600)")
+          ->check(CLI::PositiveNumber);
+  auto* lrs_option =
+      experiment_cmd
+          ->add_option(
+              "--lrs",
+              experiment.lrs,
+              "learning rates searched for every arm (default: 0.001,0.003,"
+              "0.01; multi-style: 0.001,0.003)")
+          ->delimiter(',');
   base_option(experiment_cmd);
   judge_option(experiment_cmd);
   experiment_cmd
@@ -428,6 +443,13 @@ int main(int argc, char** argv) {
   experiment_cmd
       ->add_option(
           "--judge-steps", experiment.judge_steps, "training steps of each")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  experiment_cmd
+      ->add_option(
+          "--teacher-steps",
+          experiment.teacher_steps,
+          "distill: steps of the teacher's full fine-tune")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   experiment_cmd->add_option("--results", experiment.results, "output folder")
@@ -472,7 +494,7 @@ int main(int argc, char** argv) {
     } else if (*finetune_cmd) {
       tune.seed = seed;
       GlyphRenderer renderer(
-          {font_index(tune.style)}, model_config.image_size, font_paths());
+          new_style_fonts(tune.styles), model_config.image_size, font_paths());
       finetune(tune, base, run_dir, renderer, runtime);
       if (runtime.is_main()) {
         std::cout << "adapters saved in "
@@ -508,17 +530,15 @@ int main(int argc, char** argv) {
           evaluation.judge_steps,
           renderer,
           runtime);
-      torch::Tensor images, features;
       auto metrics = judge_model(
-          model,
-          judge,
-          font_index(style),
-          split_characters(shots).test,
-          evaluation,
-          runtime,
-          images,
-          features);
-      for (const auto& measure : measures()) {
+                         model,
+                         judge,
+                         {font_index(style)},
+                         split_characters(shots).test,
+                         evaluation,
+                         runtime)[0]
+                         .scores;
+      for (const auto& measure : measures_of(metrics)) {
         metrics[std::string(measure.key) + "_mean"] =
             mean(metrics[measure.key]);
       }
@@ -547,9 +567,11 @@ int main(int argc, char** argv) {
       experiment.base_dir = base;
       experiment.judge_dir = judge_path;
       experiment.seed = seed;
-      if (experiment.setting == "ablation") {
-        experiment.ablation_defaults(shots_option->count() > 0);
-      }
+      experiment.setting_defaults(
+          {shots_option->count() > 0,
+           steps_option->count() > 0,
+           base_prompts_option->count() > 0,
+           lrs_option->count() > 0});
       if (experiment.quick) {
         experiment.make_quick();
       }

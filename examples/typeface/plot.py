@@ -3,6 +3,8 @@
 
   plots/scores-k<K>.png  each measure per style and arm, 95 % interval whiskers
   plots/loss-k<K>.png    each arm's fine-tune loss, mean over styles and seeds
+  plots/router-usage.png (multi-style) each style's mean router weights per
+                         branch and depth group, and their entropy
 
 Usage: plot.py RESULTS_DIR   (e.g. results/few-shot)
 """
@@ -21,6 +23,7 @@ MEASURES = [
     ("style_fit", "style fit"),
     ("retention", "retention (character)"),
     ("font_kept", "retention (font)"),
+    ("output_error", "output error vs teacher (lower is better)"),
 ]
 
 
@@ -28,11 +31,13 @@ def scores_plot(metrics, shots, results, out):
     arms = [arm["label"] for arm in metrics["arms"]]
     styles = metrics["styles"]
     groups = styles + ["all styles"]
+    measures = [m for m in MEASURES if m[0] in results["means"][arms[0]]]
     fig, axes = plt.subplots(2, 3, figsize=(16, 9))
     axes = axes.flatten()
-    axes[-1].axis("off")
+    for ax in axes[len(measures) + 1:]:
+        ax.axis("off")
     width = 0.8 / len(arms)
-    for ax, (key, title) in zip(axes, MEASURES):
+    for ax, (key, title) in zip(axes, measures):
         for a, arm in enumerate(arms):
             means, low, high = [], [], []
             for style in styles:
@@ -49,8 +54,9 @@ def scores_plot(metrics, shots, results, out):
         ax.set_title(title)
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(groups, rotation=30, ha="right")
-        ax.set_ylim(0, 1)
-    ax = axes[len(MEASURES)]
+        if key != "output_error":
+            ax.set_ylim(0, 1)
+    ax = axes[len(measures)]
     for a, arm in enumerate(arms):
         xs = [g + (a - (len(arms) - 1) / 2) * width for g in range(len(styles))]
         ax.bar(xs, results["fid"][arm], width, label=arm)
@@ -83,6 +89,32 @@ def loss_plot(metrics, shots, out):
     plt.close(fig)
 
 
+def router_plot(usage, out):
+    styles = list(usage)
+    groups = list(usage[styles[0]]["depth"])
+    fig, axes = plt.subplots(
+        1, len(styles), figsize=(2.2 * len(styles) + 1, 0.28 * len(groups) + 2),
+        sharey=True, squeeze=False)
+    for ax, style in zip(axes[0], styles):
+        depth = usage[style]["depth"]
+        weights = [depth[g]["weights"] for g in groups]
+        image = ax.imshow(weights, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_title(style, fontsize=9)
+        ax.set_xticks(range(len(weights[0])))
+        ax.set_xticklabels([str(j + 1) for j in range(len(weights[0]))])
+        ax.set_xlabel("branch")
+        for row, g in enumerate(groups):
+            ax.text(len(weights[0]) - 0.5, row, f" {depth[g]['entropy']:.2f}",
+                    va="center", fontsize=6)
+    axes[0][0].set_yticks(range(len(groups)))
+    axes[0][0].set_yticklabels(groups, fontsize=7)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="mean weight")
+    fig.suptitle("router weights per style and depth (input to output; "
+                 "right: entropy / log n)")
+    fig.savefig(out, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+
+
 def main():
     folder = Path(sys.argv[1])
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -91,6 +123,8 @@ def main():
     for shots, results in metrics["results"].items():
         scores_plot(metrics, shots, results, plots / f"scores-k{shots}.png")
         loss_plot(metrics, int(shots), plots / f"loss-k{shots}.png")
+    if "router_usage" in metrics:
+        router_plot(metrics["router_usage"], plots / "router-usage.png")
     print(f"plots in {plots}")
 
 

@@ -274,16 +274,18 @@ inline torch::Tensor on_device(const torch::Tensor& t, const Runtime& runtime) {
   return t.pin_memory().to(runtime.device, /*non_blocking=*/true);
 }
 
-/// One optimizer step on the diffusion loss of a batch, of which this
-/// process trains on its rows (rows_of); the gradients are then averaged
-/// across the processes. Returns this process's share of the batch's loss,
-/// still on the device: their mean over the processes is the batch's loss.
+/// One optimizer step on the diffusion loss of a batch (or, with a teacher,
+/// the distillation loss), of which this process trains on its rows
+/// (rows_of); the gradients are then averaged across the processes.
+/// Returns this process's share of the batch's loss, still on the device:
+/// their mean over the processes is the batch's loss.
 inline torch::Tensor diffusion_step(
     TextToImage& model,
     const NoiseSchedule& schedule,
     const Batch& batch,
     torch::optim::Optimizer& optimizer,
-    const Runtime& runtime) {
+    const Runtime& runtime,
+    TextToImage* teacher = nullptr) {
   const auto n = batch.images.size(0);
   const auto rows = rows_of(runtime, n);
   optimizer.zero_grad();
@@ -296,7 +298,8 @@ inline torch::Tensor diffusion_step(
         on_device(batch.images, runtime) * 2 - 1,
         on_device(batch.ids, runtime),
         rows.begin,
-        rows.end);
+        rows.end,
+        teacher);
   }
   if (rows.end - rows.begin != n) {
     // Weighted by the rows' share, so that the mean over the processes of
@@ -329,7 +332,10 @@ inline double shown_loss(
 }
 
 struct PretrainOptions {
-  ModelConfig config = ModelConfig::small();
+  ModelConfig config = ModelConfig::small(); // unless it starts from `init`
+  fs::path init; // a base model to go on from (full fine-tuning); empty: none
+  std::vector<int64_t> fonts = base_fonts(); // what it learns
+  std::string chars = characters();
   int64_t steps = 8000;
   int64_t batch = 32;
   double lr = 1e-3;
@@ -388,7 +394,8 @@ inline TextToImage load_base(const fs::path& dir, torch::Device device) {
 }
 
 /// Pretrains the base model on the base fonts (DDPM, AdamW, cosine decay),
-/// saving a checkpoint into `dir` every `checkpoint_every` steps and at the
+/// or with `init`, fine-tunes all of a base model's weights on `fonts`;
+/// saves a checkpoint into `dir` every `checkpoint_every` steps and at the
 /// end; with `resume`, goes on from the checkpoint in `dir`.
 inline void pretrain(
     const PretrainOptions& options,
@@ -399,14 +406,16 @@ inline void pretrain(
   auto config = options.config;
   config.vocabulary = tokenizer.vocabulary_size();
   config.context = tokenizer.length();
+  torch::manual_seed(options.seed);
+  auto model = options.init.empty() ? TextToImage(config)
+                                    : load_base(options.init, runtime.device);
+  config = model->config;
   if (renderer.size() != config.image_size) {
     throw std::invalid_argument(
         "the renderer draws " + std::to_string(renderer.size()) +
         " px images but the model expects " +
         std::to_string(config.image_size));
   }
-  torch::manual_seed(options.seed);
-  TextToImage model(config);
   model->to(runtime.device);
   // An exponential moving average of the weights is what gets saved and
   // sampled (as DDPM does): it evens out the last steps' noise.
@@ -445,6 +454,9 @@ inline void pretrain(
     step = state.at("step");
   }
   const auto save = [&] {
+    if (!runtime.is_main()) {
+      return;
+    }
     save_atomically(model, training_file);
     styleinject::save_weights(
         *average,
@@ -471,7 +483,7 @@ inline void pretrain(
     count += p.numel();
   }
   std::cerr << "pretraining a model of " << count << " parameters on "
-            << base_fonts().size() << " fonts x " << characters().size()
+            << options.fonts.size() << " fonts x " << options.chars.size()
             << " characters, " << options.steps << " steps of " << options.batch
             << "\n";
   // The data stream is seeded by the seed and the step it starts at: a
@@ -488,8 +500,8 @@ inline void pretrain(
     const auto batch = draw_batch(
         renderer,
         tokenizer,
-        base_fonts(),
-        characters(),
+        options.fonts,
+        options.chars,
         options.batch,
         rng,
         0.1);
@@ -568,7 +580,7 @@ inline void print_speed(
 
 struct FinetuneOptions {
   std::string method = "styleinject"; // or "lora"
-  std::string style = "lobster";
+  std::vector<std::string> styles = {"lobster"}; // one adapter for them all
   int64_t shots = 16;
   int64_t steps = 200;
   int64_t batch = 16;
@@ -600,25 +612,76 @@ inline styleinject::StyleInjectOptions adapter_options(
       "--method must be styleinject or lora, but got '" + options.method + "'");
 }
 
+/// What a student learns from instead of renders: a teacher, and images
+/// that the teacher generated for the training prompts. Noised at random
+/// timesteps, they are the inputs; the teacher's predictions there are the
+/// targets (diffusion_loss).
+struct Distillation {
+  TextToImage teacher{nullptr};
+  Batch pool; // images (in [0, 1]) and ids; characters and fonts as labels
+};
+
+/// `n` random rows of the pool; a caption left empty with probability
+/// `drop_caption` (so that the student learns the teacher's unconditional
+/// prediction too, which guidance needs).
+inline Batch draw_from_pool(
+    const Batch& pool,
+    int64_t n,
+    std::mt19937_64& rng,
+    double drop_caption) {
+  std::uniform_int_distribution<int64_t> pick(0, pool.images.size(0) - 1);
+  std::uniform_real_distribution<double> coin(0, 1);
+  const auto empty = Tokenizer().encode("");
+  std::vector<int64_t> rows;
+  std::vector<torch::Tensor> ids;
+  for (int64_t i = 0; i < n; ++i) {
+    rows.push_back(pick(rng));
+    ids.push_back(coin(rng) < drop_caption ? empty : pool.ids[rows.back()]);
+  }
+  const auto index = torch::tensor(rows);
+  return {
+      pool.images.index_select(0, index),
+      torch::stack(ids),
+      pool.characters.index_select(0, index),
+      pool.fonts.index_select(0, index)};
+}
+
+/// The catalogue indices of new styles; a base font is refused.
+inline std::vector<int64_t> new_style_fonts(
+    const std::vector<std::string>& styles) {
+  if (styles.empty()) {
+    throw std::invalid_argument("--style: expected at least one new style");
+  }
+  std::vector<int64_t> fonts;
+  for (const auto& style : styles) {
+    fonts.push_back(font_index(style));
+    if (catalogue()[fonts.back()].base) {
+      throw std::invalid_argument(
+          "--style '" + style +
+          "' is one of the base model's fonts; pick a new style");
+    }
+  }
+  return fonts;
+}
+
 /// Fine-tunes adapters on every Linear and Conv2d of a fresh copy of the
-/// base model, on `shots` characters of `style`: only the adapter
+/// base model, on `shots` characters of each of `styles` (one adapter for
+/// all of them): only the adapter
 /// parameters reach the optimizer. Saves adapters.safetensors (and
 /// optimizer + state for --resume) into `dir`; returns the adapted model.
-/// `curve`, if given, receives (step, loss) every tenth step.
+/// `curve`, if given, receives (step, loss) every tenth step. With a
+/// `distillation`, the adapter learns the teacher's predictions on its pool
+/// instead of renders.
 inline TextToImage finetune(
     const FinetuneOptions& options,
     const fs::path& base_dir,
     const fs::path& dir,
     GlyphRenderer& renderer,
     const Runtime& runtime,
-    std::vector<std::pair<int64_t, double>>* curve = nullptr) {
+    std::vector<std::pair<int64_t, double>>* curve = nullptr,
+    Distillation* distillation = nullptr) {
   const Tokenizer tokenizer;
-  const auto style = font_index(options.style);
-  if (catalogue()[style].base) {
-    throw std::invalid_argument(
-        "--style '" + options.style +
-        "' is one of the base model's fonts; pick a new style");
-  }
+  const auto fonts = new_style_fonts(options.styles);
   const auto adapter = adapter_options(options);
   torch::manual_seed(options.seed);
   auto model = load_base(base_dir, runtime.device);
@@ -665,7 +728,7 @@ inline TextToImage finetune(
         state_file,
         ordered_json{
             {"method", options.method},
-            {"style", options.style},
+            {"styles", options.styles},
             {"shots", shots},
             {"step", step},
             {"steps", options.steps},
@@ -686,7 +749,6 @@ inline TextToImage finetune(
   Progress progress("finetune " + options.method, options.steps, step);
   const NoiseSchedule schedule(1000, runtime.device);
   model->train();
-  const std::vector<int64_t> fonts = {style};
   if (runtime.group->size() > 1) {
     const auto rows = rows_of(runtime, options.batch);
     std::cerr << "rank " << runtime.group->rank() << " of "
@@ -698,10 +760,17 @@ inline TextToImage finetune(
   const auto bytes = runtime.group->bytes_communicated();
   const auto communicating = runtime.group->seconds_communicating();
   while (step < options.steps) {
-    const auto batch =
-        draw_batch(renderer, tokenizer, fonts, shots, options.batch, rng, 0.1);
-    const auto loss =
-        diffusion_step(model, schedule, batch, optimizer, runtime);
+    const auto batch = distillation
+        ? draw_from_pool(distillation->pool, options.batch, rng, 0.1)
+        : draw_batch(
+              renderer, tokenizer, fonts, shots, options.batch, rng, 0.1);
+    const auto loss = diffusion_step(
+        model,
+        schedule,
+        batch,
+        optimizer,
+        runtime,
+        distillation ? &distillation->teacher : nullptr);
     ++step;
     const double shown = shown_loss(runtime, loss, step, options.steps);
     progress.step(shown);

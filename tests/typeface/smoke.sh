@@ -73,4 +73,27 @@ if grep -q "finetune" "$work/experiment.log"; then
   echo "FAIL: the second experiment fine-tuned again" >&2
   exit 1
 fi
+# The distill setting's quick mode: a teacher (every weight of the base
+# fine-tuned on two styles), its pools, students scored by output error.
+distill="experiment $tiny --setting distill --quick --steps 4 --teacher-steps 6 \
+  --test-prompts 4 --judge $work/judge2 --results $work/experiment"
+"$typeface" $distill
+python3 -c 'import json,sys
+m=json.load(open(sys.argv[1]))
+assert m["base"]["model"]["arch"] == "unet" and m["teacher_steps"] == 6, m["base"]
+t=m["teacher"]
+assert 0 <= t["alignment"] <= 1 and t["base_output_error"] > 0, t
+assert len(m["runs"]) == 3 * 2 * 2, len(m["runs"])
+for r in m["runs"]:
+    assert len(r["output_error"]) == 4 and min(r["output_error"]) >= 0, r
+lora="LoRA r=%d" % m["arms"][1]["options"]["rank"]
+d=m["results"]["38"]["differences"][lora]["output_error"]["all"]
+assert d["low"] <= d["mean"] <= d["high"] and d["verdict"], d' \
+  "$work/experiment/distill/metrics.json"
+test -s "$work/experiment/distill/teacher/model.safetensors"
+"$typeface" $distill 2>&1 | tee "$work/distill.log"
+if grep -q "finetune\|pretrain" "$work/distill.log"; then
+  echo "FAIL: the second distill experiment trained again" >&2
+  exit 1
+fi
 echo "smoke run passed"

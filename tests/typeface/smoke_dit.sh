@@ -1,7 +1,8 @@
 #!/bin/sh
 # smoke_dit.sh TYPEFACE WORKDIR: the DiT through the single commands with the
 # tiny model and a few steps: pretrain (into the cache's base-dit-tiny),
-# finetune with adapters on its modulation layers too, resume, sample, eval.
+# finetune with adapters on its modulation layers too, resume, sample, eval;
+# then the multi-style experiment's quick mode on it.
 set -eu
 typeface=$1
 work=$2
@@ -30,4 +31,32 @@ test -s "$work/sample.png"
   --base-prompts 2 --out "$work/eval.json"
 python3 -c 'import json,sys; e=json.load(open(sys.argv[1])); assert 0 <= e["alignment_mean"] <= 1, e' \
   "$work/eval.json"
+# One adapter for two styles: per-style scores, base-font prompts shared out
+# (6 each, disjoint), the routers' usage and the style-mixing grid.
+experiment="experiment $tiny --setting multi-style --quick --steps 4 --judge-members 1 \
+  --test-prompts 4 --results $work/results"
+"$typeface" $experiment
+for file in summary.md metrics.json grids/style-mixing.png plots/router-usage.png; do
+  test -s "$work/results/multi-style/$file" ||
+    { echo "FAIL: no multi-style/$file" >&2; exit 1; }
+done
+python3 -c 'import json,sys
+m=json.load(open(sys.argv[1]))
+assert m["base"]["model"]["arch"] == "dit", m["base"]
+assert [a["label"].split(" ")[0] for a in m["arms"]] == ["StyleInject", "LoRA", "LoRA"], m["arms"]
+assert len(m["runs"]) == 3 * 2 * 2, len(m["runs"])
+for r in m["runs"]:
+    assert len(r["alignment"]) == 4 and len(r["retention"]) == 6, r
+u=m["router_usage"]
+assert sorted(u) == ["comic neue", "lobster"], sorted(u)
+layer=u["lobster"]["layers"]["dit.block1.modulation"]
+assert len(layer["weights"]) == 4 and abs(sum(layer["weights"]) - 1) < 1e-6, layer
+assert "dit.block1" in u["lobster"]["depth"], list(u["lobster"]["depth"])' \
+  "$work/results/multi-style/metrics.json"
+# A second run reuses every run on disk (it trains nothing).
+"$typeface" $experiment 2>&1 | tee "$work/again.log"
+if grep -q "finetune" "$work/again.log"; then
+  echo "FAIL: the second experiment fine-tuned again" >&2
+  exit 1
+fi
 echo "DiT smoke run passed"
