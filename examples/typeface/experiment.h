@@ -1578,6 +1578,11 @@ inline std::vector<std::vector<std::string>> style_groups(
   return groups;
 }
 
+/// The folder name of a style group's runs: the style's, or "together".
+inline std::string group_name(const std::vector<std::string>& group) {
+  return group.size() == 1 ? slug(group[0]) : "together";
+}
+
 /// The whole experiment of `options.setting`, into results/<setting>/.
 inline void run_experiment(
     ExperimentOptions options,
@@ -1597,8 +1602,6 @@ inline void run_experiment(
         "got '" +
         options.setting + "'");
   }
-  options.results =
-      options.results / (options.name.empty() ? options.setting : options.name);
   const auto styles = experiment_styles(options);
   for (const auto& style : styles) {
     if (catalogue()[font_index(style)].base) {
@@ -1607,9 +1610,14 @@ inline void run_experiment(
     }
   }
   load_base(options.base_dir, runtime.device); // fails early where missing
-  // The base decides the architecture and sizes that the arms are counted on.
+  // The base decides the architecture and sizes that the arms are counted
+  // on, and a DiT's results go beside the UNet's: <setting>-dit.
   const auto config = ModelConfig::from_json(
       read_json(config_file(options.base_dir)).at("model"));
+  options.results = options.results /
+      (!options.name.empty() ? options.name
+           : config.is_dit() ? options.setting + "-dit"
+                             : options.setting);
   GlyphRenderer renderer(all_fonts(), config.image_size, font_paths);
   auto judge = load_or_train_judge(
       options.judge_dir,
@@ -1720,7 +1728,7 @@ inline void run_experiment(
     const auto split = experiment_split(options, options.shots[k]);
     runs[k].assign(styles.size(), std::vector<std::vector<Run>>(arms.size()));
     for (const auto& group : groups) {
-      const auto name = group.size() == 1 ? slug(group[0]) : "together";
+      const auto name = group_name(group);
       for (int64_t seed = 0; seed < options.seeds; ++seed) {
         for (size_t a = 0; a < arms.size(); ++a) {
           FinetuneOptions tune;
@@ -1766,7 +1774,7 @@ inline void run_experiment(
     styleinject::load_adapters(
         *together,
         (options.results / "runs" /
-         ("together-k" + std::to_string(options.shots[0])) /
+         (group_name(styles) + "-k" + std::to_string(options.shots[0])) /
          (slug(arms[0].label) + "-seed" + std::to_string(options.seed)) /
          "adapters.safetensors")
             .string());

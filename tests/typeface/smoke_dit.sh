@@ -37,8 +37,8 @@ experiment="experiment $tiny --setting multi-style --quick --steps 4 --judge-mem
   --test-prompts 4 --results $work/results"
 "$typeface" $experiment
 for file in summary.md metrics.json grids/style-mixing.png plots/router-usage.png; do
-  test -s "$work/results/multi-style/$file" ||
-    { echo "FAIL: no multi-style/$file" >&2; exit 1; }
+  test -s "$work/results/multi-style-dit/$file" ||
+    { echo "FAIL: no multi-style-dit/$file" >&2; exit 1; }
 done
 python3 -c 'import json,sys
 m=json.load(open(sys.argv[1]))
@@ -52,7 +52,7 @@ assert sorted(u) == ["comic neue", "lobster"], sorted(u)
 layer=u["lobster"]["layers"]["dit.block1.modulation"]
 assert len(layer["weights"]) == 4 and abs(sum(layer["weights"]) - 1) < 1e-6, layer
 assert "dit.block1" in u["lobster"]["depth"], list(u["lobster"]["depth"])' \
-  "$work/results/multi-style/metrics.json"
+  "$work/results/multi-style-dit/metrics.json"
 # A second run reuses every run on disk (it trains nothing).
 "$typeface" $experiment 2>&1 | tee "$work/again.log"
 if grep -q "finetune" "$work/again.log"; then
