@@ -308,9 +308,10 @@ struct ExperimentOptions {
 
   /// The setting's defaults where not given. ablation: K = 16 only, on
   /// lobster, which keeps its 50 runs near 35 minutes on a 2-core CPU
-  /// (--styles adds more). multi-style: one adapter on all of each style's
-  /// training characters (K = 38: all but the 8 validation and 16 test
-  /// ones), 600 steps, 8 base-font prompts per style.
+  /// (--styles adds more). multi-style and distill: one adapter on all of
+  /// each style's training characters (K = 38: all but the 8 validation
+  /// and 16 test ones), 600 steps, 8 base-font prompts per style, learning
+  /// rates 1e-3 and 3e-3.
   void setting_defaults(const Given& given) {
     if (setting == "ablation") {
       if (!given.shots) {
@@ -335,8 +336,9 @@ struct ExperimentOptions {
     }
   }
 
-  /// The quick mode's cuts: one style (multi-style: two), one K, two seeds,
-  /// two images per prompt, few steps, no learning-rate search.
+  /// The quick mode's cuts: one style (multi-style, distill: two), one K,
+  /// two seeds, two images per prompt, few steps (the teacher's too), no
+  /// learning-rate search.
   void make_quick() {
     quick = true;
     styles = setting == "multi-style" || setting == "distill"
@@ -430,6 +432,17 @@ inline std::vector<double> slice_of(
   return {values.begin() + begin, values.begin() + end};
 }
 
+/// What prompts ask for: (character indices, font indices), (N) each.
+inline std::pair<torch::Tensor, torch::Tensor> labels_of(
+    const Prompts& prompts) {
+  std::vector<int64_t> chars, fonts;
+  for (const auto& [font, c] : prompts) {
+    chars.push_back(static_cast<int64_t>(characters().find(c)));
+    fonts.push_back(font);
+  }
+  return {torch::tensor(chars), torch::tensor(fonts)};
+}
+
 /// One fine-tuned model judged on the test characters of each of `styles`:
 /// per-prompt scores (means over the images). The base-font prompts are
 /// shared out among the styles, each its own, so that the styles' scores
@@ -448,14 +461,6 @@ inline std::vector<Judged> judge_model(
         "--base-prompts " + std::to_string(B) + " is fewer than the " +
         std::to_string(S) + " styles that share them");
   }
-  const auto expected = [](const Prompts& prompts, int64_t images) {
-    std::vector<int64_t> chars, fonts;
-    for (const auto& [font, c] : repeated(prompts, images)) {
-      chars.push_back(static_cast<int64_t>(characters().find(c)));
-      fonts.push_back(font);
-    }
-    return std::make_pair(torch::tensor(chars), torch::tensor(fonts));
-  };
   std::vector<Judged> judged;
   for (const auto style : styles) {
     Prompts test;
@@ -465,7 +470,7 @@ inline std::vector<Judged> judge_model(
     auto images = generate(
         model, repeated(test, options.images), options.sampler, runtime);
     const auto on_test = score(judge, images);
-    const auto [chars, fonts] = expected(test, options.images);
+    const auto [chars, fonts] = labels_of(repeated(test, options.images));
     const auto P = static_cast<int64_t>(test.size());
     const auto member_alignment =
         on_test.votes.eq(chars).to(torch::kDouble).mean(1).contiguous();
@@ -492,7 +497,7 @@ inline std::vector<Judged> judge_model(
   const auto base_images =
       generate(model, repeated(base, options.images), options.sampler, runtime);
   const auto on_base = score(judge, base_images);
-  const auto [chars, fonts] = expected(base, options.images);
+  const auto [chars, fonts] = labels_of(repeated(base, options.images));
   const auto retention = per_prompt(
       on_base.characters.argmax(1).eq(chars), static_cast<int64_t>(B));
   const auto font_kept =
@@ -562,16 +567,8 @@ inline Batch teacher_pool(
     const Runtime& runtime,
     const fs::path& file) {
   const auto all = repeated(prompts, images);
-  std::vector<int64_t> chars, fonts;
-  for (const auto& [font, c] : all) {
-    chars.push_back(static_cast<int64_t>(characters().find(c)));
-    fonts.push_back(font);
-  }
-  Batch pool{
-      torch::Tensor(),
-      encode(Tokenizer(), all),
-      torch::tensor(chars),
-      torch::tensor(fonts)};
+  const auto [chars, fonts] = labels_of(all);
+  Batch pool{torch::Tensor(), encode(Tokenizer(), all), chars, fonts};
   if (exists_on_main(runtime, file)) {
     pool.images =
         styleinject::load_safetensors(file.string()).tensors.at(0).second;
