@@ -85,6 +85,8 @@ configure_and_build() {
   while (($#)) && [ "$1" != -- ]; do args+=("$1"); shift; done
   (($#)) && shift && targets=(--target "$@")
   echo "== build/$name"
+  local start=$SECONDS
   cmake -S "$repo" -B "$repo/build/$name" -DCMAKE_BUILD_TYPE=Release "${args[@]}"
   cmake --build "$repo/build/$name" -j "$jobs" "${targets[@]}"
+  echo "== build/$name built in $((SECONDS - start)) s"
 }
