@@ -10,6 +10,7 @@
 
 #include <torch/torch.h>
 
+#include <regex>
 #include <set>
 
 using namespace typeface;
@@ -690,6 +691,70 @@ TEST_CASE("the experiments' arms", "[typeface]") {
     }
   }
   CHECK(slug("LoRA r=15 (equal time)") == "lora-r-15-equal-time");
+}
+
+TEST_CASE("the targets setting adapts the layers it names", "[typeface]") {
+  // The layers that each arm's pattern adapts on a fresh model.
+  const auto adapted = [](const ModelConfig& config, const Arm& arm) {
+    TextToImage model(config);
+    std::set<std::string> names;
+    for (const auto& layer :
+         styleinject::inject(*model, layer_targets(arm.targets), arm.adapter)
+             .layers) {
+      names.insert(layer.name);
+    }
+    return names;
+  };
+  const auto all_but = [](std::set<std::string> names, const char* pattern) {
+    const std::regex out(pattern);
+    for (auto it = names.begin(); it != names.end();) {
+      it = std::regex_match(*it, out) ? names.erase(it) : std::next(it);
+    }
+    return names;
+  };
+  for (const char* arch : {"unet", "dit"}) {
+    CAPTURE(arch);
+    const auto config = tiny_config(arch);
+    const auto arms = setting_arms("targets", config);
+    REQUIRE(arms.size() == 4);
+    const auto every = adapted(config, arms[0]);
+    // The tiny UNet: 6 ResBlocks of 2 convolutions and a time projection,
+    // 3 skips (where the channels change), 3 transformers of 2 + 8 + 2, 4
+    // convolutions around them;
+    // the tiny DiT as in its own test; both with the text encoder's 6 and
+    // the condition's 3.
+    CHECK(every.size() == (config.is_dit() ? 34 : 6 * 3 + 3 + 3 * 12 + 4 + 9));
+    // Attention only: the denoiser's 3 transformers' or 2 blocks'
+    // self- and cross-attention projections, 4 each.
+    const auto attention = adapted(config, arms[1]);
+    CHECK(attention.size() == (config.is_dit() ? 2 : 3) * 8);
+    for (const auto& name : attention) {
+      CAPTURE(name);
+      CHECK(std::regex_match(name, std::regex(".*\\.attn[12]\\.to_.*")));
+      CHECK(name.rfind("text.", 0) != 0);
+    }
+    CHECK(
+        adapted(config, arms[2]) ==
+        all_but(every, "text\\..*|time1|time2|text_pool"));
+    CHECK(
+        adapted(config, arms[3]) ==
+        all_but(
+            every,
+            config.is_dit() ? "dit\\.(block[0-9]+\\.modulation|modulation_out)"
+                            : ".*\\.time"));
+    CHECK(
+        adapted(config, arms[3]).size() ==
+        every.size() - (config.is_dit() ? 3 : 6));
+    for (const auto& arm : arms) {
+      CAPTURE(arm.label);
+      CHECK(
+          arm.parameters ==
+          adapter_parameter_count(config, arm.adapter, arm.targets));
+    }
+  }
+  CHECK_THAT(
+      error_text([] { layer_targets("("); }),
+      Catch::Contains("expected an ECMAScript regular expression"));
 }
 
 TEST_CASE(

@@ -87,12 +87,14 @@ inline double validation_loss(
   return total / 4;
 }
 
-/// The number of adapter parameters that `options` puts on the model.
+/// The number of adapter parameters that `options` puts on the model's
+/// `targets` (a layer-name pattern; empty: every layer).
 inline int64_t adapter_parameter_count(
     const ModelConfig& config,
-    const styleinject::StyleInjectOptions& options) {
+    const styleinject::StyleInjectOptions& options,
+    const std::string& targets = "") {
   TextToImage model(config);
-  styleinject::inject(*model, styleinject::Targets::all(), options);
+  styleinject::inject(*model, layer_targets(targets), options);
   int64_t count = 0;
   for (const auto& p : styleinject::adapter_parameters(*model)) {
     count += p.numel();

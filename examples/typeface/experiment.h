@@ -1,9 +1,9 @@
 #pragma once
-// `typeface experiment`: StyleInject against LoRA (few-shot) and against
-// its own variants (ablation), with power. Every arm trains on the same
-// data stream for a seed and is judged on the same prompts and the same
-// initial noise, several images per prompt; differences are paired and get
-// 95 % bootstrap intervals over seeds and prompts. Results in
+// `typeface experiment`: StyleInject against LoRA (few-shot), against its
+// own variants (ablation) and on fewer layers (targets), with power. Every arm
+// trains on the same data stream for a seed and is judged on the same prompts
+// and the same initial noise, several images per prompt; differences are paired
+// and get 95 % bootstrap intervals over seeds and prompts. Results in
 // results/<setting>/: summary.md, metrics.json, grids (and plots, where
 // python3 has matplotlib). Runs already on disk are reused, so an
 // interrupted experiment goes on where it stopped.
@@ -177,9 +177,17 @@ inline Judge load_or_train_judge(
 struct Arm {
   std::string label;
   styleinject::StyleInjectOptions adapter;
+  std::string targets; // the adapted layers' names (empty: every layer)
   int64_t parameters = 0;
   double lr = 3e-3;
   double steps_factor = 1; // > 1: LoRA given StyleInject's wall-clock time
+
+  /// A fine-tune's options with this arm's adapter on its layers.
+  FinetuneOptions applied_to(FinetuneOptions options) const {
+    options.adapter = adapter;
+    options.targets = targets;
+    return options;
+  }
 };
 
 /// The rank whose adapter count on `config` comes nearest to `target`. The
@@ -197,24 +205,50 @@ inline int64_t rank_for(
 inline Arm make_arm(
     const ModelConfig& config,
     std::string label,
-    styleinject::StyleInjectOptions adapter) {
-  Arm arm{std::move(label), adapter};
-  arm.parameters = adapter_parameter_count(config, adapter);
+    styleinject::StyleInjectOptions adapter,
+    std::string targets = "") {
+  Arm arm{std::move(label), adapter, std::move(targets)};
+  arm.parameters = adapter_parameter_count(config, adapter, arm.targets);
   return arm;
+}
+
+/// The targets setting's arms: StyleInject's defaults on every layer, then
+/// on the denoiser's attention projections only (the usual LoRA targets of
+/// diffusers and PEFT), on the denoiser only (no text encoder, no
+/// condition), and on every layer but those that turn the condition into
+/// the blocks' shifts and scales (a DiT's adaLN modulation; a UNet's time
+/// projection in each ResBlock).
+inline std::vector<Arm> target_arms(const ModelConfig& config) {
+  const styleinject::StyleInjectOptions defaults(4);
+  return {
+      make_arm(config, "every layer", defaults),
+      make_arm(
+          config, "attention only", defaults, R"(.*attn[12]\.to_(q|k|v|out))"),
+      make_arm(
+          config,
+          "denoiser only",
+          defaults,
+          R"((?!text\.|time[12]$|text_pool$).*)"),
+      config.is_dit()
+          ? make_arm(config, "no modulation", defaults, "(?!.*modulation).*")
+          : make_arm(
+                config, "no time projection", defaults, R"((?!.*\.time$).*)")};
 }
 
 /// The arms of a setting; the first is the reference of every comparison.
 /// few-shot: StyleInject with the library's defaults, LoRA of about its
 /// parameter count, LoRA of twice that, and the first LoRA given
 /// StyleInject's wall-clock time; multi-style and distill: the same but the
-/// last.
-/// ablation: the defaults, then one change
-/// each (n at equal parameters).
+/// last. ablation: the defaults, then one change each (n at equal
+/// parameters). targets: see target_arms.
 inline std::vector<Arm> setting_arms(
     const std::string& setting,
     const ModelConfig& config) {
   using styleinject::GateMode;
   using styleinject::StyleInjectOptions;
+  if (setting == "targets") {
+    return target_arms(config);
+  }
   const StyleInjectOptions defaults(4);
   std::vector<Arm> arms{make_arm(config, "StyleInject", defaults)};
   const auto target = arms[0].parameters;
@@ -267,7 +301,7 @@ inline std::vector<Arm> setting_arms(
 // --------------------------------------------------------------- settings
 
 struct ExperimentOptions {
-  std::string setting = "few-shot"; // or "ablation"
+  std::string setting = "few-shot"; // ablation, targets, multi-style, distill
   std::string name; // of the results' subfolder; empty: the setting's
   bool quick = false;
   fs::path base_dir; // the pretrained base model (its config.json: which)
@@ -306,14 +340,14 @@ struct ExperimentOptions {
     bool shots = false, steps = false, base_prompts = false, lrs = false;
   };
 
-  /// The setting's defaults where not given. ablation: K = 16 only, on
-  /// lobster, which keeps its 50 runs near 35 minutes on a 2-core CPU
-  /// (--styles adds more). multi-style and distill: one adapter on all of
-  /// each style's training characters (K = 38: all but the 8 validation
-  /// and 16 test ones), 600 steps, 8 base-font prompts per style, learning
-  /// rates 1e-3 and 3e-3.
+  /// The setting's defaults where not given. ablation and targets: K = 16
+  /// only, on lobster, which keeps the ablation's 50 runs near 35 minutes
+  /// on a 2-core CPU (--styles adds more). multi-style and distill: one adapter
+  /// on all of each style's training characters (K = 38: all but the 8
+  /// validation and 16 test ones), 600 steps, 8 base-font prompts per style,
+  /// learning rates 1e-3 and 3e-3.
   void setting_defaults(const Given& given) {
-    if (setting == "ablation") {
+    if (setting == "ablation" || setting == "targets") {
       if (!given.shots) {
         shots = {16};
       }
@@ -790,7 +824,7 @@ inline std::vector<Run> run_arm(
     Teaching* teaching = nullptr) {
   const auto& styles = base_options.styles;
   // What a run on disk must have been made with to be reused.
-  const ordered_json settings{
+  ordered_json settings{
       {"steps", std::llround(base_options.steps * arm.steps_factor)},
       {"lr", arm.lr},
       {"images", options.images},
@@ -798,6 +832,9 @@ inline std::vector<Run> run_arm(
       {"base_prompts", options.base_prompts},
       {"guidance", options.sampler.guidance},
       {"adapter", styleinject::detail::options_to_json(arm.adapter)}};
+  if (!arm.targets.empty()) { // absent: every layer, as in older runs
+    settings["targets"] = arm.targets;
+  }
   bool on_disk = true;
   for (const auto& style : styles) {
     const auto [scores_file, images_file] =
@@ -822,8 +859,7 @@ inline std::vector<Run> run_arm(
     }
     return runs;
   }
-  auto tune = base_options;
-  tune.adapter = arm.adapter;
+  auto tune = arm.applied_to(base_options);
   tune.lr = arm.lr;
   tune.steps = std::llround(base_options.steps * arm.steps_factor);
   tune.checkpoint_every = tune.steps;
@@ -901,8 +937,7 @@ inline double search_learning_rate(
     if (exists_on_main(runtime, dir / "validation.json")) {
       loss = read_json(dir / "validation.json").at("loss");
     } else {
-      auto tune = base_options;
-      tune.adapter = arm.adapter;
+      auto tune = arm.applied_to(base_options);
       tune.lr = lr;
       tune.seed = 1000;
       tune.checkpoint_every = tune.steps;
@@ -955,8 +990,7 @@ inline double seconds_per_step(
     const Runtime& runtime) {
   std::vector<double> times;
   for (int round = 0; round < 3; ++round) {
-    auto tune = base_options;
-    tune.adapter = arm.adapter;
+    auto tune = arm.applied_to(base_options);
     tune.steps = 10;
     tune.checkpoint_every = tune.steps;
     const auto start = std::chrono::steady_clock::now();
@@ -1592,11 +1626,11 @@ inline void run_experiment(
         .count();
   };
   const std::set<std::string> settings{
-      "few-shot", "ablation", "multi-style", "distill"};
+      "few-shot", "ablation", "targets", "multi-style", "distill"};
   if (settings.count(options.setting) == 0) {
     throw std::invalid_argument(
-        "--setting must be few-shot, ablation, multi-style or distill, but "
-        "got '" +
+        "--setting must be few-shot, ablation, targets, multi-style or "
+        "distill, but got '" +
         options.setting + "'");
   }
   const auto styles = experiment_styles(options);
@@ -1690,6 +1724,7 @@ inline void run_experiment(
     report["arms"].push_back(
         {{"label", arm.label},
          {"options", styleinject::detail::options_to_json(arm.adapter)},
+         {"targets", arm.targets.empty() ? ".*" : arm.targets},
          {"parameters", arm.parameters},
          {"lr", arm.lr},
          {"steps", std::llround(options.steps * arm.steps_factor)}});

@@ -8,6 +8,7 @@
 //   typeface eval --adapter runs/si/adapters.safetensors --style lobster
 //   typeface judge                    # the judge's classifiers
 //   typeface experiment --setting few-shot [--quick]   # results/few-shot/
+//   typeface experiment --setting targets --arch dit   # results/targets-dit/
 //   typeface demo                     # a small few-shot run, results/demo/
 //
 // finetune and experiment also run data-parallel on several processes:
@@ -253,6 +254,11 @@ int main(int argc, char** argv) {
   finetune_cmd->add_option("--branches", tune.branches, "StyleInject branches")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  finetune_cmd->add_option(
+      "--targets",
+      tune.targets,
+      "the layers to adapt: a regular expression over their names, e.g. "
+      "'.*attn[12]\\.to_(q|k|v|out)' (default: every Linear and Conv2d)");
   finetune_cmd->add_option("--checkpoint-every", tune.checkpoint_every)
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
@@ -379,13 +385,14 @@ int main(int argc, char** argv) {
   // experiment
   auto* experiment_cmd = app.add_subcommand(
       "experiment",
-      "StyleInject against LoRA (few-shot, multi-style, distill) or its own "
-      "variants (ablation), with seeds, several images per prompt and paired "
-      "95 % intervals");
+      "StyleInject against LoRA (few-shot, multi-style, distill), its own "
+      "variants (ablation) or on fewer layers (targets), with seeds, several "
+      "images per prompt and paired 95 % intervals");
   shared(experiment_cmd);
   parallel(experiment_cmd);
   experiment_cmd->add_option("--setting", experiment.setting)
-      ->check(CLI::IsMember({"few-shot", "ablation", "multi-style", "distill"}))
+      ->check(CLI::IsMember(
+          {"few-shot", "ablation", "targets", "multi-style", "distill"}))
       ->capture_default_str();
   experiment_cmd->add_flag(
       "--quick",
@@ -396,15 +403,16 @@ int main(int argc, char** argv) {
       ->add_option(
           "--styles",
           experiment.styles,
-          "new styles (default: all six; ablation: lobster)")
+          "new styles (default: all six; ablation, targets: lobster)")
       ->delimiter(',');
-  auto* shots_option = experiment_cmd
-                           ->add_option(
-                               "--shots",
-                               experiment.shots,
-                               "K values (default: 16,4; ablation: 16; "
-                               "multi-style: 38)")
-                           ->delimiter(',');
+  auto* shots_option =
+      experiment_cmd
+          ->add_option(
+              "--shots",
+              experiment.shots,
+              "K values (default: 16,4; ablation, targets: 16; "
+              "multi-style: 38)")
+          ->delimiter(',');
   experiment_cmd
       ->add_option(
           "--test-prompts",

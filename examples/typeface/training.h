@@ -593,7 +593,16 @@ struct FinetuneOptions {
   /// Adapter options that replace those of method, rank and branches (the
   /// experiments' arms).
   c10::optional<styleinject::StyleInjectOptions> adapter;
+  /// The layers adapted: a regular expression over their qualified names
+  /// (e.g. "dit\\..*"); empty: every Linear and Conv2d.
+  std::string targets;
 };
+
+/// The `inject` targets of a layer-name pattern (empty: every layer).
+inline styleinject::Targets layer_targets(const std::string& pattern) {
+  return pattern.empty() ? styleinject::Targets::all()
+                         : styleinject::Targets::regex(pattern);
+}
 
 /// The adapter options of a method.
 inline styleinject::StyleInjectOptions adapter_options(
@@ -664,14 +673,13 @@ inline std::vector<int64_t> new_style_fonts(
   return fonts;
 }
 
-/// Fine-tunes adapters on every Linear and Conv2d of a fresh copy of the
-/// base model, on `shots` characters of each of `styles` (one adapter for
-/// all of them): only the adapter
-/// parameters reach the optimizer. Saves adapters.safetensors (and
-/// optimizer + state for --resume) into `dir`; returns the adapted model.
-/// `curve`, if given, receives (step, loss) every tenth step. With a
-/// `distillation`, the adapter learns the teacher's predictions on its pool
-/// instead of renders.
+/// Fine-tunes adapters on the targeted layers (default: every Linear and
+/// Conv2d) of a fresh copy of the base model, on `shots` characters of each of
+/// `styles` (one adapter for all of them): only the adapter parameters reach
+/// the optimizer. Saves adapters.safetensors (and optimizer + state for
+/// --resume) into `dir`; returns the adapted model. `curve`, if given, receives
+/// (step, loss) every tenth step. With a `distillation`, the adapter learns the
+/// teacher's predictions on its pool instead of renders.
 inline TextToImage finetune(
     const FinetuneOptions& options,
     const fs::path& base_dir,
@@ -686,7 +694,7 @@ inline TextToImage finetune(
   torch::manual_seed(options.seed);
   auto model = load_base(base_dir, runtime.device);
   const auto report =
-      styleinject::inject(*model, styleinject::Targets::all(), adapter);
+      styleinject::inject(*model, layer_targets(options.targets), adapter);
   if (runtime.is_main()) {
     std::cerr << options.method << ": adapters on " << report.layers.size()
               << " layers, " << report.trainable_parameters

@@ -1,8 +1,9 @@
 #!/bin/sh
 # smoke_dit.sh TYPEFACE WORKDIR: the DiT through the single commands with the
 # tiny model and a few steps: pretrain (into the cache's base-dit-tiny),
-# finetune with adapters on its modulation layers too, resume, sample, eval;
-# then the multi-style experiment's quick mode on it.
+# finetune with adapters on its modulation layers too, resume, on chosen
+# layers only, sample, eval; then the quick modes of the multi-style and
+# targets experiments on it.
 set -eu
 typeface=$1
 work=$2
@@ -23,6 +24,14 @@ python3 -c 'import json,struct,sys
 f=open(sys.argv[1],"rb"); n=struct.unpack("<Q",f.read(8))[0]; h=json.loads(f.read(n))
 assert "dit.block1.modulation.lora_A" in h and "dit.patchify.router.weight" in h, sorted(h)[:8]' \
   "$work/ft/adapters.safetensors"
+# --targets: the attention projections only (2 blocks of 4 + 4), and a
+# pattern that is no regular expression is refused before anything runs.
+"$typeface" finetune $tiny --steps 2 --targets '.*attn[12]\.to_(q|k|v|out)' \
+  --out "$work/ft_attention" 2>&1 | tee "$work/ft_attention.log"
+grep -q "adapters on 16 layers" "$work/ft_attention.log"
+"$(dirname "$0")/expect_error.sh" "expected an ECMAScript regular expression" \
+  "$typeface" finetune $tiny --targets '(' --out "$work/ft_bad"
+test ! -e "$work/ft_bad"
 "$typeface" sample $tiny --adapter "$work/ft/adapters.safetensors" --steps 3 \
   --prompt "the letter g in lobster style" --out "$work/sample.png"
 test -s "$work/sample.png"
@@ -59,4 +68,16 @@ if grep -q "finetune" "$work/again.log"; then
   echo "FAIL: the second experiment fine-tuned again" >&2
   exit 1
 fi
+# The targets setting: the same adapter on fewer layers, each arm's
+# pattern recorded.
+"$typeface" experiment $tiny --setting targets --quick --steps 4 --judge-members 1 \
+  --test-prompts 4 --base-prompts 4 --results "$work/results"
+python3 -c 'import json,sys
+m=json.load(open(sys.argv[1]))
+arms=[(a["label"], a["targets"]) for a in m["arms"]]
+assert [a[0] for a in arms] == ["every layer", "attention only", "denoiser only", "no modulation"], arms
+assert arms[0][1] == ".*" and "modulation" in arms[3][1], arms
+p=[a["parameters"] for a in m["arms"]]
+assert all(0 < x < p[0] for x in p[1:]), p' \
+  "$work/results/targets-dit/metrics.json"
 echo "DiT smoke run passed"
