@@ -750,44 +750,6 @@ inline double mean_output_error(
   return total;
 }
 
-/// The teacher judged as the students are (means over the styles), and
-/// the output error of the base model itself, where a student starts;
-/// teacher.json in the results, or read from there.
-inline ordered_json judge_teacher(
-    Teaching& teaching,
-    Judge& judge,
-    const std::vector<std::string>& styles,
-    const std::string& test,
-    const ExperimentOptions& options,
-    const Runtime& runtime) {
-  const auto file = options.results / "teacher" / "judged.json";
-  if (exists_on_main(runtime, file)) {
-    return read_json(file);
-  }
-  const auto judged = judge_model(
-      teaching.training.teacher,
-      judge,
-      new_style_fonts(styles),
-      test,
-      options,
-      runtime);
-  ordered_json record;
-  for (const auto& m : measures_of(judged[0].scores)) {
-    double sum = 0;
-    for (const auto& one : judged) {
-      sum += mean(one.scores.at(m.key)) / static_cast<double>(judged.size());
-    }
-    record[m.key] = sum;
-  }
-  auto base = load_base(options.base_dir, runtime.device);
-  record["base_output_error"] = mean_output_error(
-      base, teaching, static_cast<int64_t>(test.size()), runtime);
-  if (runtime.is_main()) {
-    write_text(file, record.dump(2));
-  }
-  return record;
-}
-
 /// What one arm gave on one (shots, style, seed): its scores.json.
 struct Run {
   ordered_json scores;
@@ -806,6 +768,101 @@ inline std::pair<fs::path, fs::path> run_files(
   return {
       dir / (prefix + "scores.json"),
       dir / (prefix + "test_images.safetensors")};
+}
+
+/// Whether `dir` holds the scores and test images of every one of `styles`.
+inline bool runs_on_disk(
+    const fs::path& dir,
+    const std::vector<std::string>& styles) {
+  for (const auto& style : styles) {
+    const auto [scores_file, images_file] =
+        run_files(dir, style, styles.size());
+    if (!fs::exists(scores_file) || !fs::exists(images_file)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+/// The runs of `styles` that `dir` holds, one per style.
+inline std::vector<Run> read_runs(
+    const fs::path& dir,
+    const std::vector<std::string>& styles) {
+  std::vector<Run> runs(styles.size());
+  for (size_t i = 0; i < styles.size(); ++i) {
+    const auto [scores_file, images_file] =
+        run_files(dir, styles[i], styles.size());
+    runs[i].scores = read_json(scores_file);
+    const auto contents = styleinject::load_safetensors(images_file.string());
+    runs[i].features = contents.tensors.at(0).second;
+    runs[i].grid_row = contents.tensors.at(1).second;
+  }
+  return runs;
+}
+
+/// Keeps `runs` (one per style of `styles`) in `dir`, for read_runs.
+inline void write_runs(
+    const fs::path& dir,
+    const std::vector<std::string>& styles,
+    const std::vector<Run>& runs) {
+  for (size_t i = 0; i < styles.size(); ++i) {
+    const auto [scores_file, images_file] =
+        run_files(dir, styles[i], styles.size());
+    styleinject::save_safetensors(
+        images_file.string(),
+        {{"features", runs[i].features}, {"grid_row", runs[i].grid_row}});
+    write_text(scores_file, runs[i].scores.dump());
+  }
+}
+
+/// A judged model as a Run: its scores, its test images' features and the
+/// first image of each of its `prompts` test prompts.
+inline Run run_of(Judged judged, int64_t prompts) {
+  return {
+      std::move(judged.scores),
+      judged.features,
+      judged.images.slice(0, 0, prompts)};
+}
+
+/// The teacher judged as the students are, one Run per style, kept in
+/// teacher/ as a run's files are; and into `record` the output error of the
+/// base model itself, where a student starts.
+inline std::vector<Run> judge_teacher(
+    Teaching& teaching,
+    Judge& judge,
+    const std::vector<std::string>& styles,
+    const std::string& test,
+    const ExperimentOptions& options,
+    const Runtime& runtime,
+    ordered_json& record) {
+  const auto dir = options.results / "teacher";
+  const auto file = dir / "judged.json";
+  const bool on_disk = fs::exists(file) && runs_on_disk(dir, styles);
+  if (from_main(runtime, on_disk ? 1 : 0) != 0) {
+    record = read_json(file);
+    return read_runs(dir, styles);
+  }
+  auto judged = judge_model(
+      teaching.training.teacher,
+      judge,
+      new_style_fonts(styles),
+      test,
+      options,
+      runtime);
+  std::vector<Run> runs;
+  for (auto& one : judged) {
+    runs.push_back(run_of(std::move(one), static_cast<int64_t>(test.size())));
+  }
+  auto base = load_base(options.base_dir, runtime.device);
+  record = {
+      {"base_output_error",
+       mean_output_error(
+           base, teaching, static_cast<int64_t>(test.size()), runtime)}};
+  if (runtime.is_main()) {
+    write_runs(dir, styles, runs);
+    write_text(file, record.dump(2));
+  }
+  return runs;
 }
 
 /// Fine-tunes one arm on one (shots, styles, seed) and judges it on each
@@ -835,27 +892,16 @@ inline std::vector<Run> run_arm(
   if (!arm.targets.empty()) { // absent: every layer, as in older runs
     settings["targets"] = arm.targets;
   }
-  bool on_disk = true;
-  for (const auto& style : styles) {
-    const auto [scores_file, images_file] =
-        run_files(dir, style, styles.size());
-    on_disk = on_disk && fs::exists(scores_file) && fs::exists(images_file);
-  }
-  std::vector<Run> runs(styles.size());
-  if (from_main(runtime, on_disk ? 1 : 0) != 0) {
-    for (size_t i = 0; i < styles.size(); ++i) {
-      const auto [scores_file, images_file] =
-          run_files(dir, styles[i], styles.size());
-      runs[i].scores = read_json(scores_file);
-      if (runs[i].scores.value("settings", ordered_json()) != settings) {
+  if (from_main(runtime, runs_on_disk(dir, styles) ? 1 : 0) != 0) {
+    auto runs = read_runs(dir, styles);
+    for (const auto& run : runs) {
+      const auto made_with = run.scores.value("settings", ordered_json());
+      if (made_with != settings) {
         throw std::runtime_error(
             dir.string() + " holds a run made with other settings (" +
-            runs[i].scores.value("settings", ordered_json()).dump() + ", now " +
-            settings.dump() + "); use another --results folder");
+            made_with.dump() + ", now " + settings.dump() +
+            "); use another --results folder");
       }
-      const auto contents = styleinject::load_safetensors(images_file.string());
-      runs[i].features = contents.tensors.at(0).second;
-      runs[i].grid_row = contents.tensors.at(1).second;
     }
     return runs;
   }
@@ -878,9 +924,10 @@ inline std::vector<Run> run_arm(
           .count();
   auto judged = judge_model(
       model, judge, new_style_fonts(styles), split.test, options, runtime);
+  const auto prompts = static_cast<int64_t>(split.test.size());
+  std::vector<Run> runs;
   for (size_t i = 0; i < styles.size(); ++i) {
-    auto& run = runs[i];
-    run.scores = std::move(judged[i].scores);
+    auto run = run_of(std::move(judged[i]), prompts);
     run.scores["seconds"] = seconds;
     run.scores["steps"] = tune.steps;
     run.scores["lr"] = tune.lr;
@@ -891,22 +938,13 @@ inline std::vector<Run> run_arm(
           model,
           teaching->training.teacher,
           teaching->test.at(i),
-          static_cast<int64_t>(split.test.size()),
+          prompts,
           runtime);
     }
-    run.features = judged[i].features;
-    run.grid_row =
-        judged[i].images.slice(0, 0, static_cast<int64_t>(split.test.size()));
-    if (runtime.is_main()) {
-      const auto [scores_file, images_file] =
-          run_files(dir, styles[i], styles.size());
-      styleinject::save_safetensors(
-          images_file.string(),
-          {{"features", run.features}, {"grid_row", run.grid_row}});
-      write_text(scores_file, run.scores.dump());
-    }
+    runs.push_back(std::move(run));
   }
   if (runtime.is_main()) {
+    write_runs(dir, styles, runs);
     fs::remove(dir / "optimizer.pt");
   }
   return runs;
@@ -1112,6 +1150,7 @@ struct Finished {
   const std::vector<std::string>& styles;
   const std::vector<Arm>& arms;
   const Runs& runs;
+  const std::vector<Run>& teacher; // distill: one per style; else none
   std::vector<Measure> measures() const {
     return measures_of(runs[0][0][0][0].scores);
   }
@@ -1151,16 +1190,12 @@ inline std::string settings_section(
      << fixed(mean(report["base_model"]["alignment"])) << " of "
      << done.styles[0] << "'s test prompts.\n\n";
   if (report.contains("teacher")) {
-    const auto& teacher = report["teacher"];
     md << "The teacher (every weight of the base fine-tuned on the styles, "
-       << report["teacher_steps"] << " steps) scores alignment "
-       << fixed(teacher["alignment"]) << ", style fit "
-       << fixed(teacher["style_fit"]) << ", retention "
-       << fixed(teacher["retention"]) << " (font "
-       << fixed(teacher["font_kept"])
-       << "), means over the styles. The base model's output error against "
-          "it is "
-       << fixed(teacher["base_output_error"])
+       << report["teacher_steps"]
+       << " steps) is judged as the students are: the means table's last "
+          "row, and the grids' second. The base model's output error "
+          "against it is "
+       << fixed(report["teacher"]["base_output_error"])
        << ": a student's starts there, and 0 is the teacher's own.\n\n";
   }
   md << "| arm | adapter parameters | lr | steps | fine-tune time |\n"
@@ -1183,8 +1218,36 @@ inline std::string settings_section(
   return md.str();
 }
 
-/// Each arm's mean of every measure over styles, seeds and prompts with its
-/// interval, and its FID per style; into `md` and `results`.
+/// A row of the means table: the mean of every measure over styles, seeds
+/// and prompts with its interval, of the runs `by_style` (each style's, one
+/// per seed); into `md` and `results` under `label`.
+inline void means_row(
+    const Finished& done,
+    const std::string& label,
+    const std::vector<std::vector<Run>>& by_style,
+    std::ostream& md,
+    ordered_json& results) {
+  md << "| " << label << " |";
+  for (const auto& m : done.measures()) {
+    if (!by_style[0][0].scores.contains(m.key)) {
+      md << " 0 |"; // the teacher's output error against itself
+      continue;
+    }
+    std::vector<Grid> strata;
+    for (size_t si = 0; si < done.styles.size(); ++si) {
+      strata.push_back(arm_grid(by_style[si], m.key));
+      results["per_style"][done.styles[si]][label][m.key] =
+          to_json(paired_bootstrap({strata.back()}, 1000));
+    }
+    const auto all = paired_bootstrap(strata, 1000);
+    md << " " << fixed(all.mean) << " [" << fixed(all.low) << ", "
+       << fixed(all.high) << "] |";
+    results["means"][label][m.key] = to_json(all);
+  }
+}
+
+/// Each arm's means (means_row) and its FID per style, then the teacher's
+/// means where there is one; into `md` and `results`.
 inline void means_section(
     const Finished& done,
     size_t k,
@@ -1200,27 +1263,27 @@ inline void means_section(
   std::iota(every_seed.begin(), every_seed.end(), 0);
   for (size_t a = 0; a < done.arms.size(); ++a) {
     const auto& label = done.arms[a].label;
-    md << "| " << label << " |";
-    for (const auto& m : done.measures()) {
-      std::vector<Grid> strata;
-      for (size_t si = 0; si < done.styles.size(); ++si) {
-        strata.push_back(arm_grid(done.runs[k][si][a], m.key));
-        results["per_style"][done.styles[si]][label][m.key] =
-            to_json(paired_bootstrap({strata.back()}, 1000));
-      }
-      const auto all = paired_bootstrap(strata, 1000);
-      md << " " << fixed(all.mean) << " [" << fixed(all.low) << ", "
-         << fixed(all.high) << "] |";
-      results["means"][label][m.key] = to_json(all);
-    }
+    std::vector<std::vector<Run>> by_style;
     std::vector<double> fid;
     for (size_t si = 0; si < done.styles.size(); ++si) {
-      fid.push_back(pooled_distance(done.runs[k][si][a], every_seed, real[si]));
+      by_style.push_back(done.runs[k][si][a]);
+      fid.push_back(pooled_distance(by_style.back(), every_seed, real[si]));
     }
+    means_row(done, label, by_style, md, results);
     md << " "
        << fixed(std::accumulate(fid.begin(), fid.end(), 0.0) / fid.size(), 1)
        << " |\n";
     results["fid"][label] = fid;
+  }
+  if (!done.teacher.empty()) {
+    std::vector<std::vector<Run>> by_style;
+    for (const auto& run : done.teacher) {
+      by_style.push_back({run});
+    }
+    // No FID: from one model's images, not the students' five seeds', it
+    // would not compare (FID grows as the sample shrinks).
+    means_row(done, "teacher", by_style, md, results);
+    md << " |\n";
   }
 }
 
@@ -1301,7 +1364,8 @@ inline void differences_section(
   md << "\n";
 }
 
-/// grids/<style>-k<K>.png: the real font, then every arm's first seed.
+/// grids/<style>-k<K>.png: the real font, the teacher where there is one,
+/// then every arm's first seed.
 inline void write_grids(
     const Finished& done,
     size_t k,
@@ -1314,6 +1378,9 @@ inline void write_grids(
       real.push_back(renderer.render(style, c, nullptr).unsqueeze(0));
     }
     rows.push_back(torch::stack(real));
+    if (!done.teacher.empty()) {
+      rows.push_back(done.teacher[si].grid_row);
+    }
     for (size_t a = 0; a < done.arms.size(); ++a) {
       rows.push_back(done.runs[k][si][a][0].grid_row);
     }
@@ -1554,9 +1621,10 @@ inline void write_experiment_report(
   }
   md << "\nThe judge's members agree on the character of "
      << fixed(100 * agreement, 1)
-     << " % of the generated test images. Grids (rows: the real font, then "
-        "each arm's first seed) in grids/; every run's per-prompt scores in "
-        "metrics.json.\n";
+     << " % of the generated test images. Grids (rows: the real font, "
+     << (done.teacher.empty() ? "" : "the teacher, ")
+     << "then each arm's first seed) in grids/; every run's per-prompt "
+        "scores in metrics.json.\n";
   write_text(done.options.results / "metrics.json", report.dump(1));
   write_text(done.options.results / "summary.md", md.str());
   std::cout << md.str();
@@ -1749,9 +1817,16 @@ inline void run_experiment(
       write_text(base_file, report["base_model"].dump());
     }
   }
+  std::vector<Run> teacher;
   if (teaching) {
-    report["teacher"] = judge_teacher(
-        *teaching, judge, styles, first_split.test, options, runtime);
+    teacher = judge_teacher(
+        *teaching,
+        judge,
+        styles,
+        first_split.test,
+        options,
+        runtime,
+        report["teacher"]);
   }
 
   // Every (shots, style group, seed, arm), into runs[shots][style][arm].
@@ -1814,7 +1889,7 @@ inline void run_experiment(
         router_usage(together, renderer, styles, test, runtime);
   }
   write_experiment_report(
-      Finished{options, styles, arms, runs}, judge, renderer, report);
+      Finished{options, styles, arms, runs, teacher}, judge, renderer, report);
   if (together) {
     write_style_mixing(
         together, styles, test, arms[0].adapter.branches(), options, runtime);

@@ -29,6 +29,8 @@ MEASURES = [
 
 def scores_plot(metrics, shots, results, out):
     arms = [arm["label"] for arm in metrics["arms"]]
+    if "teacher" in results["means"]:  # distill: the students' reference
+        arms.append("teacher")
     styles = metrics["styles"]
     groups = styles + ["all styles"]
     measures = [m for m in MEASURES if m[0] in results["means"][arms[0]]]
@@ -39,6 +41,8 @@ def scores_plot(metrics, shots, results, out):
     width = 0.8 / len(arms)
     for ax, (key, title) in zip(axes, measures):
         for a, arm in enumerate(arms):
+            if key not in results["means"][arm]:
+                continue  # the teacher's output error: 0 by definition
             means, low, high = [], [], []
             for style in styles:
                 cell = results["per_style"][style][arm][key]
@@ -58,6 +62,8 @@ def scores_plot(metrics, shots, results, out):
             ax.set_ylim(0, 1)
     ax = axes[len(measures)]
     for a, arm in enumerate(arms):
+        if arm not in results["fid"]:
+            continue  # the teacher: one model's images, no comparable FID
         xs = [g + (a - (len(arms) - 1) / 2) * width for g in range(len(styles))]
         ax.bar(xs, results["fid"][arm], width, label=arm)
     ax.set_title("FID to real renders (lower is better)")

@@ -81,8 +81,10 @@ distill="experiment $tiny --setting distill --quick --steps 4 --teacher-steps 6 
 python3 -c 'import json,sys
 m=json.load(open(sys.argv[1]))
 assert m["base"]["model"]["arch"] == "unet" and m["teacher_steps"] == 6, m["base"]
-t=m["teacher"]
-assert 0 <= t["alignment"] <= 1 and t["base_output_error"] > 0, t
+assert m["teacher"]["base_output_error"] > 0, m["teacher"]
+t=m["results"]["38"]["means"]["teacher"]
+assert 0 <= t["alignment"]["low"] <= t["alignment"]["high"] <= 1, t
+assert "output_error" not in t and "teacher" not in m["results"]["38"]["fid"], t
 assert len(m["runs"]) == 3 * 2 * 2, len(m["runs"])
 for r in m["runs"]:
     assert len(r["output_error"]) == 4 and min(r["output_error"]) >= 0, r
@@ -91,6 +93,13 @@ d=m["results"]["38"]["differences"][lora]["output_error"]["all"]
 assert d["low"] <= d["mean"] <= d["high"] and d["verdict"], d' \
   "$work/experiment/distill/metrics.json"
 test -s "$work/experiment/distill/teacher/model.safetensors"
+# Each grid: the real font, the teacher, then the three students.
+python3 -c 'import struct,sys
+png=open(sys.argv[1],"rb").read()
+width,height=struct.unpack(">II",png[16:24])
+cell=(width//2-2)//4
+assert (height//2-2)//cell == 5, (width, height)' \
+  "$work/experiment/distill/grids/lobster-k38.png"
 "$typeface" $distill 2>&1 | tee "$work/distill.log"
 if grep -q "finetune\|pretrain" "$work/distill.log"; then
   echo "FAIL: the second distill experiment trained again" >&2
