@@ -25,10 +25,14 @@
 
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
-#ifdef USE_C10D_GLOO
+// PyPI's LibTorch defines USE_C10D_GLOO and USE_C10D_NCCL for every
+// consumer but ships neither Gloo's nor NCCL's headers: ask for both.
+#if defined(USE_C10D_GLOO) && __has_include(<gloo/algorithm.h>)
+#define STYLEINJECT_HAS_GLOO 1
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #endif
-#ifdef USE_C10D_NCCL
+#if defined(USE_C10D_NCCL) && __has_include(<nccl.h>)
+#define STYLEINJECT_HAS_NCCL 1
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
@@ -401,7 +405,7 @@ class ProcessGroup {
  private:
   c10::intrusive_ptr<detail::Backend> make_backend() const {
     if (device_.is_cuda()) {
-#ifdef USE_C10D_NCCL
+#ifdef STYLEINJECT_HAS_NCCL
       auto nccl = c10d::ProcessGroupNCCL::Options::create();
       nccl->timeout = options_.timeout();
       return c10::make_intrusive<c10d::ProcessGroupNCCL>(
@@ -415,7 +419,7 @@ class ProcessGroup {
           "headers (which defines USE_C10D_NCCL)");
 #endif
     }
-#ifdef USE_C10D_GLOO
+#ifdef STYLEINJECT_HAS_GLOO
     auto gloo = c10d::ProcessGroupGloo::Options::create(options_.timeout());
     if (const auto interface = detail::variable("GLOO_SOCKET_IFNAME")) {
       gloo->devices.push_back(
