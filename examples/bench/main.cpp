@@ -7,6 +7,7 @@
 //
 //   styleinject_bench [--quick] [--json PATH] [--rounds N]
 //                     [--device cpu|cuda] [--dtype float32|bfloat16|float16]
+//                     [--adapter-dtype same|float32]
 //                     [--path auto|merged|stacked|merged_weight]
 //                     [--no-layers] [--no-models]
 //
@@ -156,14 +157,16 @@ torch::Tensor naive_forward(
     std::vector<int64_t> token_dims,
     Project project) {
   const int64_t n = layer.adapter_options->branches();
+  // The adapter's math in its own dtype (float32 beside a bfloat16 base).
+  const auto xa = x.to(layer.lora_B.scalar_type());
   const auto s = torch::softmax(
-      layer.router->forward(x.mean(token_dims)), /*dim=*/-1); // (N, n)
+      layer.router->forward(xa.mean(token_dims)), /*dim=*/-1); // (N, n)
   std::vector<int64_t> per_instance(x.dim(), 1);
   per_instance[0] = x.size(0);
-  auto h = project(x, layer.weight, layer.bias);
+  auto h = project(x, layer.weight, layer.bias).to(xa.scalar_type());
   for (int64_t i = 0; i < n; ++i) {
     const auto branch =
-        project(project(x, layer.lora_A[i], {}), layer.lora_B, {});
+        project(project(xa, layer.lora_A[i], {}), layer.lora_B, {});
     h = h +
         s.select(1, i).view(per_instance) * branch *
             layer.adapter_options->scaling();
@@ -171,7 +174,8 @@ torch::Tensor naive_forward(
   auto g_shape = per_instance;
   g_shape[layer.weight.dim() == 2 ? 2 : 1] = -1; // over channels
   const auto g = torch::tanh(torch::matmul(s, layer.gate)).view(g_shape);
-  return h + g * (h - h.mean(token_dims, /*keepdim=*/true));
+  return (h + g * (h - h.mean(token_dims, /*keepdim=*/true)))
+      .to(x.scalar_type());
 }
 
 // ---------------------------------------------------------------------------
@@ -385,15 +389,18 @@ Runner hand_written_lora(
     const Shape& shape,
     int64_t rank,
     const torch::Tensor& weight,
-    const torch::Tensor& bias) {
-  const auto options = weight.options();
+    const torch::Tensor& bias,
+    torch::ScalarType adapter_dtype) {
+  const auto options = weight.options().dtype(adapter_dtype);
   const auto a = shape.conv ? trainable({rank, shape.in, 3, 3}, options)
                             : trainable({rank, shape.in}, options);
   const auto b = shape.conv ? trainable({shape.out, rank, 1, 1}, options)
                             : trainable({shape.out, rank}, options);
   Runner runner;
   runner.forward = [=](const torch::Tensor& x) {
-    return project(x, weight, bias) + project(project(x, a, {}), b, {});
+    // As PEFT does with a float32 adapter on a bfloat16 base: cast in, out.
+    const auto update = project(project(x.to(a.scalar_type()), a, {}), b, {});
+    return project(x, weight, bias) + update.to(x.scalar_type());
   };
   runner.trainable = {a, b};
   runner.parameters = a.numel() + b.numel();
@@ -449,7 +456,8 @@ Runner library_layer(
     // summed: a trained style and a community LoRA at once.
     Layer two(std::dynamic_pointer_cast<typename Layer::ContainedType>(
         layer->clone()));
-    two->add_adapter(StyleInjectOptions::lora(kRank), "lora");
+    two->add_adapter(
+        StyleInjectOptions::lora(kRank).dtype(options->dtype()), "lora");
     for (auto& p : two->adapter_parameters("lora")) {
       torch::NoGradGuard no_grad;
       p.normal_(0.0, 0.02);
@@ -483,19 +491,24 @@ Runner make(
     const torch::Tensor& bias,
     const torch::Device& device,
     torch::ScalarType dtype,
+    torch::ScalarType adapter_dtype,
     styleinject::ComputePath path) {
   if (method == Method::kLora || method == Method::kLoraNr) {
     return hand_written_lora(
         shape,
         method == Method::kLora ? equal_params_rank(shape) : kBranches * kRank,
         weight,
-        bias);
+        bias,
+        adapter_dtype);
   }
   c10::optional<StyleInjectOptions> options;
   if (method == Method::kLoraPreset) {
     options = StyleInjectOptions::lora(equal_params_rank(shape));
   } else if (method == Method::kNaive || method == Method::kStyleInject) {
     options = StyleInjectOptions(kRank).branches(kBranches).path(path);
+  }
+  if (options) {
+    options->dtype(adapter_dtype);
   }
   const bool naive = method == Method::kNaive;
   if (shape.conv) {
@@ -564,6 +577,7 @@ std::vector<LayerResult> measure_layer(
     const Shape& shape,
     const torch::Device& device,
     torch::ScalarType dtype,
+    torch::ScalarType adapter_dtype,
     styleinject::ComputePath path,
     int rounds) {
   torch::manual_seed(0);
@@ -575,7 +589,8 @@ std::vector<LayerResult> measure_layer(
   std::vector<Runner> runners;
   std::vector<LayerResult> results;
   for (const auto method : kMethods) {
-    runners.push_back(make(method, shape, weight, bias, device, dtype, path));
+    runners.push_back(make(
+        method, shape, weight, bias, device, dtype, adapter_dtype, path));
     results.push_back({method, runners.back().parameters});
   }
   const auto x = shape.conv
@@ -907,6 +922,7 @@ bool is_reference_blas(const std::string& blas) {
             << "usage: styleinject_bench [--quick] [--json PATH] "
                "[--rounds N] [--device cpu|cuda] "
                "[--dtype float32|bfloat16|float16] "
+               "[--adapter-dtype same|float32] "
                "[--path auto|merged|stacked|merged_weight] "
                "[--no-layers] [--no-models]\n";
   std::exit(2);
@@ -917,6 +933,7 @@ bool is_reference_blas(const std::string& blas) {
 int main(int argc, char** argv) {
   bool quick = false, layers = true, models = true;
   std::string json_path, device_name = "cpu", dtype_name = "float32";
+  std::string adapter_dtype_name = "same";
   std::string path_name = "auto";
   int rounds = 0;
   for (int i = 1; i < argc; ++i) {
@@ -941,6 +958,8 @@ int main(int argc, char** argv) {
       device_name = value();
     } else if (arg == "--dtype") {
       dtype_name = value();
+    } else if (arg == "--adapter-dtype") {
+      adapter_dtype_name = value();
     } else if (arg == "--path") {
       path_name = value();
     } else if (arg == "--no-layers") {
@@ -970,6 +989,13 @@ int main(int argc, char** argv) {
         "expected --dtype float32, bfloat16 or float16, but got '" +
         dtype_name + "'");
   }
+  if (adapter_dtype_name != "same" && adapter_dtype_name != "float32") {
+    usage(
+        "expected --adapter-dtype same or float32, but got '" +
+        adapter_dtype_name + "'");
+  }
+  const auto adapter_dtype =
+      adapter_dtype_name == "same" ? dtype->second : torch::kFloat;
   const std::vector<std::pair<std::string, styleinject::ComputePath>> paths{
       {"auto", styleinject::ComputePath::kAuto},
       {"merged", styleinject::ComputePath::kMerged},
@@ -987,16 +1013,18 @@ int main(int argc, char** argv) {
   if (rounds == 0) {
     rounds = quick ? 7 : 15;
   }
-  const torch::Device device(device_name);
+  // With its index: the CUDA allocator's statistics are per device.
+  const torch::Device device(device_name == "cuda" ? "cuda:0" : "cpu");
   const auto blas = blas_in_use();
 
   const auto title = fmt::format(
-      "StyleInject n={} r={} path {}; {} on {} ({} cores, {} threads), "
+      "StyleInject n={} r={} path {}; {}{} on {} ({} cores, {} threads), "
       "LibTorch {}.{}, {}, BLAS {}{}; {} rounds, methods interleaved",
       kBranches,
       kRank,
       path_name,
       dtype_name,
+      adapter_dtype_name == "same" ? "" : " (adapters float32)",
       device.is_cuda() ? "CUDA" : machine(),
       std::thread::hardware_concurrency(),
       at::get_num_threads(),
@@ -1037,7 +1065,8 @@ int main(int argc, char** argv) {
   }
   for (const auto& shape : layers ? shapes(quick) : std::vector<Shape>{}) {
     const auto results =
-        measure_layer(shape, device, dtype->second, path->second, rounds);
+        measure_layer(
+            shape, device, dtype->second, adapter_dtype, path->second, rounds);
     const auto& base = results[0];
     const auto& lora = results[1];
     for (const auto& r : results) {
@@ -1149,6 +1178,7 @@ int main(int argc, char** argv) {
              std::to_string(TORCH_VERSION_MINOR)},
         {"device", device_name},
         {"dtype", dtype_name},
+        {"adapter_dtype", adapter_dtype_name},
         {"path", path_name},
         {"rounds", rounds},
         {"branches", kBranches},

@@ -1,0 +1,160 @@
+"""PEFT's LoRA on the shapes of a styleinject_bench run, timed the same way.
+
+    python3 peft_peer.py BENCH.json [--json PATH] [--rounds N]
+
+Reads the layer cases of a styleinject_bench JSON file (its device, dtype,
+adapter dtype and rounds) and times, per case, the base layer alone and the
+same layer with PEFT's LoRA of the bench's "lora" rank (about StyleInject's
+parameters), interleaved one call each per round, with a device
+synchronisation around each call as the bench does. Ratios are medians of
+per-round ratios to the base layer, with their interquartile range, so that
+they compare with the bench's "fwd / base" and "train / base" columns:
+Python's call overhead is in both of a ratio's terms here, and in neither
+of the bench's.
+"""
+
+import argparse
+import json
+import re
+import statistics
+import time
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_shape(text):
+    """'2x4096x320 -> 320' or '2x320x64x64 conv3x3 -> 320' as a dict."""
+    conv = re.fullmatch(r"(\d+)x(\d+)x(\d+)x\d+ conv3x3 -> (\d+)", text)
+    if conv:
+        batch, cin, size, cout = map(int, conv.groups())
+        return dict(conv=True, input=(batch, cin, size, size), cin=cin, cout=cout)
+    linear = re.fullmatch(r"(\d+)x(\d+)x(\d+) -> (\d+)", text)
+    if not linear:
+        raise SystemExit(f"peft_peer: expected a bench shape, but got '{text}'")
+    batch, tokens, cin, cout = map(int, linear.groups())
+    return dict(conv=False, input=(batch, tokens, cin), cin=cin, cout=cout)
+
+
+class Holder(torch.nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def build(shape, rank, device, dtype, adapter_dtype):
+    torch.manual_seed(0)
+    layer = (torch.nn.Conv2d(shape["cin"], shape["cout"], 3, padding=1)
+             if shape["conv"] else torch.nn.Linear(shape["cin"], shape["cout"]))
+    model = Holder(layer).to(device, dtype).requires_grad_(False)
+    if rank == 0:
+        return model, []
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=["layer"])
+    model = inject_adapter_in_model(config, model)
+    adapter = [p for n, p in model.named_parameters() if "lora_" in n]
+    with torch.no_grad():
+        for p in adapter:
+            # What PeftModel's autocast_adapter_dtype does for a bfloat16 base.
+            p.data = p.data.to(adapter_dtype).normal_(0.0, 0.02)
+            p.requires_grad_(True)
+    return model, adapter
+
+
+def timed_ms(step, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def quartiles(values):
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return dict(median=median, q1=q1, q3=q3)
+
+
+def measure(shape, rank, device, dtype, adapter_dtype, rounds):
+    models = [build(shape, r, device, dtype, adapter_dtype) for r in (0, rank)]
+    x = torch.randn(shape["input"], device=device, dtype=dtype)
+    x_train = x.clone().requires_grad_(True)
+    grad_out = None
+    times = [dict(forward=[], train=[]) for _ in models]
+    for round in range(rounds + 1):  # round 0 warms up
+        for (model, adapter), record in zip(models, times):
+            def forward():
+                with torch.no_grad():
+                    model(x)
+
+            def train():
+                nonlocal grad_out
+                out = model(x_train)
+                if grad_out is None:
+                    grad_out = torch.randn_like(out)
+                out.backward(grad_out)
+                x_train.grad = None
+                for p in adapter:
+                    p.grad = None
+
+            forward_ms, train_ms = timed_ms(forward, device), timed_ms(train, device)
+            if round > 0:
+                record["forward"].append(forward_ms)
+                record["train"].append(train_ms)
+    base, lora = times
+    return {
+        "rank": rank,
+        "forward_ms": statistics.median(lora["forward"]),
+        "train_ms": statistics.median(lora["train"]),
+        "base_forward_ms": statistics.median(base["forward"]),
+        "base_train_ms": statistics.median(base["train"]),
+        "forward_vs_base": quartiles([a / b for a, b in zip(lora["forward"], base["forward"])]),
+        "train_vs_base": quartiles([a / b for a, b in zip(lora["train"], base["train"])]),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bench_json")
+    parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--rounds", type=int, help="default: the bench's")
+    args = parser.parse_args()
+    bench = json.load(open(args.bench_json))
+    device = torch.device(bench["device"])
+    dtype = DTYPES[bench["dtype"]]
+    adapter_dtype = torch.float32 if bench.get("adapter_dtype") == "float32" else dtype
+    rounds = args.rounds or bench["rounds"]
+    import peft
+    title = (f"PEFT {peft.__version__} LoRA, torch {torch.__version__}, {bench['device']} "
+             f"{bench['dtype']} (adapters {adapter_dtype}".replace("torch.", "")
+             + f"), {rounds} rounds, interleaved with the base layer")
+    print(title)
+    print(f"\n{'case':<22} {'shape':<28} {'rank':>5} {'fwd ms':>8} {'train ms':>9} "
+          f"{'fwd / base':>18} {'train / base':>18}")
+    cases = []
+    for row in bench["layers"]:
+        if row["method"] != "lora":
+            continue
+        shape = parse_shape(row["shape"])
+        per_rank = shape["cin"] * (9 if shape["conv"] else 1) + shape["cout"]
+        rank = round(row["trainable_parameters"] / per_rank)
+        result = measure(shape, rank, device, dtype, adapter_dtype, rounds)
+        case = row["name"].rsplit("/", 1)[0]
+        cases.append(dict(name=case, shape=row["shape"], **result))
+        f, t = result["forward_vs_base"], result["train_vs_base"]
+        print(f"{case:<22} {row['shape']:<28} {rank:>5} {result['forward_ms']:>8.3f} "
+              f"{result['train_ms']:>9.3f} {f['median']:>6.3f} ({f['q1']:.2f}-{f['q3']:.2f}) "
+              f"{t['median']:>6.3f} ({t['q1']:.2f}-{t['q3']:.2f})")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(dict(title=title, bench=args.bench_json, layers=cases), out, indent=2)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
