@@ -19,6 +19,7 @@ import re
 import statistics
 import time
 
+import peft
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
@@ -86,7 +87,7 @@ def measure(shape, rank, device, dtype, adapter_dtype, rounds):
     x_train = x.clone().requires_grad_(True)
     grad_out = None
     times = [dict(forward=[], train=[]) for _ in models]
-    for round in range(rounds + 1):  # round 0 warms up
+    for step in range(rounds + 1):  # step 0 warms up
         for (model, adapter), record in zip(models, times):
             def forward():
                 with torch.no_grad():
@@ -103,7 +104,7 @@ def measure(shape, rank, device, dtype, adapter_dtype, rounds):
                     p.grad = None
 
             forward_ms, train_ms = timed_ms(forward, device), timed_ms(train, device)
-            if round > 0:
+            if step > 0:
                 record["forward"].append(forward_ms)
                 record["train"].append(train_ms)
     base, lora = times
@@ -129,7 +130,6 @@ def main():
     dtype = DTYPES[bench["dtype"]]
     adapter_dtype = torch.float32 if bench.get("adapter_dtype") == "float32" else dtype
     rounds = args.rounds or bench["rounds"]
-    import peft
     title = (f"PEFT {peft.__version__} LoRA, torch {torch.__version__}, {bench['device']} "
              f"{bench['dtype']} (adapters {adapter_dtype}".replace("torch.", "")
              + f"), {rounds} rounds, interleaved with the base layer")
