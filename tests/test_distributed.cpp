@@ -204,11 +204,13 @@ TEST_CASE(
     "[distributed]") {
   SECTION("ranks disagree on WORLD_SIZE") {
     const auto port = free_port();
+    // Rank 1 waits for a rank 2 that never comes: 5 s, enough for rank 0
+    // to serve the store first on a loaded machine.
     const auto errors = on_ranks(2, [&](int64_t r) {
       dist::ProcessGroup(
           rank_of(r, r == 0 ? 2 : 3, port),
           torch::kCPU,
-          within(std::chrono::seconds(30)));
+          within(std::chrono::seconds(r == 0 ? 30 : 5)));
     });
     CHECK_THAT(
         errors[0],
@@ -220,7 +222,7 @@ TEST_CASE(
         errors[1],
         Catch::Contains(
             "styleinject::distributed (rank 1 of 3): not every rank joined "
-            "within 30000 ms"));
+            "within 5000 ms"));
   }
   SECTION("two processes with one RANK") {
     const auto port = free_port();
@@ -255,9 +257,14 @@ TEST_CASE(
     // fd stays open until the program ends: LibTorch 1.13's client, still
     // blocked on it, has a listener thread that a reset connection would
     // end with an uncaught exception (std::terminate).
+    // LibTorch 2.x's client gives up itself ("failed: ..."), 1.13's is
+    // given up by the watchdog ("did not answer within ...").
     CHECK_THAT(
-        error, Catch::StartsWith("styleinject::distributed (rank 1 of 2): "));
-    CHECK_THAT(error, Catch::Contains("127.0.0.1:" + std::to_string(port)));
+        error,
+        Catch::StartsWith(
+            "styleinject::distributed (rank 1 of 2): the rendezvous store at "
+            "MASTER_ADDR:MASTER_PORT = 127.0.0.1:" +
+            std::to_string(port) + " took the connection, then "));
     CHECK(seconds_since(begin) < 20);
   }
   SECTION("nobody serves the store") {
@@ -267,12 +274,14 @@ TEST_CASE(
       dist::ProcessGroup(
           rank_of(1, 2, port), torch::kCPU, within(std::chrono::seconds(1)));
     });
-    CHECK_THAT(
-        error,
-        Catch::Contains(
-            "styleinject::distributed (rank 1 of 2): could not reach the "
-            "rendezvous store at MASTER_ADDR:MASTER_PORT = 127.0.0.1:" +
-            std::to_string(port) + " within 1000 ms"));
+    // Whatever c10d's own retries would do: its client is not called.
+    CHECK(
+        error ==
+        "styleinject::distributed (rank 1 of 2): could not reach the "
+        "rendezvous store at MASTER_ADDR:MASTER_PORT = 127.0.0.1:" +
+            std::to_string(port) +
+            " within 1000 ms: the connection was refused: nothing listens on "
+            "that port");
     CHECK(seconds_since(begin) < 20);
   }
 }

@@ -36,10 +36,19 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <fcntl.h>
+#include <netdb.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <future>
 #include <optional>
 #include <string>
@@ -177,17 +186,115 @@ inline std::string where(int64_t rank, int64_t size) {
       std::to_string(size) + "): ";
 }
 
+// How far a rendezvous got, for the watchdog's message.
+enum class Stage { kReaching, kHandshake, kJoining };
+
+// One attempt to open a TCP connection to host:port within `wait`: "" where
+// it connected, else what it met, as the error should say it.
+inline std::string try_connect(
+    const std::string& host,
+    int64_t port,
+    std::chrono::milliseconds wait) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  const int resolved =
+      ::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &found);
+  if (resolved != 0) {
+    return "MASTER_ADDR does not resolve (" +
+        std::string(::gai_strerror(resolved)) + ")";
+  }
+  std::string failure;
+  for (const addrinfo* address = found; address != nullptr;
+       address = address->ai_next) {
+    const int fd = ::socket(address->ai_family, address->ai_socktype, 0);
+    if (fd < 0 || ::fcntl(fd, F_SETFL, O_NONBLOCK) != 0) {
+      failure = std::strerror(errno);
+      ::close(fd);
+      continue;
+    }
+    int error =
+        ::connect(fd, address->ai_addr, address->ai_addrlen) == 0 ? 0 : errno;
+    if (error == EINPROGRESS) {
+      pollfd poll{fd, POLLOUT, 0};
+      const int ready = ::poll(&poll, 1, static_cast<int>(wait.count()));
+      socklen_t length = sizeof error;
+      error = ready == 0 ? ETIMEDOUT : 0;
+      if (ready > 0) {
+        ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length);
+      }
+    }
+    ::close(fd);
+    if (error == 0) {
+      ::freeaddrinfo(found);
+      return "";
+    }
+    failure = error == ECONNREFUSED
+        ? "the connection was refused: nothing listens on that port"
+        : error == ETIMEDOUT
+        ? "connecting got no reply (no host answers at that address, or a "
+          "firewall drops the packets)"
+        : std::string(std::strerror(error));
+  }
+  ::freeaddrinfo(found);
+  return failure;
+}
+
+// Waits until the store's address takes a TCP connection, retrying for
+// `timeout` as rank 0 may start later; fails with what the last attempt
+// met. c10d's client retries too, but on a schedule of its own (random
+// delays that can outlast the timeout) and with one message for every
+// cause, so it is called only once the address answers.
+inline void reach(const Environment& env, std::chrono::milliseconds timeout) {
+  using Clock = std::chrono::steady_clock;
+  const auto deadline = Clock::now() + timeout;
+  auto pause = std::chrono::milliseconds(10);
+  while (true) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - Clock::now());
+    const auto failure = try_connect(
+        env.master_addr,
+        env.master_port,
+        std::clamp(
+            left,
+            std::chrono::milliseconds(1),
+            std::chrono::milliseconds(1000)));
+    if (failure.empty()) {
+      return;
+    }
+    TORCH_CHECK(
+        Clock::now() + pause < deadline,
+        where(env.rank, env.world_size),
+        "could not reach the rendezvous store at MASTER_ADDR:MASTER_PORT = ",
+        env.master_addr,
+        ":",
+        env.master_port,
+        " within ",
+        timeout.count(),
+        " ms: ",
+        failure);
+    std::this_thread::sleep_for(pause);
+    pause = std::min(2 * pause, std::chrono::milliseconds(500));
+  }
+}
+
 // The TCPStore at MASTER_ADDR:MASTER_PORT: served by rank 0 unless
 // torchrun's agent serves it; each attempt's keys under a prefix.
 inline c10::intrusive_ptr<c10d::Store> connect(
     const Environment& env,
-    std::chrono::milliseconds timeout) {
+    std::chrono::milliseconds timeout,
+    std::atomic<Stage>& stage) {
   c10d::TCPStoreOptions store;
   store.port = static_cast<uint16_t>(env.master_port);
   store.isServer = env.rank == 0 && !env.agent_store;
   store.waitWorkers = false; // check_world waits, with a clearer error
   store.timeout = timeout;
   store.multiTenant = true;
+  if (!store.isServer) {
+    reach(env, timeout);
+  }
+  stage = Stage::kHandshake;
   c10::intrusive_ptr<c10d::Store> tcp;
   try {
     tcp = c10::make_intrusive<c10d::TCPStore>(env.master_addr, store);
@@ -195,17 +302,15 @@ inline c10::intrusive_ptr<c10d::Store> connect(
     TORCH_CHECK(
         false,
         where(env.rank, env.world_size),
-        "could not ",
-        store.isServer ? "serve" : "reach",
-        " the rendezvous store at MASTER_ADDR:MASTER_PORT = ",
+        store.isServer ? "could not serve " : "",
+        "the rendezvous store at MASTER_ADDR:MASTER_PORT = ",
         env.master_addr,
         ":",
         env.master_port,
-        " within ",
-        timeout.count(),
-        " ms: ",
+        store.isServer ? ": " : " took the connection, then failed: ",
         message_of(error));
   }
+  stage = Stage::kJoining;
   return c10::make_intrusive<c10d::PrefixStore>(
       "styleinject/" + std::to_string(env.attempt), tcp);
 }
@@ -278,18 +383,19 @@ inline void check_world(
 
 // connect and check_world on a thread of their own, given up after their
 // timeouts: c10d's client can wait for a reply without any timeout (a 1.13
-// client under a 2.x torchrun, whose store never answers it), and a hang
-// is the one failure this must not have. A given-up thread stays blocked,
-// detached, until the process ends.
+// client under a 2.x torchrun, whose store takes the connection and never
+// answers it), and a hang is the one failure this must not have. A
+// given-up thread stays blocked, detached, until the process ends.
 inline c10::intrusive_ptr<c10d::Store> rendezvous(
     const Environment& env,
     std::chrono::milliseconds timeout) {
   auto promise =
       std::make_shared<std::promise<c10::intrusive_ptr<c10d::Store>>>();
+  auto stage = std::make_shared<std::atomic<Stage>>(Stage::kReaching);
   auto result = promise->get_future();
-  std::thread([promise, env, timeout] {
+  std::thread([promise, stage, env, timeout] {
     try {
-      auto store = connect(env, timeout);
+      auto store = connect(env, timeout, *stage);
       check_world(*store, env, timeout);
       promise->set_value(std::move(store));
     } catch (...) {
@@ -297,17 +403,26 @@ inline c10::intrusive_ptr<c10d::Store> rendezvous(
     }
   }).detach();
   const auto grace = 2 * timeout + std::chrono::seconds(5);
-  TORCH_CHECK(
-      result.wait_for(grace) == std::future_status::ready,
-      where(env.rank, env.world_size),
-      "the rendezvous store at MASTER_ADDR:MASTER_PORT = ",
-      env.master_addr,
-      ":",
-      env.master_port,
-      " did not answer within ",
-      std::chrono::duration_cast<std::chrono::milliseconds>(grace).count(),
-      " ms; is it served by a torchrun of another torch version than this "
-      "LibTorch (" TORCH_VERSION ")?");
+  if (result.wait_for(grace) != std::future_status::ready) {
+    const auto waited =
+        std::chrono::duration_cast<std::chrono::milliseconds>(grace).count();
+    TORCH_CHECK(
+        false,
+        where(env.rank, env.world_size),
+        "the rendezvous store at MASTER_ADDR:MASTER_PORT = ",
+        env.master_addr,
+        ":",
+        env.master_port,
+        *stage == Stage::kReaching
+            ? " could not be reached within "
+            : " took the connection, then did not answer within ",
+        waited,
+        " ms",
+        *stage == Stage::kReaching
+            ? ""
+            : "; a store of another torch version than this LibTorch (" TORCH_VERSION
+              ") does that, e.g. PyPI's torchrun with Debian's LibTorch");
+  }
   return result.get();
 }
 

@@ -73,6 +73,18 @@ def start(command, rank, world_size, port):
                             text=True)
 
 
+def wait_listening(port, within):
+    """Waits until something listens on loopback `port`: a rank 0 that
+    serves the store."""
+    deadline = time.time() + within
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    fail("nothing listened on port %d within %d s" % (port, within))
+
+
 def run_one(command):
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
@@ -224,17 +236,23 @@ def expect_errors(processes, messages, within):
                  (message, p.returncode, err))
 
 
+# Rank 1 of 3 joins rank 0 of 2 once rank 0 serves the store: rank 0 sees
+# the mismatch at once (its own timeout is long, so a slow start on a loaded
+# machine cannot make it give up first); rank 1 waits for a rank 2 in vain.
 port = free_port()
+first = start(finetune + ["--out", out("mismatch")], 0, 2, port)
+wait_listening(port, PATIENT)
 expect_errors(
-    [start(failing + ["--out", out("mismatch")], 0, 2, port),
-     start(failing + ["--out", out("mismatch")], 1, 3, port)],
+    [first, start(failing + ["--out", out("mismatch")], 1, 3, port)],
     ["rank 1 was started with WORLD_SIZE=3, but this one with WORLD_SIZE=2",
      "not every rank joined within %d ms" % (TIMEOUT * 1000)],
     TIMEOUT + 60)
+port = free_port()
 expect_errors(
-    [start(failing + ["--out", out("nomaster")], 1, 2, free_port())],
+    [start(failing + ["--out", out("nomaster")], 1, 2, port)],
     ["could not reach the rendezvous store at MASTER_ADDR:MASTER_PORT = "
-     "127.0.0.1:"], TIMEOUT + 60)
+     "127.0.0.1:%d within %d ms: the connection was refused: nothing "
+     "listens on that port" % (port, TIMEOUT * 1000)], TIMEOUT + 60)
 expect_errors(
     [start([typeface, "sample", *tiny, "--prompt",
             "the letter g in lobster style", "--out", out("x.png")],
