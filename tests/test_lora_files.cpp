@@ -18,6 +18,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 using styleinject::export_lora;
@@ -49,15 +50,15 @@ void randomize_adapters(torch::nn::Module& model, uint64_t seed) {
   }
 }
 
-TinyNet base_net() {
+TinyNet plain_net() {
   torch::manual_seed(81);
   return TinyNet();
 }
 
-/// base_net() with adapters on the attention's q and v (rank 2) and the
+/// plain_net() with adapters on the attention's q and v (rank 2) and the
 /// ResBlocks' first convolutions (rank 3), random values in them.
-TinyNet adapted_net(const StyleInjectOptions& options) {
-  auto model = base_net();
+TinyNet exportable_net(const StyleInjectOptions& options) {
+  auto model = plain_net();
   inject(
       *model,
       Targets::suffixes({"to_q", "to_v", "body.0"})
@@ -93,7 +94,7 @@ TEST_CASE(
     "[lora-files]") {
   TempDir dir;
   const Inputs in;
-  auto trained = adapted_net(StyleInjectOptions::lora(2).alpha(6));
+  auto trained = exportable_net(StyleInjectOptions::lora(2).alpha(6));
   const auto expected = trained(in.x, in.context);
 
   SECTION("a PEFT directory") {
@@ -122,7 +123,7 @@ TEST_CASE(
         tensors.at("base_model.model.blocks.0.body.0.lora_B.weight").sizes() ==
         std::vector<int64_t>{4, 3, 1, 1});
 
-    auto fresh = base_net();
+    auto fresh = plain_net();
     const auto report = import_lora(*fresh, path);
     CHECK(report.format == LoraFormat::kPeft);
     REQUIRE(report.layers.size() == 4);
@@ -145,7 +146,7 @@ TEST_CASE(
         std::vector<int64_t>{4, 3, 1, 1});
     CHECK(tensors.at("lora_unet_attn_to_v.alpha").item<double>() == 6.0);
 
-    auto fresh = base_net();
+    auto fresh = plain_net();
     const auto report = import_lora(*fresh, path);
     CHECK(report.format == LoraFormat::kKohya);
     CHECK(report.layers.size() == 4);
@@ -159,7 +160,7 @@ TEST_CASE(
   TempDir dir;
   const auto path = dir.path + "/kohya.safetensors";
   const Inputs in;
-  auto trained = adapted_net(StyleInjectOptions(2).branches(3).alpha(3));
+  auto trained = exportable_net(StyleInjectOptions(2).branches(3).alpha(3));
   const auto style = torch::tensor({0.2f, 0.5f, 0.3f});
 
   CHECK(
@@ -188,7 +189,7 @@ TEST_CASE(
   CHECK(
       tensors.at("lora_unet_blocks_0_body_0.alpha").item<double>() ==
       Approx(3 * 1.0 * 0.8));
-  auto fresh = base_net();
+  auto fresh = plain_net();
   import_lora(*fresh, path);
   // The imported LoRA is the naive reference without the gate.
   const auto x = torch::randn({2, 5, 4});
@@ -207,7 +208,7 @@ TEST_CASE(
   const auto path = dir.path + "/peft";
   const Inputs in;
   auto trained =
-      adapted_net(StyleInjectOptions(2).branches(3).alpha(3).gate(false));
+      exportable_net(StyleInjectOptions(2).branches(3).alpha(3).gate(false));
   styleinject::set_style(*trained, torch::tensor({0.f, 0.25f, 0.75f}));
   // One layer's strength differs: its alpha goes into alpha_pattern, under
   // a key that names it alone.
@@ -216,7 +217,7 @@ TEST_CASE(
   CHECK(
       read_json(path + "/adapter_config.json")["alpha_pattern"] ==
       nlohmann::json{{"^attn\\.to_q", 1.5}});
-  auto fresh = base_net();
+  auto fresh = plain_net();
   import_lora(*fresh, path);
   CHECK(torch::allclose(
       fresh(in.x, in.context), trained(in.x, in.context), 1e-5, 1e-6));
@@ -250,7 +251,7 @@ TEST_CASE(
        {"unet.attn.to_q.alpha", {}},
        {"unet.blocks.1.body.3.lora_A.weight", {1, 4, 3, 3}},
        {"unet.blocks.1.body.3.lora_B.weight", {4, 1, 1, 1}}});
-  auto model = base_net();
+  auto model = plain_net();
   const auto before = snapshot(*model);
   CHECK(
       error_of([&] { import_lora(*model, path); }) ==
@@ -290,7 +291,7 @@ TEST_CASE(
     "[lora-files]") {
   TempDir dir;
   const auto path = dir.path + "/lora.safetensors";
-  auto model = base_net();
+  auto model = plain_net();
   const auto refused =
       [&](const std::vector<std::pair<std::string, std::vector<int64_t>>>&
               shapes) {
@@ -313,7 +314,7 @@ TEST_CASE(
       "such modules with strict(false)");
   // Non-strict, the unknown module is skipped and reported.
   const auto lenient =
-      import_lora(*base_net(), path, ImportLoraOptions().strict(false));
+      import_lora(*plain_net(), path, ImportLoraOptions().strict(false));
   CHECK(lenient.layers.size() == 1);
   CHECK(lenient.skipped == std::vector<std::string>{"lora_unet_attn_to_z"});
   CHECK(
@@ -362,30 +363,260 @@ TEST_CASE(
   }
 }
 
-TEST_CASE(
-    "import_lora: a PEFT config's pattern that is no regex",
-    "[lora-files]") {
-  TempDir dir;
-  const auto path = dir.path + "/peft";
-  REQUIRE(::mkdir(path.c_str(), 0777) == 0);
+namespace {
+
+/// A PEFT directory at `path` with the LoRA of attn.to_q (rank 2) and
+/// `config` as its adapter_config.json.
+void write_peft(const std::string& path, const std::string& config) {
+  ::mkdir(path.c_str(), 0777);
   write_lora(
       path + "/adapter_model.safetensors",
       {{"base_model.model.attn.to_q.lora_A.weight", {2, 4}},
        {"base_model.model.attn.to_q.lora_B.weight", {4, 2}}});
-  std::ofstream(path + "/adapter_config.json")
-      << R"({"lora_alpha": 2, "alpha_pattern": {"to_(q": 3}})";
-  auto model = base_net();
-  CHECK(
-      error_of([&] { import_lora(*model, path); }) ==
-      "styleinject::import_lora: '" + path +
-          "': expected the alpha_pattern key 'to_(q' of adapter_config.json "
-          "to be a regular expression");
+  std::ofstream(path + "/adapter_config.json") << config;
+}
+
+/// What import_lora says of the PEFT directory with `config`, and that it
+/// left the model without an adapter.
+std::string import_error(const std::string& config) {
+  TempDir dir;
+  write_peft(dir.path + "/peft", config);
+  auto model = plain_net();
+  const auto error = error_of([&] { import_lora(*model, dir.path + "/peft"); });
   CHECK(styleinject::report(*model).layers.empty());
+  const auto prefix = "styleinject::import_lora: '" + dir.path + "/peft': ";
+  return error.compare(0, prefix.size(), prefix) == 0
+      ? error.substr(prefix.size())
+      : error;
+}
+
+/// A model of one Linear layer named by 20,000 a's.
+std::shared_ptr<torch::nn::Module> long_named_model() {
+  auto model = std::make_shared<torch::nn::Module>();
+  model->register_module(
+      std::string(20000, 'a'), styleinject::StyleInjectLinear(4, 3));
+  return model;
+}
+
+/// A PEFT directory with the LoRA of long_named_model()'s layer.
+void write_long_named(const std::string& path, const std::string& config) {
+  const auto module = "base_model.model." + std::string(20000, 'a');
+  ::mkdir(path.c_str(), 0777);
+  write_lora(
+      path + "/adapter_model.safetensors",
+      {{module + ".lora_A.weight", {2, 4}},
+       {module + ".lora_B.weight", {3, 2}}});
+  std::ofstream(path + "/adapter_config.json") << config;
+}
+
+/// PEFT's match of a pattern key, re.match(r"(.*\.)?(key)$", name), by
+/// the automaton and, for plain names, directly: the two must agree.
+bool peft_matches(const std::string& key, const std::string& name) {
+  const bool matched = styleinject::detail::PeftPattern(key).matches(name);
+  CHECK(
+      styleinject::detail::Regex("(.*\\.)?(" + key + ")$").match_prefix(name) ==
+      matched);
+  return matched;
+}
+
+} // namespace
+
+TEST_CASE("Regex: Python's meaning, in time linear in the name", "[regex]") {
+  using styleinject::detail::Regex;
+  SECTION("PEFT's keys, as Python's re.match reads them") {
+    // The expected values are what Python 3.11 prints for
+    // bool(re.match(rf"(.*\.)?({key})$", name)).
+    const std::vector<std::tuple<std::string, std::string, bool>> cases{
+        {"to_q", "attn1.to_q", true},
+        {"to_q", "to_q", true},
+        {"to_q", "attn1.xto_q", false}, // only after a '.'
+        {"to_q", "attn1.to_q.lora", false},
+        {"^to_q", "attn1.to_q", false},
+        {"^attn1\\.to_q", "attn1.to_q", true},
+        {"attn1.to_q", "attn1_to_q", true}, // '.' is any character
+        {"attn1\\.to_q", "attn1_to_q", false},
+        {"to_(q|k)", "a.to_k", true},
+        {"to_[qkv]", "a.to_v", true},
+        {"to_[^qkv]", "a.to_v", false},
+        {"blocks\\.\\d+\\.attn", "down.blocks.12.attn", true},
+        {"blocks\\.\\d{2}\\.attn", "down.blocks.2.attn", false},
+        {"blocks\\.\\d{,2}\\.attn", "down.blocks..attn", true},
+        {"x{2,3}", "xxxx", false},
+        {"x{2,}", "xxxx", true},
+        {"a{x}", "a{x}", true}, // not a repeat: a literal '{'
+        {"a{}", "a{}", true},
+        {".*\\.to_out\\.0", "mid.attn.to_out.0", true},
+        {"(?:a|b)*c", "ababc", true},
+        {"a*?b", "aab", true},
+        {"\\w+_q", "x.to_q", true},
+        {"\\W", "x.-", true},
+        {"\\s", "a. ", true},
+        {"$", "a.", true}, // "a." then the empty key
+        {"to_q", "attn1.to_q\n", true}, // Python's $: before a last '\n'
+        {".", "a.\n", false}, // '.' is no newline
+        {"[^a]", "a.\n", true}, // a negated class is
+        {"\\w", "a.\xc3\xa9", true}, // a non-ASCII letter is one symbol
+        {".", "a.\xc3\xa9", true},
+        {"..", "a.\xc3\xa9", false},
+    };
+    for (const auto& [key, name, expected] : cases) {
+      INFO(key << " against " << name);
+      CHECK(peft_matches(key, name) == expected);
+    }
+  }
+  SECTION("(a|aa)+b against 10,000 a's: steps linear in the name") {
+    // A backtracking engine tries every split of the a's into a and aa:
+    // 1.6x more time per character (std::regex: 0.3 s at 32, 1.9 s at 36).
+    const Regex regex("(.*\\.)?((a|aa)+b)$");
+    for (const size_t n : {36, 1000, 10000}) {
+      size_t steps = 0;
+      CHECK(!regex.match_prefix(std::string(n, 'a'), &steps));
+      CHECK(steps <= regex.size() * (n + 1));
+      CHECK(regex.match_prefix(std::string(n, 'a') + "b"));
+    }
+  }
+  SECTION("what it refuses, and why") {
+    const auto refusal = [](const std::string& pattern) {
+      try {
+        Regex{pattern};
+      } catch (const std::invalid_argument& error) {
+        return std::string(error.what());
+      }
+      return std::string("no error");
+    };
+    CHECK(
+        refusal("a(?=b)") ==
+        "cannot use '(?' other than '(?:' (lookarounds, names, flags) "
+        "(character 2 of 'a(?=b)')");
+    CHECK(
+        refusal("(a)\\1") ==
+        "cannot use the escape '\\1' (character 4 of '(a)\\1')");
+    CHECK(
+        refusal("\\bto") ==
+        "cannot use the escape '\\b' (character 1 of '\\bto')");
+    CHECK(
+        refusal("a**") ==
+        "cannot use a repeat of a repeat (character 3 of 'a**')");
+    CHECK(
+        refusal("a*+") ==
+        "cannot use a repeat of a repeat (character 3 of 'a*+')");
+    CHECK(
+        refusal("*a") ==
+        "cannot use a repeat of nothing (character 1 of '*a')");
+    CHECK(
+        refusal("^*") ==
+        "cannot use a repeat of an anchor (character 2 of '^*')");
+    CHECK(
+        refusal("to_(q") ==
+        "cannot use a '(' without its ')' (character 4 of 'to_(q')");
+    CHECK(
+        refusal("q)") ==
+        "cannot use a ')' without its '(' (character 2 of 'q)')");
+    CHECK(
+        refusal("[ab") ==
+        "cannot use a '[' without its ']' (character 1 of '[ab')");
+    CHECK(
+        refusal("[z-a]") ==
+        "cannot use a bad character range (character 2 of '[z-a]')");
+    CHECK(
+        refusal("[\\d-z]") ==
+        "cannot use a bad character range (character 2 of '[\\d-z]')");
+    CHECK(
+        refusal("x{3,2}") ==
+        "cannot use a repeat whose minimum exceeds its maximum (character 2 of 'x{3,2}')");
+    CHECK(
+        refusal("x{1001}") ==
+        "cannot use a repeat count over 1000 (character 2 of 'x{1001}')");
+    CHECK(
+        refusal("\xc3\xa9") ==
+        "cannot use a non-ASCII character (character 1 of '\xc3\xa9')");
+    CHECK(
+        refusal(std::string(1001, 'a')) ==
+        "expected a pattern of at most 1000 characters, but got 1001");
+    CHECK(
+        refusal(std::string(101, '(') + std::string(101, ')')) ==
+        "cannot use more than 100 nested groups (character 101 of '" +
+            std::string(101, '(') + std::string(101, ')') + "')");
+    CHECK(
+        refusal("(a{1000}){11}") ==
+        "expected a pattern of at most 10000 automaton instructions, but "
+        "'(a{1000}){11}' needs more (its repeat counts multiply it)");
+    CHECK(refusal("(a{1000}){9}") == "no error");
+    CHECK(refusal(std::string(100, '(') + std::string(100, ')')) == "no error");
+  }
+}
+
+TEST_CASE(
+    "import_lora: alpha_pattern keys, matched as PEFT does, and bounded",
+    "[lora-files][regex]") {
+  TempDir dir;
+  SECTION("the first key that matches gives the alpha") {
+    write_peft(
+        dir.path + "/peft",
+        R"({"lora_alpha": 2, "alpha_pattern": {"to_k": 5, "at+n\\.to_[q-v]": 3, "to_q": 4}})");
+    auto model = plain_net();
+    const auto report = import_lora(*model, dir.path + "/peft");
+    REQUIRE(report.layers.size() == 1);
+    CHECK(report.layers[0].alpha == 3);
+  }
+  SECTION("(a|aa)+b against a module named by 20,000 a's") {
+    // With std::regex this took about two days at 60 a's.
+    auto model = long_named_model();
+    write_long_named(
+        dir.path + "/long",
+        R"({"lora_alpha": 2, "alpha_pattern": {"(a|aa)+b": 3, "(a|aa)+": 7}})");
+    const auto report = import_lora(*model, dir.path + "/long");
+    REQUIRE(report.layers.size() == 1);
+    CHECK(report.layers[0].alpha == 7);
+  }
+  SECTION("many keys: cheap each, too long together") {
+    nlohmann::json patterns;
+    for (int i = 0; i < 1000; ++i) {
+      patterns["(a|.)*" + std::to_string(i)] = 1;
+    }
+    write_long_named(
+        dir.path + "/many", nlohmann::json{{"alpha_pattern", patterns}}.dump());
+    auto model = long_named_model();
+    CHECK(
+        error_of([&] { import_lora(*model, dir.path + "/many"); })
+            .find("matching the 1000 alpha_pattern keys of "
+                  "adapter_config.json against the module names took more "
+                  "than 100000000 automaton steps; expected keys of PEFT's "
+                  "kind (module names)") != std::string::npos);
+    CHECK(styleinject::report(*model).layers.empty());
+  }
+  SECTION("refused, the model as it was") {
+    CHECK(
+        import_error(R"({"lora_alpha": 2, "alpha_pattern": {"to_(q": 3}})") ==
+        "expected the alpha_pattern key 'to_(q' of adapter_config.json to be "
+        "a regular expression of the kind this library matches: cannot use "
+        "a '(' without its ')' (character 8 of '(.*\\.)?(to_(q)$')");
+    CHECK(
+        import_error(R"({"alpha_pattern": {"(?!x)to_q": 3}})") ==
+        "expected the alpha_pattern key '(?!x)to_q' of adapter_config.json "
+        "to be a regular expression of the kind this library matches: cannot "
+        "use '(?' other than '(?:' (lookarounds, names, flags) (character 9 "
+        "of '(.*\\.)?((?!x)to_q)$')");
+    CHECK(
+        import_error(R"({"use_dora": "yes"})") ==
+        "expected use_dora in adapter_config.json to be true or false, but "
+        "got \"yes\"");
+    CHECK(
+        import_error(R"({"use_rslora": 1})") ==
+        "expected use_rslora in adapter_config.json to be true or false, but "
+        "got 1");
+    CHECK(
+        import_error(std::string(65, '[') + std::string(65, ']')) ==
+        "adapter_config.json nests deeper than 64 levels");
+    CHECK(
+        import_error(std::string(64, '[') + std::string(64, ']')) ==
+        "expected adapter_config.json to hold a JSON object");
+  }
 }
 
 TEST_CASE("export_lora refuses what it cannot write", "[lora-files]") {
   TempDir dir;
-  auto model = base_net();
+  auto model = plain_net();
   CHECK(
       error_of(
           [&] { export_lora(*model, dir.path + "/x", LoraFormat::kKohya); }) ==
@@ -508,4 +739,44 @@ TEST_CASE(
       *trained, folder + "/kohya_from_cpp.safetensors", LoraFormat::kKohya);
   styleinject::save_safetensors(
       folder + "/cpp_outputs.safetensors", peer_outputs(*trained, inputs));
+}
+
+// The C++ half of peft_interop.py's pattern check: Python's re.match on
+// PEFT's form of random keys against random names, in patterns.json; every
+// key Python refuses is refused here too, and every one taken here matches
+// where Python's does.
+TEST_CASE(
+    "alpha_pattern keys against Python's re (peer)",
+    "[.interop][interop-patterns]") {
+  const char* folder = std::getenv("STYLEINJECT_INTEROP_DIR");
+  REQUIRE(folder != nullptr);
+  const auto cases = read_json(std::string(folder) + "/patterns.json");
+  size_t taken = 0, matched = 0;
+  for (const auto& item : cases) {
+    const auto key = item[0].get<std::string>();
+    const auto name = item[1].get<std::string>();
+    const auto python = item[2].get<std::string>();
+    std::string ours;
+    try {
+      ours =
+          styleinject::detail::PeftPattern(key).matches(name) ? "match" : "no";
+    } catch (const std::invalid_argument&) {
+      ours = "error";
+    }
+    INFO("key " << key << " against '" << name << "'");
+    if (python == "error") {
+      CHECK(ours == "error"); // what Python refuses is refused here
+    }
+    if (ours != "error") { // what is taken here matches as in Python
+      CHECK(ours == python);
+      ++taken;
+      matched += ours == "match";
+    }
+  }
+  // Most are taken, and both outcomes are common: a test of something.
+  std::cout << cases.size() << " patterns: " << taken << " taken here, "
+            << matched << " of them matching\n";
+  CHECK(taken > cases.size() / 2);
+  CHECK(matched > 1000);
+  CHECK(taken - matched > 1000);
 }

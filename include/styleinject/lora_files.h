@@ -4,6 +4,7 @@
 // kohya-ss files (LoCon for Conv2d) and diffusers' LoRA files.
 
 #include <styleinject/detail/json.h>
+#include <styleinject/detail/regex.h>
 #include <styleinject/inject.h>
 #include <styleinject/safetensors.h>
 #include <styleinject/serialize.h>
@@ -19,13 +20,13 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
 #include <fstream>
 #include <iterator>
 #include <map>
-#include <regex>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -309,12 +310,25 @@ inline bool is_directory(const std::string& path) {
   return ::stat(path.c_str(), &info) == 0 && S_ISDIR(info.st_mode);
 }
 
-/// The whole text file at `path`.
+/// The whole text file at `path`, of at most `limit` bytes (a PEFT config
+/// is a few KB, one with a key per module of SDXL a few hundred).
 inline std::string read_text(
     const std::string& path,
-    const std::string& context) {
-  std::ifstream file(path, std::ios::binary);
+    const std::string& context,
+    std::streamoff limit = 16 << 20) {
+  std::ifstream file(path, std::ios::binary | std::ios::ate);
   TORCH_CHECK(file, context, ": cannot open '", path, "'");
+  const auto size = static_cast<std::streamoff>(file.tellg());
+  TORCH_CHECK_VALUE(
+      size <= limit,
+      context,
+      ": expected '",
+      path,
+      "' to hold at most ",
+      limit,
+      " bytes, but it holds ",
+      size);
+  file.seekg(0);
   return {
       std::istreambuf_iterator<char>(file), std::istreambuf_iterator<char>()};
 }
@@ -505,49 +519,139 @@ inline std::vector<std::string> import_module_names(
   return names;
 }
 
-/// Whether PEFT's pattern `key` picks the module its config names `name`:
-/// the regex "(.*\.)?(key)" matches all of it.
-inline bool peft_pattern_matches(
-    const std::string& key,
-    const std::string& name,
-    const std::string& context) {
-  try {
-    return std::regex_match(name, std::regex("(.*\\.)?(" + key + ")"));
-  } catch (const std::regex_error&) {
-    TORCH_CHECK_VALUE(
-        false,
-        context,
-        ": expected the alpha_pattern key '",
-        key,
-        "' of ",
-        kPeftConfig,
-        " to be a regular expression");
-  }
-  return false;
-}
-
-/// PEFT's alpha for the module its config names `name`: the first
-/// alpha_pattern key that picks it, else lora_alpha; unset where the config
-/// has neither.
-inline c10::optional<double> peft_alpha(
-    const nlohmann::ordered_json& config,
-    const std::string& name,
-    const std::string& context) {
-  const auto patterns = config.find("alpha_pattern");
-  if (patterns != config.end() && patterns->is_object()) {
-    for (const auto& item : patterns->items()) {
-      if (peft_pattern_matches(item.key(), name, context) &&
-          item.value().is_number()) {
-        return item.value().get<double>();
+/// A key of PEFT's rank_pattern / alpha_pattern, which PEFT matches as
+/// re.match(r"(.*\.)?(KEY)$", name): a regular expression from a file, run
+/// as an automaton (detail::Regex: time linear in the name). A key that is
+/// a plain module name, as PEFT, diffusers and export_lora write them (its
+/// dots escaped or not, maybe after '^'), is compared with the name's end
+/// directly, in one pass. Throws std::invalid_argument for a key that
+/// detail::Regex refuses.
+class PeftPattern {
+ public:
+  explicit PeftPattern(const std::string& key)
+      : regex_("(.*\\.)?(" + key + ")$") {
+    plain_ = !key.empty();
+    anchored_ = !key.empty() && key[0] == '^';
+    for (size_t i = anchored_ ? 1 : 0; i < key.size() && plain_; ++i) {
+      const char c = key[i];
+      if (c == '\\' && i + 1 < key.size() && key[i + 1] == '.') {
+        characters_ += '.';
+        any_.push_back(false);
+        ++i;
+      } else {
+        plain_ =
+            std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '.';
+        characters_ += c;
+        any_.push_back(c == '.'); // an unescaped '.' matches any character
       }
     }
   }
-  const auto alpha = config.find("lora_alpha");
-  if (alpha != config.end() && alpha->is_number()) {
-    return alpha->get<double>();
+
+  /// Whether PEFT's match picks `name`; adds the automaton's steps, if it
+  /// ran, to `*steps`.
+  bool matches(const std::string& name, size_t* steps = nullptr) const {
+    const bool simple =
+        plain_ && std::all_of(name.begin(), name.end(), [](char c) {
+          return c != '\n' && static_cast<unsigned char>(c) < 0x80;
+        });
+    return simple ? matches_end(name) : regex_.match_prefix(name, steps);
   }
-  return c10::nullopt;
-}
+
+ private:
+  // The key is the name's end, after nothing (or, unanchored, after a '.').
+  bool matches_end(const std::string& name) const {
+    if (name.size() < characters_.size()) {
+      return false;
+    }
+    const size_t start = name.size() - characters_.size();
+    if (anchored_ ? start != 0 : start != 0 && name[start - 1] != '.') {
+      return false;
+    }
+    for (size_t i = 0; i < characters_.size(); ++i) {
+      if (!any_[i] && name[start + i] != characters_[i]) {
+        return false;
+      }
+    }
+    return true;
+  }
+
+  Regex regex_;
+  bool plain_ = false, anchored_ = false;
+  std::string characters_;
+  std::vector<bool> any_;
+};
+
+/// PEFT's alphas of an adapter_config.json: lora_alpha, and alpha_pattern,
+/// whose keys (PeftPattern) PEFT tries in order, the first that matches
+/// winning. All matching together is bounded by kSteps automaton steps; a
+/// key PeftPattern refuses, or a file that asks for more, is an error that
+/// says so.
+class PeftAlphas {
+ public:
+  /// About a second of matching on a slow core; the automaton runs only
+  /// for keys that are not plain module names.
+  static constexpr size_t kSteps = 100000000;
+
+  PeftAlphas(const nlohmann::ordered_json& config, std::string context)
+      : context_(std::move(context)) {
+    const auto alpha = config.find("lora_alpha");
+    if (alpha != config.end() && alpha->is_number()) {
+      default_ = alpha->get<double>();
+    }
+    const auto patterns = config.find("alpha_pattern");
+    if (patterns == config.end() || !patterns->is_object()) {
+      return;
+    }
+    for (const auto& item : patterns->items()) {
+      if (!item.value().is_number()) {
+        continue; // PEFT would fail on it; it picks no alpha here
+      }
+      try {
+        patterns_.emplace_back(
+            PeftPattern(item.key()), item.value().get<double>());
+      } catch (const std::invalid_argument& error) {
+        TORCH_CHECK_VALUE(
+            false,
+            context_,
+            ": expected the alpha_pattern key '",
+            item.key(),
+            "' of ",
+            kPeftConfig,
+            " to be a regular expression of the kind this library matches: ",
+            error.what());
+      }
+    }
+  }
+
+  /// The alpha of the module the config names `name`: the first
+  /// alpha_pattern key that matches it, else lora_alpha; unset where the
+  /// config has neither.
+  c10::optional<double> of(const std::string& name) {
+    for (const auto& pattern : patterns_) {
+      const bool matches = pattern.first.matches(name, &steps_);
+      TORCH_CHECK_VALUE(
+          steps_ <= kSteps,
+          context_,
+          ": matching the ",
+          patterns_.size(),
+          " alpha_pattern keys of ",
+          kPeftConfig,
+          " against the module names took more than ",
+          kSteps,
+          " automaton steps; expected keys of PEFT's kind (module names)");
+      if (matches) {
+        return pattern.second;
+      }
+    }
+    return default_;
+  }
+
+ private:
+  std::string context_;
+  c10::optional<double> default_;
+  std::vector<std::pair<PeftPattern, double>> patterns_;
+  size_t steps_ = 0;
+};
 
 /// The alpha of `module`, named `name` in the file: its ".alpha" tensor,
 /// else the PEFT config's, else the caller's; an error naming the module
@@ -555,7 +659,7 @@ inline c10::optional<double> peft_alpha(
 inline double lora_alpha(
     const std::string& name,
     const LoraModule& module,
-    const nlohmann::ordered_json& config,
+    PeftAlphas& config,
     const ImportLoraOptions& options,
     const std::string& context) {
   if (module.alpha.defined()) {
@@ -570,7 +674,7 @@ inline double lora_alpha(
         module.alpha.sizes());
     return module.alpha.item<double>();
   }
-  if (const auto alpha = peft_alpha(config, peft_config_name(name), context)) {
+  if (const auto alpha = config.of(peft_config_name(name))) {
     return *alpha;
   }
   TORCH_CHECK_VALUE(
@@ -666,6 +770,142 @@ inline LoraImport plan_lora_import(
   return {&layer, name, adapter, module.down, module.up};
 }
 
+/// A boolean field of PEFT's config, `otherwise` where it is absent.
+inline bool config_flag(
+    const nlohmann::ordered_json& config,
+    const char* key,
+    bool otherwise,
+    const std::string& context) {
+  const auto value = config.find(key);
+  if (value == config.end() || value->is_null()) {
+    return otherwise;
+  }
+  TORCH_CHECK_VALUE(
+      value->is_boolean(),
+      context,
+      ": expected ",
+      key,
+      " in ",
+      kPeftConfig,
+      " to be true or false, but got ",
+      value->dump());
+  return value->get<bool>();
+}
+
+/// import_lora on what it read: the weights file's tensors and PEFT's
+/// config (an empty object for a single file).
+inline ImportLoraReport import_lora_contents(
+    torch::nn::Module& model,
+    const Safetensors& file,
+    const nlohmann::ordered_json& config,
+    const ImportLoraOptions& options,
+    const std::string& context) {
+  TORCH_CHECK_VALUE(
+      config.is_object(),
+      context,
+      ": expected ",
+      kPeftConfig,
+      " to hold a JSON object");
+  TORCH_CHECK_VALUE(
+      !config_flag(config, "use_dora", false, context),
+      context,
+      ": expected a plain LoRA, but ",
+      kPeftConfig,
+      " says use_dora=true (DoRA is not supported)");
+  const bool rslora = config_flag(config, "use_rslora", false, context);
+  PeftAlphas alphas(config, context);
+  ImportLoraReport report;
+  const auto modules = lora_modules(file, report.format, context);
+  report.metadata = file.metadata;
+
+  // Each module of the file to the one layer it names.
+  check_adapter_name(options.adapter(), context);
+  const auto layers = candidates(model, options.adapter());
+  std::map<std::string, const Candidate*> by_module;
+  for (const auto& layer : layers) {
+    const auto renamed = options.rename().find(layer.name);
+    const auto names = renamed != options.rename().end()
+        ? std::vector<std::string>{renamed->second}
+        : import_module_names(report.format, layer.name);
+    for (const auto& name : names) {
+      const auto found = by_module.emplace(name, &layer);
+      TORCH_CHECK_VALUE(
+          found.second || found.first->second == &layer ||
+              modules.count(name) == 0,
+          context,
+          ": module '",
+          name,
+          "' could be layer '",
+          found.first->second->name,
+          "' or '",
+          layer.name,
+          "'; say which with ImportLoraOptions().rename()");
+    }
+  }
+  std::vector<LoraImport> plan;
+  std::map<const Candidate*, std::string> named;
+  for (const auto& module : modules) {
+    const auto layer = by_module.find(module.first);
+    if (layer == by_module.end() && !options.strict()) {
+      report.skipped.push_back(module.first);
+      continue;
+    }
+    TORCH_CHECK_VALUE(
+        layer != by_module.end(),
+        context,
+        ": module '",
+        module.first,
+        "' (key '",
+        module.second.down_key.empty() ? module.second.up_key
+                                       : module.second.down_key,
+        "') fits no Linear or Conv2d layer of the model; map it with "
+        "ImportLoraOptions().rename(), or skip such modules with strict(false)");
+    const auto twice = named.emplace(layer->second, module.first);
+    TORCH_CHECK_VALUE(
+        twice.second,
+        context,
+        ": modules '",
+        twice.first->second,
+        "' and '",
+        module.first,
+        "' both name layer '",
+        layer->second->name,
+        "'");
+    const double alpha =
+        lora_alpha(module.first, module.second, alphas, options, context);
+    plan.push_back(plan_lora_import(
+        *layer->second,
+        module.first,
+        module.second,
+        alpha,
+        rslora,
+        options,
+        context));
+  }
+
+  // Everything fits: attach, then copy the values in.
+  AdapterLoadPlan load;
+  load.adapter = options.adapter();
+  for (const auto& item : plan) {
+    const auto& name = item.layer->name;
+    const auto& prefix = item.layer->prefix;
+    load.attach.emplace_back(item.layer, item.options);
+    load.values.emplace_back(
+        qualified(name, prefix + "lora_A"), item.down.unsqueeze(0));
+    load.values.emplace_back(qualified(name, prefix + "lora_B"), item.up);
+    report.layers.push_back(
+        {name, item.module, item.options.rank(), *item.options.alpha()});
+  }
+  apply_adapter_load(model, load);
+  std::sort(
+      report.layers.begin(),
+      report.layers.end(),
+      [&](const ImportedLora& a, const ImportedLora& b) {
+        return by_module.at(a.module) < by_module.at(b.module);
+      });
+  return report;
+}
+
 } // namespace detail
 
 /// Attaches the LoRA in a file of the Python tools to `model`, as
@@ -709,111 +949,8 @@ inline ImportLoraReport import_lora(
         detail::read_text(path + "/" + detail::kPeftConfig, context);
     config = detail::parse_json(
         text.data(), text.data() + text.size(), context, detail::kPeftConfig);
-    TORCH_CHECK_VALUE(
-        config.is_object(),
-        context,
-        ": expected ",
-        detail::kPeftConfig,
-        " to hold a JSON object");
   }
-  TORCH_CHECK_VALUE(
-      !config.value("use_dora", false),
-      context,
-      ": expected a plain LoRA, but ",
-      detail::kPeftConfig,
-      " says use_dora=true (DoRA is not supported)");
-  const bool rslora = config.value("use_rslora", false);
-  ImportLoraReport report;
-  const auto modules = detail::lora_modules(file, report.format, context);
-  report.metadata = file.metadata;
-
-  // Each module of the file to the one layer it names.
-  detail::check_adapter_name(options.adapter(), context);
-  const auto layers = detail::candidates(model, options.adapter());
-  std::map<std::string, const detail::Candidate*> by_module;
-  for (const auto& layer : layers) {
-    const auto renamed = options.rename().find(layer.name);
-    const auto names = renamed != options.rename().end()
-        ? std::vector<std::string>{renamed->second}
-        : detail::import_module_names(report.format, layer.name);
-    for (const auto& name : names) {
-      const auto found = by_module.emplace(name, &layer);
-      TORCH_CHECK_VALUE(
-          found.second || found.first->second == &layer ||
-              modules.count(name) == 0,
-          context,
-          ": module '",
-          name,
-          "' could be layer '",
-          found.first->second->name,
-          "' or '",
-          layer.name,
-          "'; say which with ImportLoraOptions().rename()");
-    }
-  }
-  std::vector<detail::LoraImport> plan;
-  std::map<const detail::Candidate*, std::string> named;
-  for (const auto& module : modules) {
-    const auto layer = by_module.find(module.first);
-    if (layer == by_module.end() && !options.strict()) {
-      report.skipped.push_back(module.first);
-      continue;
-    }
-    TORCH_CHECK_VALUE(
-        layer != by_module.end(),
-        context,
-        ": module '",
-        module.first,
-        "' (key '",
-        module.second.down_key.empty() ? module.second.up_key
-                                       : module.second.down_key,
-        "') fits no Linear or Conv2d layer of the model; map it with "
-        "ImportLoraOptions().rename(), or skip such modules with strict(false)");
-    const auto twice = named.emplace(layer->second, module.first);
-    TORCH_CHECK_VALUE(
-        twice.second,
-        context,
-        ": modules '",
-        twice.first->second,
-        "' and '",
-        module.first,
-        "' both name layer '",
-        layer->second->name,
-        "'");
-    const double alpha = detail::lora_alpha(
-        module.first, module.second, config, options, context);
-    plan.push_back(detail::plan_lora_import(
-        *layer->second,
-        module.first,
-        module.second,
-        alpha,
-        rslora,
-        options,
-        context));
-  }
-
-  // Everything fits: attach, then copy the values in.
-  detail::AdapterLoadPlan load;
-  load.adapter = options.adapter();
-  for (const auto& item : plan) {
-    const auto& name = item.layer->name;
-    const auto& prefix = item.layer->prefix;
-    load.attach.emplace_back(item.layer, item.options);
-    load.values.emplace_back(
-        detail::qualified(name, prefix + "lora_A"), item.down.unsqueeze(0));
-    load.values.emplace_back(
-        detail::qualified(name, prefix + "lora_B"), item.up);
-    report.layers.push_back(
-        {name, item.module, item.options.rank(), *item.options.alpha()});
-  }
-  detail::apply_adapter_load(model, load);
-  std::sort(
-      report.layers.begin(),
-      report.layers.end(),
-      [&](const ImportedLora& a, const ImportedLora& b) {
-        return by_module.at(a.module) < by_module.at(b.module);
-      });
-  return report;
+  return detail::import_lora_contents(model, file, config, options, context);
 }
 
 } // namespace styleinject

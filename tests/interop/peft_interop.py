@@ -20,11 +20,18 @@ its expected values with its own code:
    diffusers' set_adapters does) and writes its outputs; C++ imports the
    second beside the first under its own name, calls set_adapters with the
    same weights, and must give the same outputs.
+4. alpha_pattern keys: Python's re.match, as PEFT calls it, on random keys
+   and names (patterns.json); C++'s matcher must refuse what Python refuses
+   and agree on every match it makes ([interop-patterns]).
 """
 
+import json
 import os
+import random
+import re
 import subprocess
 import sys
+import warnings
 
 import torch
 from diffusers.loaders.lora_conversion_utils import (
@@ -93,6 +100,62 @@ def lora_formula(base, down, up, alpha, x):
     return base(x) + scale * (x @ down.T @ up.T)
 
 
+def random_key(rng, depth=0):
+    """A random pattern of the regex syntax that PEFT's keys may use, and
+    some that this library refuses."""
+    atoms = ["a", "b", ".", "\\.", "_", "0", "[ab]", "[^a]", "[a-c]", "[-a]",
+             "[a-]", "[\\d_]", "\\d", "\\w", "\\s", "\\W", "\\D", "{", "{x}",
+             "{}", "\\n", "\\b", "(?=a)", "\\1"]
+    repeats = ["", "", "", "*", "+", "?", "*?", "+?", "{2}", "{1,3}", "{,2}",
+               "{2,}", "**", "*+"]
+    if depth > 3 or rng.random() < 0.3:
+        return rng.choice(atoms) + rng.choice(repeats)
+    choice = rng.random()
+    if choice < 0.3:
+        group = "(?:" if rng.random() < 0.3 else "("
+        return group + random_key(rng, depth + 1) + ")" + rng.choice(repeats)
+    if choice < 0.5:
+        return random_key(rng, depth + 1) + "|" + random_key(rng, depth + 1)
+    if choice < 0.6:
+        return rng.choice(["^", ""]) + random_key(rng, depth + 1) + "$"
+    return random_key(rng, depth + 1) + random_key(rng, depth + 1)
+
+
+def write_patterns(path, count=20000):
+    """Python's verdict on random keys against random names, as PEFT's
+    get_pattern_key matches them: "match", "no", or "error" where re
+    refuses the pattern."""
+    rng = random.Random(7)
+    cases = []
+    for _ in range(count):
+        if rng.random() < 0.2:  # a plain name, as PEFT and diffusers write
+            key = rng.choice(["", "^"]) + "".join(
+                rng.choice(["a", "b", "_", "0", ".", "\\."])
+                for _ in range(rng.randint(1, 5)))
+        elif rng.random() < 0.25:  # any string of regex characters
+            key = "".join(rng.choice("ab.()[]{}*+?|^$\\-,0123dws")
+                          for _ in range(rng.randint(1, 8)))
+        else:
+            key = random_key(rng)
+        pattern = rf"(.*\.)?({key})$"
+        name = "".join(rng.choice("ab._01 {}-") for _ in range(rng.randint(0, 8)))
+        if key.strip("^ab_0.\\") == "" and rng.random() < 0.5:
+            # The module the plain key names, its '.'s as any character.
+            name = rng.choice(["", "x.", "ab_", "a.b."]) + "".join(
+                rng.choice("._a") if c == "." else c
+                for c in key.lstrip("^").replace("\\.", "\0")).replace("\0", ".")
+        name += rng.choice(["", "", "", "\n", "\u00e9"])
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                verdict = "match" if re.match(pattern, name) else "no"
+        except re.error:
+            verdict = "error"
+        cases.append([key, name, verdict])
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(cases, f)
+
+
 def main():
     exe, folder = sys.argv[1], sys.argv[2]
     os.makedirs(folder, exist_ok=True)
@@ -106,10 +169,12 @@ def main():
     }
     save_file(inputs, f"{folder}/inputs.safetensors")
 
-    # 1. PEFT's LoRA, ranks and alphas per layer, into C++.
+    # 1. PEFT's LoRA, ranks and alphas per layer (one by a regex key), into
+    # C++.
     config = LoraConfig(
         r=2, lora_alpha=3, target_modules=LAYERS,
-        rank_pattern={CONV: 3}, alpha_pattern={LINEAR_OUT: 5})
+        rank_pattern={CONV: 3},
+        alpha_pattern={r"mid_block\.attentions\.\d+\.proj_\w+": 5})
     peft_model = get_peft_model(peer_model(base.state_dict()), config)
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
@@ -138,6 +203,8 @@ def main():
         outputs(peft_model.base_model.model, inputs),
         f"{folder}/peft_two_outputs.safetensors")
     run(exe, "[interop-peft]", folder)
+    write_patterns(f"{folder}/patterns.json")
+    run(exe, "[interop-patterns]", folder)
 
     # 2. C++'s export, into PEFT and through diffusers' kohya conversion.
     expected = load_file(f"{folder}/cpp_outputs.safetensors")

@@ -21,10 +21,16 @@
 namespace styleinject {
 namespace detail {
 
-/// Parses the JSON text [begin, end). Refuses a syntax error, and a key
-/// that appears twice in an object at any depth: nlohmann::json keeps the
-/// last of them and other readers the first, so two tools could read two
-/// different files. `what` names the text in messages, after `context`.
+/// How deep JSON from a file may nest: our records need 3 levels, PEFT's
+/// config 2; nlohmann::json before 3.10 frees a value recursively, so a
+/// deeper one could exhaust the stack.
+inline constexpr int kJsonNesting = 64;
+
+/// Parses the JSON text [begin, end). Refuses a syntax error, nesting
+/// deeper than kJsonNesting, and a key that appears twice in an object at
+/// any depth: nlohmann::json keeps the last of them and other readers the
+/// first, so two tools could read two different files. `what` names the
+/// text in messages, after `context`.
 inline nlohmann::ordered_json parse_json(
     const char* begin,
     const char* end,
@@ -32,10 +38,18 @@ inline nlohmann::ordered_json parse_json(
     const std::string& what) {
   std::vector<std::set<std::string>> open_objects;
   std::string duplicate;
-  const auto on_event = [&](int,
+  const auto on_event = [&](int depth,
                             nlohmann::ordered_json::parse_event_t event,
                             nlohmann::ordered_json& parsed) {
     using Event = nlohmann::ordered_json::parse_event_t;
+    TORCH_CHECK(
+        depth < kJsonNesting,
+        context,
+        ": ",
+        what,
+        " nests deeper than ",
+        kJsonNesting,
+        " levels");
     if (event == Event::object_start) {
       open_objects.emplace_back();
     } else if (event == Event::object_end && !open_objects.empty()) {
