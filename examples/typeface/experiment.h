@@ -185,6 +185,7 @@ struct Arm {
   /// A fine-tune's options with this arm's adapter on its layers.
   FinetuneOptions applied_to(FinetuneOptions options) const {
     options.adapter = adapter;
+    options.label = label;
     options.targets = targets;
     return options;
   }
@@ -667,7 +668,13 @@ inline TextToImage make_teacher(
     GlyphRenderer& renderer,
     const Runtime& runtime) {
   const auto dir = options.results / "teacher";
-  if (!from_main(runtime, base_complete(dir) ? 1 : 0)) {
+  // Rank 0's view in one broadcast: 2 done, 1 a checkpoint to go on from.
+  const auto found = from_main(
+      runtime,
+      base_complete(dir)                    ? 2
+          : fs::exists(dir / "training.pt") ? 1
+                                            : 0);
+  if (found < 2) {
     PretrainOptions teach;
     teach.init = options.base_dir;
     teach.fonts = new_style_fonts(styles);
@@ -676,7 +683,7 @@ inline TextToImage make_teacher(
     teach.lr = 3e-4;
     teach.checkpoint_every = options.teacher_steps;
     teach.seed = options.seed;
-    teach.resume = exists_on_main(runtime, dir / "training.pt");
+    teach.resume = found == 1;
     pretrain(teach, dir, renderer, runtime);
     from_main(runtime, 1); // every rank reads it after rank 0 wrote it
   }
@@ -945,7 +952,7 @@ inline std::vector<Run> run_arm(
   }
   if (runtime.is_main()) {
     write_runs(dir, styles, runs);
-    fs::remove(dir / "optimizer.pt");
+    fs::remove(dir / "checkpoint.pt"); // the run is done: only its results stay
   }
   return runs;
 }

@@ -135,12 +135,92 @@ inline ordered_json read_json(const fs::path& path) {
   return ordered_json::parse(stream);
 }
 
-/// Saves a module (or optimizer) with torch::save into a file, atomically.
-template <typename T>
-void save_atomically(const T& value, const fs::path& path) {
+/// Named tensors, in a fixed order.
+using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
+
+/// A module's named parameters, each name after `prefix`.
+inline NamedTensors prefixed(
+    const std::string& prefix,
+    const torch::OrderedDict<std::string, torch::Tensor>& parameters) {
+  NamedTensors tensors;
+  for (const auto& item : parameters) {
+    tensors.emplace_back(prefix + item.key(), item.value());
+  }
+  return tensors;
+}
+
+/// The trainable parameters of `module`, by name (a fine-tune's adapters).
+inline NamedTensors trainable(const torch::nn::Module& module) {
+  NamedTensors tensors;
+  for (const auto& item : module.named_parameters()) {
+    if (item.value().requires_grad()) {
+      tensors.emplace_back(item.key(), item.value());
+    }
+  }
+  return tensors;
+}
+
+/// Saves what a resume needs, `tensors`, the optimizer's state and the
+/// step, into one file, atomically: a run stopped while it saves leaves
+/// the last checkpoint whole, never a mix of two steps. (The files written
+/// beside it, weights and JSON records, are for reading, not resuming.)
+inline void save_checkpoint(
+    const fs::path& path,
+    const NamedTensors& tensors,
+    const torch::optim::Optimizer& optimizer,
+    int64_t step) {
+  torch::serialize::OutputArchive archive, values, state;
+  std::vector<std::string> names;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    values.write(std::to_string(i), tensors[i].second);
+    names.push_back(tensors[i].first);
+  }
+  optimizer.save(state);
+  archive.write("names", c10::IValue(c10::List<std::string>(names)));
+  archive.write("tensors", values);
+  archive.write("optimizer", state);
+  archive.write("step", c10::IValue(step));
   std::ostringstream stream;
-  torch::save(value, stream);
+  archive.save_to(stream);
   write_text(path, stream.str());
+}
+
+/// Reads a checkpoint of save_checkpoint into `tensors` (in place) and the
+/// optimizer; returns its step. A checkpoint of other tensors is an error.
+inline int64_t load_checkpoint(
+    const fs::path& path,
+    const NamedTensors& tensors,
+    torch::optim::Optimizer& optimizer,
+    torch::Device device) {
+  torch::serialize::InputArchive archive, values, state;
+  archive.load_from(path.string(), device);
+  c10::IValue names, step;
+  archive.read("names", names);
+  std::vector<std::string> expected;
+  for (const auto& item : tensors) {
+    expected.push_back(item.first);
+  }
+  if (names.toListRef().size() != expected.size() ||
+      !std::equal(
+          expected.begin(),
+          expected.end(),
+          names.toListRef().begin(),
+          [](const std::string& a, const c10::IValue& b) {
+            return a == b.toStringRef();
+          })) {
+    throw std::runtime_error(
+        "--resume: " + path.string() + " holds the tensors of another model");
+  }
+  archive.read("tensors", values);
+  torch::NoGradGuard no_grad;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    auto tensor = tensors[i].second;
+    values.read(std::to_string(i), tensor);
+  }
+  archive.read("optimizer", state);
+  optimizer.load(state);
+  archive.read("step", step);
+  return step.toInt();
 }
 
 /// Writes a (H, W) image with values in [0, 1] as an 8-bit grayscale PNG.
@@ -432,10 +512,15 @@ inline void pretrain(
   }
   torch::optim::AdamW optimizer(
       weights, torch::optim::AdamWOptions(options.lr).weight_decay(0));
+  // The weights and their average, for the checkpoint.
+  auto tensors = prefixed("model.", model->named_parameters());
+  for (auto& item : prefixed("average.", average->named_parameters())) {
+    tensors.push_back(std::move(item));
+  }
   int64_t step = 0;
-  const auto training_file = dir / "training.pt";
+  const auto checkpoint = dir / "training.pt";
   if (options.resume) {
-    if (!fs::exists(config_file(dir)) || !fs::exists(training_file)) {
+    if (!fs::exists(config_file(dir)) || !fs::exists(checkpoint)) {
       throw std::runtime_error(
           "--resume: no checkpoint in " + dir.string() + " to resume from");
     }
@@ -447,17 +532,13 @@ inline void pretrain(
           " is of another model: " + state.at("model").dump() + " vs " +
           config.to_json().dump());
     }
-    torch::load(model, training_file.string(), runtime.device);
-    load_model_weights(average, dir);
-    average->to(runtime.device);
-    torch::load(optimizer, (dir / "optimizer.pt").string(), runtime.device);
-    step = state.at("step");
+    step = load_checkpoint(checkpoint, tensors, optimizer, runtime.device);
   }
   const auto save = [&] {
     if (!runtime.is_main()) {
       return;
     }
-    save_atomically(model, training_file);
+    save_checkpoint(checkpoint, tensors, optimizer, step);
     styleinject::save_weights(
         *average,
         model_file(dir).string(),
@@ -465,7 +546,6 @@ inline void pretrain(
          {"step", std::to_string(step)},
          {"steps", std::to_string(options.steps)},
          {"seed", std::to_string(options.seed)}});
-    save_atomically(optimizer, dir / "optimizer.pt");
     write_text(
         config_file(dir),
         ordered_json{
@@ -591,8 +671,9 @@ struct FinetuneOptions {
   uint64_t seed = 0;
   bool resume = false;
   /// Adapter options that replace those of method, rank and branches (the
-  /// experiments' arms).
+  /// experiments' arms), and the name the run goes by then.
   c10::optional<styleinject::StyleInjectOptions> adapter;
+  std::string label;
   /// The layers adapted: a regular expression over their qualified names
   /// (e.g. "dit\\..*"); empty: every Linear and Conv2d.
   std::string targets;
@@ -691,13 +772,14 @@ inline TextToImage finetune(
   const Tokenizer tokenizer;
   const auto fonts = new_style_fonts(options.styles);
   const auto adapter = adapter_options(options);
+  const auto name = options.label.empty() ? options.method : options.label;
   torch::manual_seed(options.seed);
   auto model = load_base(base_dir, runtime.device);
   const auto report =
       styleinject::inject(*model, layer_targets(options.targets), adapter);
   if (runtime.is_main()) {
-    std::cerr << options.method << ": adapters on " << report.layers.size()
-              << " layers, " << report.trainable_parameters
+    std::cerr << name << ": adapters on " << report.layers.size() << " layers, "
+              << report.trainable_parameters
               << " trainable parameters (the base model has "
               << report.total_parameters - report.trainable_parameters << ")\n";
   }
@@ -705,17 +787,17 @@ inline TextToImage finetune(
   torch::optim::AdamW optimizer(
       parameters, torch::optim::AdamWOptions(options.lr).weight_decay(0));
   int64_t step = 0;
-  const auto state_file = dir / "state.json";
+  const auto checkpoint = dir / "checkpoint.pt";
+  const auto tensors = trainable(*model);
   if (options.resume) {
     // Every process reads the checkpoint: --out must be one folder that
     // they all see (one machine, or a shared file system).
-    if (!fs::exists(state_file)) {
+    if (!fs::exists(checkpoint)) {
       throw std::runtime_error(
-          "--resume: no fine-tune checkpoint in " + dir.string());
+          "--resume: no fine-tune checkpoint (checkpoint.pt) in " +
+          dir.string());
     }
-    styleinject::load_adapters(*model, (dir / "adapters.safetensors").string());
-    torch::load(optimizer, (dir / "optimizer.pt").string(), runtime.device);
-    step = read_json(state_file).at("step");
+    step = load_checkpoint(checkpoint, tensors, optimizer, runtime.device);
   }
   // All processes start from rank 0's adapter (and step).
   styleinject::distributed::broadcast_parameters(*runtime.group, parameters);
@@ -723,26 +805,25 @@ inline TextToImage finetune(
       step) {
     throw std::runtime_error(
         "--resume: this process read step " + std::to_string(step) + " from " +
-        state_file.string() + ", rank 0 another");
+        checkpoint.string() + ", rank 0 another");
   }
   const auto shots = shot_characters(options.shots);
   const auto save = [&] {
     if (!runtime.is_main()) {
       return;
     }
+    save_checkpoint(checkpoint, tensors, optimizer, step);
     styleinject::save_adapters(*model, (dir / "adapters.safetensors").string());
-    save_atomically(optimizer, dir / "optimizer.pt");
     write_text(
-        state_file,
+        dir / "state.json",
         ordered_json{
-            {"method", options.method},
+            {"method", name},
+            {"adapter", styleinject::detail::options_to_json(adapter)},
             {"styles", options.styles},
             {"shots", shots},
             {"step", step},
             {"steps", options.steps},
             {"lr", options.lr},
-            {"rank", options.rank},
-            {"branches", options.method == "lora" ? 1 : options.branches},
             {"seed", options.seed}}
             .dump(2));
   };
@@ -754,7 +835,7 @@ inline TextToImage finetune(
   // together the batch that one process would.
   std::mt19937_64 rng(options.seed * 1000003 + step + 17);
   torch::manual_seed(options.seed * 1000003 + step + 17);
-  Progress progress("finetune " + options.method, options.steps, step);
+  Progress progress("finetune " + name, options.steps, step);
   const NoiseSchedule schedule(1000, runtime.device);
   model->train();
   if (runtime.group->size() > 1) {

@@ -12,7 +12,10 @@ mkdir -p "$work"
 tiny="--model tiny --cache $work/cache"
 
 "$typeface" demo $tiny --pretrain-steps 40 --judge-steps 20 --steps 6 \
-  --seeds 2 --lrs 1e-3,3e-3 --results "$work/results"
+  --seeds 2 --lrs 1e-3,3e-3 --results "$work/results" 2>&1 | tee "$work/demo.log"
+# Each arm goes by its own name (a LoRA arm is not "styleinject").
+grep -q "^LoRA r=[0-9]*: adapters on" "$work/demo.log" ||
+  { echo "FAIL: the demo's LoRA arm did not say its name" >&2; exit 1; }
 for file in summary.md metrics.json grids/lobster-k16.png; do
   test -s "$work/results/demo/$file" || { echo "FAIL: no results/demo/$file" >&2; exit 1; }
 done
@@ -31,8 +34,27 @@ fi
 
 # finetune, stopped after 3 of 6 steps, resumed to 6.
 "$typeface" finetune $tiny --method lora --rank 2 --steps 3 --out "$work/ft"
+cp -r "$work/ft" "$work/ft3"
 "$typeface" finetune $tiny --method lora --rank 2 --steps 6 --resume --out "$work/ft"
 grep -q '"step": 6' "$work/ft/state.json"
+# What a resume needs is one file: a run stopped while it saved (step 6's
+# checkpoint beside step 3's adapters and state.json) resumes as the whole
+# folder does.
+cp -r "$work/ft" "$work/ft_mixed"
+cp "$work/ft3/adapters.safetensors" "$work/ft3/state.json" "$work/ft_mixed/"
+for dir in ft ft_mixed; do
+  "$typeface" finetune $tiny --method lora --rank 2 --steps 8 --resume --out "$work/$dir"
+done
+python3 -c 'import json,struct,sys
+def values(path):
+    f=open(path,"rb"); n=struct.unpack("<Q",f.read(8))[0]; h=json.loads(f.read(n)); data=f.read()
+    return {k:struct.unpack("<%df"%((e["data_offsets"][1]-e["data_offsets"][0])//4),data[e["data_offsets"][0]:e["data_offsets"][1]]) for k,e in h.items() if k!="__metadata__"}
+a,b=values(sys.argv[1]),values(sys.argv[2])
+assert a.keys()==b.keys(), (a.keys(), b.keys())
+d=max(abs(x-y) for k in a for x,y in zip(a[k],b[k]))
+assert d<=1e-6, "a resumed mixed set differs from the whole folder by %g" % d' \
+  "$work/ft/adapters.safetensors" "$work/ft_mixed/adapters.safetensors"
+grep -q '"step": 8' "$work/ft_mixed/state.json"
 # bfloat16 autocast on the CPU.
 "$typeface" finetune $tiny --dtype bfloat16 --steps 2 --out "$work/bf16"
 test -s "$work/bf16/adapters.safetensors"
