@@ -22,6 +22,9 @@
 
 namespace styleinject_test {
 
+/// The small layer of the functional and gate tests.
+constexpr int64_t kIn = 5, kOut = 4, kBranches = 3, kRank = 2;
+
 /// The what() of the c10::Error that `f` throws, without LibTorch's
 /// backtrace; "no error" if it throws none.
 template <typename F>

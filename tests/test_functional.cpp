@@ -19,7 +19,10 @@ using styleinject_test::ReferenceLinear;
 
 namespace {
 
-constexpr int64_t kIn = 5, kOut = 4, kBranches = 3, kRank = 2;
+using styleinject_test::kBranches;
+using styleinject_test::kIn;
+using styleinject_test::kOut;
+using styleinject_test::kRank;
 
 /// Random float64 tensors for one layer; router and gate as asked.
 ReferenceLinear random_layer(bool router, bool gate) {

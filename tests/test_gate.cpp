@@ -25,7 +25,10 @@ using styleinject_test::ReferenceLinear;
 
 namespace {
 
-constexpr int64_t kIn = 5, kOut = 4, kBranches = 3, kRank = 2;
+using styleinject_test::kBranches;
+using styleinject_test::kIn;
+using styleinject_test::kOut;
+using styleinject_test::kRank;
 
 /// Random float64 tensors of one adapter in the Linear layout (Conv2d's
 /// when `kernel` > 0), with the gate tensor only for kScale.

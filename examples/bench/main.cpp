@@ -463,8 +463,7 @@ Runner library_layer(
       p.normal_(0.0, 0.02);
     }
     runner.inference.emplace_back(
-        "two adapters",
-        [=](const torch::Tensor& x) mutable { return two(x); });
+        "two adapters", [=](const torch::Tensor& x) mutable { return two(x); });
   }
   return runner;
 }
@@ -589,8 +588,8 @@ std::vector<LayerResult> measure_layer(
   std::vector<Runner> runners;
   std::vector<LayerResult> results;
   for (const auto method : kMethods) {
-    runners.push_back(make(
-        method, shape, weight, bias, device, dtype, adapter_dtype, path));
+    runners.push_back(
+        make(method, shape, weight, bias, device, dtype, adapter_dtype, path));
     results.push_back({method, runners.back().parameters});
   }
   const auto x = shape.conv
@@ -879,6 +878,16 @@ std::string machine() {
   return "unknown CPU";
 }
 
+/// The compiler flags of this build (from CMake), printed with every run.
+constexpr const char* kCompileFlags = STYLEINJECT_BENCH_FLAGS;
+
+/// Whether the build asked for -O2 or -O3, as a user's release build does.
+bool optimised_build() {
+  const std::string flags = kCompileFlags;
+  return flags.find("-O2") != std::string::npos ||
+      flags.find("-O3") != std::string::npos;
+}
+
 /// The BLAS this process runs its GEMMs on: the file whose sgemm_ the
 /// dynamic linker resolved (Debian's LibTorch takes whichever libblas.so.3
 /// is installed), else the one LibTorch was built with (PyPI's wheels link
@@ -1035,7 +1044,13 @@ int main(int argc, char** argv) {
       blas_threads(blas) > 0 ? fmt::format(" ({} threads)", blas_threads(blas))
                              : "",
       rounds);
-  std::cout << title << "\n";
+  std::cout << title << "\nbuilt with: " << kCompileFlags << "\n";
+  if (!optimised_build()) {
+    std::cout << "\n*** WARNING: built without -O2 or -O3 (.ci builds at -O1, "
+                 "to compile fast): the library's host code runs slower than "
+                 "a user's; rebuild with -DCMAKE_BUILD_TYPE=Release for "
+                 "timings\n";
+  }
   if (!device.is_cuda() && is_reference_blas(blas)) {
     std::cout << "\n*** WARNING: LibTorch runs on the reference BLAS (" << blas
               << "), whose GEMMs are some 40x slower than an optimised one:\n"
@@ -1064,9 +1079,8 @@ int main(int argc, char** argv) {
         "peak MB");
   }
   for (const auto& shape : layers ? shapes(quick) : std::vector<Shape>{}) {
-    const auto results =
-        measure_layer(
-            shape, device, dtype->second, adapter_dtype, path->second, rounds);
+    const auto results = measure_layer(
+        shape, device, dtype->second, adapter_dtype, path->second, rounds);
     const auto& base = results[0];
     const auto& lora = results[1];
     for (const auto& r : results) {
@@ -1173,6 +1187,7 @@ int main(int argc, char** argv) {
         {"threads", at::get_num_threads()},
         {"blas", blas},
         {"blas_threads", blas_threads(blas)},
+        {"compile_flags", kCompileFlags},
         {"libtorch",
          std::to_string(TORCH_VERSION_MAJOR) + "." +
              std::to_string(TORCH_VERSION_MINOR)},
