@@ -267,7 +267,8 @@ for name in ("mismatch", "nomaster"):
 # then a second run that reuses every run on disk, as rank 0 decides.
 experiment = [typeface, "experiment", *tiny, "--quick", "--steps", "4",
               "--judge", out("judge"), "--judge-members", "2",
-              "--judge-steps", "20", "--results", out("experiment"),
+              "--judge-steps", "20", "--test-prompts", "4",
+              "--base-prompts", "4", "--results", out("experiment"),
               "--timeout", "120"]
 run_ranks(experiment)
 for name in ("summary.md", "metrics.json", "grids/lobster-k16.png"):
