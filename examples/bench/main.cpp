@@ -81,6 +81,18 @@ struct Shape {
               "{}x{}x{}x{} conv3x3 -> {}", batch, in, tokens, tokens, out)
         : fmt::format("{}x{}x{} -> {}", batch, tokens, in, out);
   }
+
+  /// The fields a peer (peft_peer.py) builds the same layer from.
+  nlohmann::ordered_json fields() const {
+    const auto input = conv ? std::vector<int64_t>{batch, in, tokens, tokens}
+                            : std::vector<int64_t>{batch, tokens, in};
+    return {
+        {"conv", conv},
+        {"input", input},
+        {"in", in},
+        {"out", out},
+        {"kernel", conv ? 3 : 1}};
+  }
 };
 
 std::vector<Shape> shapes(bool quick) {
@@ -1048,8 +1060,8 @@ int main(int argc, char** argv) {
   if (!optimised_build()) {
     std::cout << "\n*** WARNING: built without -O2 or -O3 (.ci builds at -O1, "
                  "to compile fast): the library's host code runs slower than "
-                 "a user's; rebuild with -DCMAKE_BUILD_TYPE=Release for "
-                 "timings\n";
+                 "in a user's release build. For timings, configure a build "
+                 "folder of your own with -DCMAKE_BUILD_TYPE=Release\n";
   }
   if (!device.is_cuda() && is_reference_blas(blas)) {
     std::cout << "\n*** WARNING: LibTorch runs on the reference BLAS (" << blas
@@ -1107,7 +1119,9 @@ int main(int argc, char** argv) {
            shape.name + "/b" + std::to_string(shape.batch) + "/" +
                name_of(r.method)},
           {"shape", shape.describe()},
+          {"layer", shape.fields()},
           {"method", name_of(r.method)},
+          {"lora_rank", equal_params_rank(shape)},
           {"trainable_parameters", r.parameters},
           {"forward_ms", quantile(r.forward_ms, 0.5)},
           {"train_ms", quantile(r.train_ms, 0.5)},

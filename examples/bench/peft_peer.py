@@ -15,7 +15,6 @@ of the bench's.
 
 import argparse
 import json
-import re
 import statistics
 import time
 
@@ -26,17 +25,17 @@ from peft import LoraConfig, inject_adapter_in_model
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def parse_shape(text):
-    """'2x4096x320 -> 320' or '2x320x64x64 conv3x3 -> 320' as a dict."""
-    conv = re.fullmatch(r"(\d+)x(\d+)x(\d+)x\d+ conv3x3 -> (\d+)", text)
-    if conv:
-        batch, cin, size, cout = map(int, conv.groups())
-        return dict(conv=True, input=(batch, cin, size, size), cin=cin, cout=cout)
-    linear = re.fullmatch(r"(\d+)x(\d+)x(\d+) -> (\d+)", text)
-    if not linear:
-        raise SystemExit(f"peft_peer: expected a bench shape, but got '{text}'")
-    batch, tokens, cin, cout = map(int, linear.groups())
-    return dict(conv=False, input=(batch, tokens, cin), cin=cin, cout=cout)
+def layer_of(row):
+    """The layer a bench row timed, from its fields: whether it is a 3x3
+    convolution, the input's shape, the channels in and out."""
+    if "layer" not in row:
+        raise SystemExit(
+            f"peft_peer: expected a row with the layer's fields ('layer', "
+            f"'lora_rank'), as styleinject_bench writes them since 0.9, but "
+            f"row '{row['name']}' has only {sorted(row)}; run the bench again")
+    layer = row["layer"]
+    return dict(conv=layer["conv"], input=tuple(layer["input"]),
+                cin=layer["in"], cout=layer["out"])
 
 
 class Holder(torch.nn.Module):
@@ -140,9 +139,8 @@ def main():
     for row in bench["layers"]:
         if row["method"] != "lora":
             continue
-        shape = parse_shape(row["shape"])
-        per_rank = shape["cin"] * (9 if shape["conv"] else 1) + shape["cout"]
-        rank = round(row["trainable_parameters"] / per_rank)
+        shape = layer_of(row)
+        rank = row["lora_rank"]
         result = measure(shape, rank, device, dtype, adapter_dtype, rounds)
         case = row["name"].rsplit("/", 1)[0]
         cases.append(dict(name=case, shape=row["shape"], **result))
