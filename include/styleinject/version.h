@@ -3,8 +3,8 @@
 // The one place the version is written: CMakeLists.txt reads these three
 // lines, and adapter files record the resulting string.
 #define STYLEINJECT_VERSION_MAJOR 0
-#define STYLEINJECT_VERSION_MINOR 8
-#define STYLEINJECT_VERSION_PATCH 1
+#define STYLEINJECT_VERSION_MINOR 9
+#define STYLEINJECT_VERSION_PATCH 0
 
 #define STYLEINJECT_DETAIL_STRINGIFY_(x) #x
 #define STYLEINJECT_DETAIL_STRINGIFY(x) STYLEINJECT_DETAIL_STRINGIFY_(x)
