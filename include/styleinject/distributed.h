@@ -186,8 +186,9 @@ inline std::string where(int64_t rank, int64_t size) {
       std::to_string(size) + "): ";
 }
 
-// How far a rendezvous got, for the watchdog's message.
-enum class Stage { kReaching, kHandshake, kJoining };
+// How far a rendezvous got, for the watchdog's message: reaching the
+// store's address, or past it (connected, or serving the store).
+enum class Stage { kReaching, kConnected };
 
 // One attempt to open a TCP connection to host:port within `wait`: "" where
 // it connected, else what it met, as the error should say it.
@@ -220,9 +221,10 @@ inline std::string try_connect(
       pollfd poll{fd, POLLOUT, 0};
       const int ready = ::poll(&poll, 1, static_cast<int>(wait.count()));
       socklen_t length = sizeof error;
-      error = ready == 0 ? ETIMEDOUT : 0;
       if (ready > 0) {
         ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length);
+      } else {
+        error = ready == 0 ? ETIMEDOUT : errno;
       }
     }
     ::close(fd);
@@ -294,7 +296,7 @@ inline c10::intrusive_ptr<c10d::Store> connect(
   if (!store.isServer) {
     reach(env, timeout);
   }
-  stage = Stage::kHandshake;
+  stage = Stage::kConnected;
   c10::intrusive_ptr<c10d::Store> tcp;
   try {
     tcp = c10::make_intrusive<c10d::TCPStore>(env.master_addr, store);
@@ -310,7 +312,6 @@ inline c10::intrusive_ptr<c10d::Store> connect(
         store.isServer ? ": " : " took the connection, then failed: ",
         message_of(error));
   }
-  stage = Stage::kJoining;
   return c10::make_intrusive<c10d::PrefixStore>(
       "styleinject/" + std::to_string(env.attempt), tcp);
 }
@@ -404,8 +405,20 @@ inline c10::intrusive_ptr<c10d::Store> rendezvous(
   }).detach();
   const auto grace = 2 * timeout + std::chrono::seconds(5);
   if (result.wait_for(grace) != std::future_status::ready) {
-    const auto waited =
-        std::chrono::duration_cast<std::chrono::milliseconds>(grace).count();
+    // What this rank saw; for a client that connected, the usual cause.
+    std::string what = " took the connection, then did not answer within ";
+    std::string cause =
+        "; a store of another torch version than this "
+        "LibTorch (" TORCH_VERSION
+        ") does that, e.g. PyPI's torchrun with Debian's "
+        "LibTorch";
+    if (*stage == Stage::kReaching) {
+      what = " could not be reached within ";
+      cause.clear();
+    } else if (env.rank == 0 && !env.agent_store) {
+      what = ", which this rank serves, did not answer within ";
+      cause.clear();
+    }
     TORCH_CHECK(
         false,
         where(env.rank, env.world_size),
@@ -413,15 +426,10 @@ inline c10::intrusive_ptr<c10d::Store> rendezvous(
         env.master_addr,
         ":",
         env.master_port,
-        *stage == Stage::kReaching
-            ? " could not be reached within "
-            : " took the connection, then did not answer within ",
-        waited,
+        what,
+        std::chrono::duration_cast<std::chrono::milliseconds>(grace).count(),
         " ms",
-        *stage == Stage::kReaching
-            ? ""
-            : "; a store of another torch version than this LibTorch (" TORCH_VERSION
-              ") does that, e.g. PyPI's torchrun with Debian's LibTorch");
+        cause);
   }
   return result.get();
 }
