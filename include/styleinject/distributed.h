@@ -281,15 +281,20 @@ inline void reach(const Environment& env, std::chrono::milliseconds timeout) {
   }
 }
 
-// The TCPStore at MASTER_ADDR:MASTER_PORT: served by rank 0 unless
-// torchrun's agent serves it; each attempt's keys under a prefix.
+// Rank 0 serves the store, unless torchrun's agent already does.
+inline bool serves_store(const Environment& env) {
+  return env.rank == 0 && !env.agent_store;
+}
+
+// The TCPStore at MASTER_ADDR:MASTER_PORT, each attempt's keys under a
+// prefix.
 inline c10::intrusive_ptr<c10d::Store> connect(
     const Environment& env,
     std::chrono::milliseconds timeout,
     std::atomic<Stage>& stage) {
   c10d::TCPStoreOptions store;
   store.port = static_cast<uint16_t>(env.master_port);
-  store.isServer = env.rank == 0 && !env.agent_store;
+  store.isServer = serves_store(env);
   store.waitWorkers = false; // check_world waits, with a clearer error
   store.timeout = timeout;
   store.multiTenant = true;
@@ -415,7 +420,7 @@ inline c10::intrusive_ptr<c10d::Store> rendezvous(
     if (*stage == Stage::kReaching) {
       what = " could not be reached within ";
       cause.clear();
-    } else if (env.rank == 0 && !env.agent_store) {
+    } else if (serves_store(env)) {
       what = ", which this rank serves, did not answer within ";
       cause.clear();
     }
