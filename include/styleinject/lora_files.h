@@ -24,8 +24,6 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
-#include <fstream>
-#include <iterator>
 #include <map>
 #include <sstream>
 #include <string>
@@ -308,29 +306,6 @@ inline void make_directory(
 inline bool is_directory(const std::string& path) {
   struct stat info {};
   return ::stat(path.c_str(), &info) == 0 && S_ISDIR(info.st_mode);
-}
-
-/// The whole text file at `path`, of at most `limit` bytes (a PEFT config
-/// is a few KB, one with a key per module of SDXL a few hundred).
-inline std::string read_text(
-    const std::string& path,
-    const std::string& context,
-    std::streamoff limit = 16 << 20) {
-  std::ifstream file(path, std::ios::binary | std::ios::ate);
-  TORCH_CHECK(file, context, ": cannot open '", path, "'");
-  const auto size = static_cast<std::streamoff>(file.tellg());
-  TORCH_CHECK_VALUE(
-      size <= limit,
-      context,
-      ": expected '",
-      path,
-      "' to hold at most ",
-      limit,
-      " bytes, but it holds ",
-      size);
-  file.seekg(0);
-  return {
-      std::istreambuf_iterator<char>(file), std::istreambuf_iterator<char>()};
 }
 
 } // namespace detail

@@ -13,6 +13,8 @@
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
+#include <fstream>
+#include <iterator>
 #include <set>
 #include <string>
 #include <utility>
@@ -81,6 +83,29 @@ inline nlohmann::ordered_json parse_json(
       duplicate,
       "' twice");
   return json;
+}
+
+/// The whole text file at `path`, of at most `limit` bytes (a PEFT config
+/// is a few KB, one with a key per module of SDXL a few hundred).
+inline std::string read_text(
+    const std::string& path,
+    const std::string& context,
+    std::streamoff limit = 16 << 20) {
+  std::ifstream file(path, std::ios::binary | std::ios::ate);
+  TORCH_CHECK(file, context, ": cannot open '", path, "'");
+  const auto size = static_cast<std::streamoff>(file.tellg());
+  TORCH_CHECK_VALUE(
+      size <= limit,
+      context,
+      ": expected '",
+      path,
+      "' to hold at most ",
+      limit,
+      " bytes, but it holds ",
+      size);
+  file.seekg(0);
+  return {
+      std::istreambuf_iterator<char>(file), std::istreambuf_iterator<char>()};
 }
 
 /// A gate mode as records keep it: true (kScale) and false (kOff), as
