@@ -1063,6 +1063,139 @@ TEST_CASE(
   }
 }
 
+/// `source`'s weights as the shards of a checkpoint in `folder`: the fc
+/// layer's in one, the norm's in the other.
+void save_shards(const WeightsNet& source, const std::string& folder) {
+  std::vector<std::pair<std::string, torch::Tensor>> fc, norm;
+  for (const auto& [name, value] : weights_of(*source)) {
+    (name.rfind("fc.", 0) == 0 ? fc : norm).emplace_back(name, value);
+  }
+  styleinject::save_safetensors(folder + "/net-00001-of-00002.safetensors", fc);
+  styleinject::save_safetensors(
+      folder + "/net-00002-of-00002.safetensors", norm);
+}
+
+/// The index of save_shards' checkpoint, as transformers writes it, with
+/// `extra` entries added to its weight_map.
+std::string shard_index(const std::string& extra = "") {
+  std::string map;
+  for (const auto* name : {"fc.bias", "fc.weight"}) {
+    map +=
+        std::string("\"") + name + "\": \"net-00001-of-00002.safetensors\", ";
+  }
+  for (const auto* name :
+       {"norm.bias",
+        "norm.num_batches_tracked",
+        "norm.running_mean",
+        "norm.running_var",
+        "norm.weight"}) {
+    map +=
+        std::string("\"") + name + "\": \"net-00002-of-00002.safetensors\", ";
+  }
+  map += extra;
+  map.erase(map.find_last_of(','));
+  return "{\"metadata\": {\"total_size\": 72}, \"weight_map\": {" + map + "}}";
+}
+
+TEST_CASE(
+    "load_weights reads a sharded checkpoint through its index",
+    "[safetensors]") {
+  TempDir dir;
+  const auto index = dir.path + "/net.safetensors.index.json";
+  auto source = weights_net(1);
+  save_shards(source, dir.path);
+  write_bytes(index, shard_index());
+  auto target = weights_net(2);
+  const auto report = styleinject::load_weights(*target, index);
+  CHECK(report.metadata.at("total_size") == "72");
+  CHECK(report.loaded.size() == 7);
+  const auto expected = weights_of(*source);
+  for (const auto& [name, value] : weights_of(*target)) {
+    INFO(name);
+    CHECK(torch::equal(value, expected.at(name)));
+  }
+}
+
+TEST_CASE(
+    "load_weights refuses a sharded checkpoint that does not add up, and "
+    "leaves the module as it was",
+    "[safetensors]") {
+  TempDir dir;
+  const auto index = dir.path + "/net.safetensors.index.json";
+  save_shards(weights_net(1), dir.path);
+  auto target = weights_net(2);
+  const auto before = weights_of(*target);
+  const auto refusal = [&](const std::string& text) {
+    write_bytes(index, text);
+    const auto error =
+        error_of([&] { styleinject::load_weights(*target, index); });
+    for (const auto& [name, value] : weights_of(*target)) {
+      INFO(name);
+      CHECK(torch::equal(value, before.at(name)));
+    }
+    return error;
+  };
+  const std::string context = "styleinject::load_weights: '" + index + "': ";
+  CHECK_THAT(
+      refusal(
+          shard_index("\"extra.weight\": \"net-00002-of-00002.safetensors\",")),
+      Catch::Contains(
+          context +
+          "the index puts tensor 'extra.weight' in shard "
+          "'net-00002-of-00002.safetensors', which does not hold it"));
+  auto moved = shard_index();
+  const std::string fc_bias =
+      "\"fc.bias\": \"net-00001-of-00002.safetensors\", ";
+  moved.erase(moved.find(fc_bias), fc_bias.size());
+  CHECK_THAT(
+      refusal(moved),
+      Catch::Contains(
+          context +
+          "shard 'net-00001-of-00002.safetensors' holds tensor "
+          "'fc.bias', which the index does not put there"));
+  CHECK_THAT(
+      refusal(shard_index("\"x\": \"../net-00001-of-00002.safetensors\",")),
+      Catch::Contains(
+          context +
+          "expected the name of a file beside the index for tensor "
+          "'x', but got \"../net-00001-of-00002.safetensors\""));
+  CHECK_THAT(
+      refusal(shard_index("\"x\": \"net-00003-of-00002.safetensors\",")),
+      Catch::Contains(
+          context + "shard 'net-00003-of-00002.safetensors': cannot open '" +
+          dir.path + "/net-00003-of-00002.safetensors' for reading"));
+  CHECK_THAT(
+      refusal("{\"metadata\": {}}"),
+      Catch::Contains(
+          context +
+          "expected a JSON object with a non-empty object "
+          "\"weight_map\" (tensor name: shard file), but got no "
+          "\"weight_map\""));
+  CHECK_THAT(refusal("[1, 2]"), Catch::Contains("but got a JSON array"));
+  CHECK_THAT(
+      refusal("{\"weight_map\": {}}"),
+      Catch::Contains("but got \"weight_map\": {}"));
+  CHECK_THAT(
+      refusal("{\"weight_map\": "),
+      Catch::Contains(context + "the index is not valid JSON"));
+}
+
+TEST_CASE(
+    "interop: a sharded checkpoint that huggingface_hub wrote",
+    "[.interop][interop-shards]") {
+  auto net = weights_net(3);
+  const auto report = styleinject::load_weights(
+      *net, interop_dir() + "/shards/net.safetensors.index.json");
+  CHECK(report.loaded.size() == 7);
+  for (const auto& [name, value] : weights_of(*net)) {
+    INFO(name);
+    const auto expected = name == "norm.num_batches_tracked"
+        ? torch::tensor(7, torch::kLong)
+        : interop_values(name, value.sizes(), 5, 0.5).to(torch::kFloat);
+    CHECK(torch::equal(value, expected));
+  }
+}
+
 TEST_CASE(
     "load_weights renames the file's names onto the module's",
     "[safetensors]") {

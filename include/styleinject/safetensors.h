@@ -30,6 +30,7 @@
 #include <map>
 #include <memory>
 #include <random>
+#include <set>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -634,6 +635,94 @@ inline torch::OrderedDict<std::string, torch::Tensor> named_weights(
   return weights;
 }
 
+/// Whether `path` names a sharded checkpoint's index, as Hugging Face's
+/// libraries write it beside the shards (`model.safetensors.index.json`,
+/// `diffusion_pytorch_model.safetensors.index.json`).
+inline bool is_shard_index(const std::string& path) {
+  const std::string suffix = ".index.json";
+  return path.size() >= suffix.size() &&
+      path.compare(path.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+/// The shard file names of an index's `weight_map` (tensor name: file
+/// name), each with the tensors the index puts in it. A shard lies beside
+/// the index: a name with a '/' or a "." or ".." is refused.
+inline std::map<std::string, std::set<std::string>> shards_of(
+    const nlohmann::ordered_json& index,
+    const std::string& context) {
+  const auto found = index.is_object() ? index.find("weight_map") : index.end();
+  std::string got = std::string("a JSON ") + index.type_name();
+  if (index.is_object()) {
+    got = found == index.end()
+        ? "no \"weight_map\""
+        : "\"weight_map\": " + found->dump().substr(0, 80);
+  }
+  TORCH_CHECK(
+      found != index.end() && found->is_object() && !found->empty(),
+      context,
+      ": expected a JSON object with a non-empty object \"weight_map\" "
+      "(tensor name: shard file), but got ",
+      got);
+  std::map<std::string, std::set<std::string>> shards;
+  for (const auto& [name, shard] : found->items()) {
+    const auto file = shard.is_string() ? shard.get<std::string>() : "";
+    TORCH_CHECK(
+        !file.empty() && file != "." && file != ".." &&
+            file.find('/') == std::string::npos,
+        context,
+        ": expected the name of a file beside the index for tensor '",
+        name,
+        "', but got ",
+        shard.dump());
+    shards[file].insert(name);
+  }
+  return shards;
+}
+
+/// The tensors of the shards that the index at `path` lists, each shard
+/// holding exactly the tensors the index puts in it (a shard of another
+/// save is refused, not mixed in), and the index's `metadata`, values
+/// that are not strings as JSON text.
+inline Safetensors read_shards(
+    const std::string& path,
+    const std::string& context) {
+  const auto text = read_text(path, context);
+  const auto index =
+      parse_json(text.data(), text.data() + text.size(), context, "the index");
+  const auto folder = path.substr(0, path.rfind('/') + 1);
+  Safetensors all;
+  for (auto& [file, listed] : shards_of(index, context)) {
+    const auto shard = safetensors::read_mapped(
+        folder + file, context + ": shard '" + file + "'");
+    for (const auto& [name, tensor] : shard.tensors) {
+      TORCH_CHECK(
+          listed.erase(name) == 1,
+          context,
+          ": shard '",
+          file,
+          "' holds tensor '",
+          name,
+          "', which the index does not put there");
+      all.tensors.emplace_back(name, tensor);
+    }
+    TORCH_CHECK(
+        listed.empty(),
+        context,
+        ": the index puts tensor '",
+        listed.empty() ? "" : *listed.begin(),
+        "' in shard '",
+        file,
+        "', which does not hold it");
+  }
+  if (index.contains("metadata") && index["metadata"].is_object()) {
+    for (const auto& [key, value] : index["metadata"].items()) {
+      all.metadata[key] =
+          value.is_string() ? value.get<std::string>() : value.dump();
+    }
+  }
+  return all;
+}
+
 /// "a, b, c and 4 more": a list short enough for an error message.
 inline std::string some_names(const std::vector<std::string>& names) {
   std::string text;
@@ -649,7 +738,10 @@ inline std::string some_names(const std::vector<std::string>& names) {
 
 /// Loads the parameters and buffers of `module`, by the qualified names
 /// that named_parameters() and named_buffers() give, from the safetensors
-/// file at `path` (a mapped read: see load_safetensors). Values are
+/// file at `path` (a mapped read: see load_safetensors), or from the
+/// shards of a sharded checkpoint where `path` is its index (a name ending
+/// in `.index.json`, as diffusers' and transformers' `save_pretrained`
+/// write it); the report's metadata is then the index's. Values are
 /// converted to each tensor's dtype and device. A name that both have must
 /// have one shape, strict or not; in strict mode a missing or unexpected
 /// name is an error that lists them. Everything is checked before anything
@@ -665,7 +757,9 @@ inline LoadWeightsReport load_weights(
     const std::string& path,
     const LoadWeightsOptions& options = {}) {
   const std::string context = "styleinject::load_weights: '" + path + "'";
-  const auto contents = detail::safetensors::read_mapped(path, context);
+  const auto contents = detail::is_shard_index(path)
+      ? detail::read_shards(path, context)
+      : detail::safetensors::read_mapped(path, context);
   auto targets = detail::named_weights(module);
   LoadWeightsReport report;
   report.metadata = contents.metadata;

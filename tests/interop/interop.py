@@ -10,6 +10,10 @@ Run by CTest as: python interop.py STYLEINJECT_TESTS WORK_DIR
 3. Python writes a tensor of every dtype the library reads; the library's
    load_safetensors checks them, and its save_safetensors writes its own for
    Python to check (the hidden Catch test [interop-dtypes]).
+4. huggingface_hub writes a sharded checkpoint (shards and their index, as
+   diffusers' and transformers' save_pretrained do); the library's
+   load_weights reads it through the index (the hidden Catch test
+   [interop-shards]).
 
 Both sides fill tensor i of a name with the same formula, written separately
 in Python (here) and in C++ (test_serialize.cpp), exact in float16.
@@ -134,6 +138,26 @@ def main():
             assert np.array_equal(tensor, expected), name
         assert f.metadata() == {"who": "cpp"}, f.metadata()
     print(f"{len(DTYPES)} dtypes went both ways")
+
+    # 4. A sharded checkpoint, the weights of test_serialize.cpp's WeightsNet.
+    import torch
+    from huggingface_hub import save_torch_state_dict
+
+    shapes = {"fc.weight": (2, 3), "fc.bias": (2,), "norm.weight": (2,),
+              "norm.bias": (2,), "norm.running_mean": (2,),
+              "norm.running_var": (2,)}
+    state = {name: torch.from_numpy(values(name, shape, 5, 0.5).astype(np.float32))
+             for name, shape in shapes.items()}
+    state["norm.num_batches_tracked"] = torch.tensor(7)
+    shards = os.path.join(folder, "shards")
+    os.makedirs(shards, exist_ok=True)
+    save_torch_state_dict(state, shards, max_shard_size=32,
+                          filename_pattern="net{suffix}.safetensors")
+    with open(os.path.join(shards, "net.safetensors.index.json")) as f:
+        files = set(json.load(f)["weight_map"].values())
+    assert len(files) > 1, files
+    run(exe, "[interop-shards]", folder)
+    print(f"the library loaded a checkpoint in {len(files)} shards")
 
 
 if __name__ == "__main__":
