@@ -961,6 +961,16 @@ TEST_CASE(
                       "has 0"));
 }
 
+/// Checks that each parameter and buffer of `module` equals `expected`'s.
+void check_weights(
+    const torch::nn::Module& module,
+    const std::map<std::string, torch::Tensor>& expected) {
+  for (const auto& [name, value] : weights_of(module)) {
+    INFO(name);
+    CHECK(torch::equal(value, expected.at(name)));
+  }
+}
+
 TEST_CASE(
     "save_weights and load_weights move parameters and buffers by name",
     "[safetensors]") {
@@ -1009,12 +1019,7 @@ TEST_CASE(
 
   auto target = weights_net(2);
   const auto before = weights_of(*target);
-  const auto unchanged = [&] {
-    for (const auto& [name, value] : weights_of(*target)) {
-      INFO(name);
-      CHECK(torch::equal(value, before.at(name)));
-    }
-  };
+  const auto unchanged = [&] { check_weights(*target, before); };
   SECTION("strict: a missing and an unexpected name") {
     CHECK_THAT(
         error_of([&] { styleinject::load_weights(*target, path); }),
@@ -1109,11 +1114,7 @@ TEST_CASE(
   const auto report = styleinject::load_weights(*target, index);
   CHECK(report.metadata.at("total_size") == "72");
   CHECK(report.loaded.size() == 7);
-  const auto expected = weights_of(*source);
-  for (const auto& [name, value] : weights_of(*target)) {
-    INFO(name);
-    CHECK(torch::equal(value, expected.at(name)));
-  }
+  check_weights(*target, weights_of(*source));
 }
 
 TEST_CASE(
@@ -1129,10 +1130,7 @@ TEST_CASE(
     write_bytes(index, text);
     const auto error =
         error_of([&] { styleinject::load_weights(*target, index); });
-    for (const auto& [name, value] : weights_of(*target)) {
-      INFO(name);
-      CHECK(torch::equal(value, before.at(name)));
-    }
+    check_weights(*target, before);
     return error;
   };
   const std::string context = "styleinject::load_weights: '" + index + "': ";
@@ -1214,9 +1212,5 @@ TEST_CASE(
   auto target = weights_net(2);
   styleinject::load_weights(
       *target, path, styleinject::LoadWeightsOptions().rename(rename));
-  const auto expected = weights_of(*source);
-  for (const auto& [name, value] : weights_of(*target)) {
-    INFO(name);
-    CHECK(torch::equal(value, expected.at(name)));
-  }
+  check_weights(*target, weights_of(*source));
 }
