@@ -240,6 +240,44 @@ void write_lora(
 } // namespace
 
 TEST_CASE(
+    "import_lora: the alphas of a diffusers file's lora_adapter_metadata",
+    "[lora-files]") {
+  TempDir dir;
+  const auto path = dir.path + "/lora.safetensors";
+  const auto write = [&](const std::string& config) {
+    std::vector<std::pair<std::string, torch::Tensor>> tensors{
+        {"unet.attn.to_q.lora_A.weight", torch::rand({4, 4})},
+        {"unet.attn.to_q.lora_B.weight", torch::rand({4, 4})},
+        {"unet.blocks.1.body.3.lora_A.weight", torch::rand({1, 4, 3, 3})},
+        {"unet.blocks.1.body.3.lora_B.weight", torch::rand({4, 1, 1, 1})}};
+    styleinject::save_safetensors(
+        path, tensors, {{"lora_adapter_metadata", config}, {"format", "pt"}});
+  };
+  // A pipeline's save_lora_weights: the config under the "unet." prefix.
+  write(
+      R"({"unet.lora_alpha": 6, "unet.r": 4, "unet.alpha_pattern": {"to_q": 3},
+            "unet.use_rslora": false})");
+  auto model = plain_net();
+  const auto report = import_lora(*model, path);
+  REQUIRE(report.layers.size() == 2);
+  CHECK(report.layers[0].name == "blocks.1.body.3");
+  CHECK(report.layers[0].alpha == 6.0);
+  CHECK(report.layers[1].name == "attn.to_q");
+  CHECK(report.layers[1].alpha == 3.0);
+
+  // Two components whose alphas differ cannot share one config.
+  write(R"({"unet.lora_alpha": 6, "text_encoder.lora_alpha": 8})");
+  auto other = plain_net();
+  CHECK(
+      error_of([&] { import_lora(*other, path); }) ==
+      "styleinject::import_lora: '" + path +
+          "': the metadata's lora_adapter_metadata gives components "
+          "'text_encoder' and 'unet' different lora_alpha (8 and 6); import "
+          "a file of one component");
+  CHECK(styleinject::report(*other).layers.empty());
+}
+
+TEST_CASE(
     "import_lora: diffusers keys, ranks per layer, alpha given",
     "[lora-files]") {
   TempDir dir;
@@ -257,9 +295,10 @@ TEST_CASE(
       error_of([&] { import_lora(*model, path); }) ==
       "styleinject::import_lora: '" + path +
           "': expected an alpha for module 'unet.blocks.1.body.3' (a "
-          "'unet.blocks.1.body.3.alpha' tensor, or lora_alpha in a PEFT "
-          "adapter directory's adapter_config.json), but the file has none; "
-          "pass it with ImportLoraOptions().alpha()");
+          "'unet.blocks.1.body.3.alpha' tensor, lora_alpha in a PEFT "
+          "adapter directory's adapter_config.json or in a diffusers file's "
+          "lora_adapter_metadata), but the file has none; pass it with "
+          "ImportLoraOptions().alpha()");
   CHECK(styleinject::report(*model).layers.empty());
 
   const auto report = import_lora(

@@ -44,7 +44,9 @@ enum class LoraFormat {
   /// ".lora_up.weight" and ".alpha"; LoCon for Conv2d.
   kKohya,
   /// diffusers' LoRA file (import only): PEFT's keys under a component's
-  /// prefix, "unet.<layer>.lora_A.weight", with ".alpha" where it has one.
+  /// prefix, "unet.<layer>.lora_A.weight", or none (a model's
+  /// `save_lora_adapter`), with ".alpha" where it has one, and PEFT's config
+  /// in the metadata's "lora_adapter_metadata" where diffusers wrote it.
   kDiffusers,
 };
 
@@ -86,8 +88,9 @@ struct ImportLoraOptions {
   /// defaults do not find it, spelled as the file's keys spell it before
   /// ".lora_A.weight" / ".lora_down.weight".
   TORCH_ARG(NameMap, rename) = {};
-  /// alpha for the layers whose file gives none (a bare PEFT or diffusers
-  /// file: PEFT keeps alpha in adapter_config.json). Unset, such a file is
+  /// alpha for the layers whose file gives none (a bare PEFT file, or a
+  /// diffusers file without "lora_adapter_metadata": PEFT keeps alpha in
+  /// its config). Unset, such a file is
   /// refused; diffusers itself assumes alpha = rank there.
   TORCH_ARG(c10::optional<double>, alpha) = c10::nullopt;
   /// Every module of the file must fit a layer of the model. Off, modules
@@ -659,9 +662,10 @@ inline double lora_alpha(
       name,
       "' (a '",
       name,
-      ".alpha' tensor, or lora_alpha in a PEFT adapter directory's ",
+      ".alpha' tensor, lora_alpha in a PEFT adapter directory's ",
       kPeftConfig,
-      "), but the file has none; pass it with ImportLoraOptions().alpha()");
+      " or in a diffusers file's lora_adapter_metadata), but the file has "
+      "none; pass it with ImportLoraOptions().alpha()");
   return *options.alpha();
 }
 
@@ -765,6 +769,67 @@ inline bool config_flag(
       " to be true or false, but got ",
       value->dump());
   return value->get<bool>();
+}
+
+/// The PEFT config that diffusers keeps in a LoRA file's metadata, under
+/// "lora_adapter_metadata": a model's `save_lora_adapter` writes the
+/// config's fields, a pipeline's `save_lora_weights` the same fields under
+/// each component's prefix ("unet.lora_alpha"). Components whose configs
+/// differ in r, lora_alpha, their patterns or use_rslora cannot share one
+/// and are refused. An empty object where the file has none.
+inline nlohmann::ordered_json diffusers_lora_config(
+    const std::map<std::string, std::string>& metadata,
+    const std::string& context) {
+  const auto found = metadata.find("lora_adapter_metadata");
+  if (found == metadata.end()) {
+    return nlohmann::ordered_json::object();
+  }
+  const auto& text = found->second;
+  auto fields = parse_json(
+      text.data(),
+      text.data() + text.size(),
+      context,
+      "the metadata's lora_adapter_metadata");
+  TORCH_CHECK_VALUE(
+      fields.is_object(),
+      context,
+      ": expected the metadata's lora_adapter_metadata to hold a JSON "
+      "object, but got a JSON ",
+      fields.type_name());
+  std::map<std::string, nlohmann::ordered_json> components;
+  for (const auto& item : fields.items()) {
+    const auto dot = item.key().find('.');
+    if (dot == std::string::npos) {
+      return fields; // save_lora_adapter's: unprefixed
+    }
+    components[item.key().substr(0, dot)][item.key().substr(dot + 1)] =
+        item.value();
+  }
+  std::string names;
+  for (const auto& component : components) {
+    names += (names.empty() ? "" : ", ") + component.first;
+    for (const char* key :
+         {"r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora"}) {
+      const auto& first = components.begin()->second;
+      TORCH_CHECK_VALUE(
+          component.second.value(key, nlohmann::ordered_json()) ==
+              first.value(key, nlohmann::ordered_json()),
+          context,
+          ": the metadata's lora_adapter_metadata gives components '",
+          components.begin()->first,
+          "' and '",
+          component.first,
+          "' different ",
+          key,
+          " (",
+          first.value(key, nlohmann::ordered_json()).dump(),
+          " and ",
+          component.second.value(key, nlohmann::ordered_json()).dump(),
+          "); import a file of one component");
+    }
+  }
+  return components.empty() ? nlohmann::ordered_json::object()
+                            : components.begin()->second;
 }
 
 /// import_lora on what it read: the weights file's tensors and PEFT's
@@ -918,7 +983,7 @@ inline ImportLoraReport import_lora(
   const bool directory = detail::is_directory(path);
   const auto weights = directory ? path + "/" + detail::kPeftWeights : path;
   const auto file = detail::safetensors::read_mapped(weights, context);
-  auto config = nlohmann::ordered_json::object();
+  auto config = detail::diffusers_lora_config(file.metadata, context);
   if (directory) {
     const auto text =
         detail::read_text(path + "/" + detail::kPeftConfig, context);
