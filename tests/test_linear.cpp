@@ -1171,3 +1171,42 @@ TEST_CASE(
         "dtype=float32)");
   }
 }
+
+TEST_CASE(
+    "SkipInit: layers built under it draw no random numbers",
+    "[linear]") {
+  const auto next_draw = [] { return torch::rand({4}); };
+  torch::manual_seed(3);
+  const auto expected = next_draw();
+
+  torch::manual_seed(3);
+  styleinject::StyleInjectLinear linear{nullptr};
+  styleinject::StyleInjectConv2d conv{nullptr}, no_bias{nullptr};
+  {
+    styleinject::SkipInit skip;
+    {
+      styleinject::SkipInit nested; // ends without ending the outer one
+    }
+    linear = styleinject::StyleInjectLinear(5, 3);
+    conv = styleinject::StyleInjectConv2d(4, 6, 3);
+    no_bias = styleinject::StyleInjectConv2d(
+        torch::nn::Conv2dOptions(4, 6, {1, 3}).bias(false));
+  }
+  CHECK(torch::equal(next_draw(), expected));
+  // Shaped and trainable as the base layer types' own.
+  CHECK(linear->weight.sizes() == torch::IntArrayRef({3, 5}));
+  CHECK(linear->bias.sizes() == torch::IntArrayRef({3}));
+  CHECK(conv->weight.sizes() == torch::IntArrayRef({6, 4, 3, 3}));
+  CHECK(no_bias->weight.sizes() == torch::IntArrayRef({6, 4, 1, 3}));
+  CHECK(!no_bias->bias.defined());
+  CHECK(linear->weight.requires_grad());
+  CHECK(conv->bias.requires_grad());
+  CHECK(
+      linear->named_parameters().keys() ==
+      torch::nn::Linear(5, 3)->named_parameters().keys());
+
+  // After the guard, layers initialise as before: they draw.
+  torch::manual_seed(3);
+  styleinject::StyleInjectLinear drawn(5, 3);
+  CHECK(!torch::equal(next_draw(), expected));
+}

@@ -43,6 +43,11 @@ struct layer_traits<torch::nn::Conv2dImpl> {
   static int64_t out_features(const Options& options) {
     return options.out_channels();
   }
+  static std::vector<int64_t> weight_shape(const Options& options) {
+    const auto kernel = *options.kernel_size();
+    return {
+        options.out_channels(), options.in_channels(), kernel[0], kernel[1]};
+  }
   static std::vector<int64_t> lora_A_shape(
       const Options& options,
       int64_t branches,

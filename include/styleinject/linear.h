@@ -30,6 +30,9 @@ struct layer_traits<torch::nn::LinearImpl> {
   static int64_t out_features(const Options& options) {
     return options.out_features();
   }
+  static std::vector<int64_t> weight_shape(const Options& options) {
+    return {options.out_features(), options.in_features()};
+  }
   static std::vector<int64_t> lora_A_shape(
       const Options& options,
       int64_t branches,
