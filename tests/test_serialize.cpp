@@ -1003,6 +1003,44 @@ TEST_CASE(
 }
 
 TEST_CASE(
+    "load_weights with assign takes the file's memory, copy-on-write",
+    "[safetensors]") {
+  TempDir dir;
+  const auto path = dir.path + "/net.safetensors";
+  auto source = weights_net(1);
+  styleinject::save_weights(*source, path);
+  const auto expected = weights_of(*source);
+  auto target = weights_net(2);
+  // A tensor of another dtype than the file's is copied into.
+  target->fc->weight.set_data(target->fc->weight.to(torch::kDouble));
+  styleinject::load_weights(
+      *target, path, styleinject::LoadWeightsOptions().assign(true));
+  auto weights = target->named_parameters();
+  for (const auto& buffer : target->named_buffers()) {
+    weights.insert(buffer.key(), buffer.value());
+  }
+  for (const auto& weight : weights) {
+    INFO(weight.key());
+    CHECK(torch::equal(
+        weight.value().to(torch::kFloat), expected.at(weight.key())));
+    // A mapped file's tensor has storage that cannot grow; a copy's can.
+    CHECK(
+        weight.value().storage().resizable() == (weight.key() == "fc.weight"));
+  }
+  CHECK(target->norm->weight.requires_grad()); // as each was
+  CHECK(!target->fc->bias.requires_grad());
+  // Writes stay in memory: the file still holds what was saved.
+  {
+    torch::NoGradGuard no_grad;
+    target->fc->bias.add_(1);
+  }
+  auto fresh = weights_net(3);
+  styleinject::load_weights(*fresh, path);
+  check_weights(*fresh, expected);
+  CHECK(torch::equal(target->fc->bias, expected.at("fc.bias") + 1));
+}
+
+TEST_CASE(
     "load_weights refuses what does not fit and leaves the module as it was",
     "[safetensors]") {
   TempDir dir;

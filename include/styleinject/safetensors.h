@@ -614,6 +614,14 @@ struct LoadWeightsOptions {
   /// The file's tensor names to the module's qualified names, where they
   /// differ; a name not listed is the same on both sides.
   TORCH_ARG(NameMap, rename) = {};
+  /// Where a tensor of the file has its module tensor's dtype and device
+  /// (the CPU), the module's tensor takes the file's memory instead of a
+  /// copy, as PyTorch's `load_state_dict(assign=True)` does: loading copies
+  /// nothing, and pages are read from the file on first use. The mapping is
+  /// copy-on-write, so training changes the tensors in memory, never the
+  /// file; the file must not be truncated in place while the module lives
+  /// (an atomic replace, as save_weights does, is safe). Default: false
+  TORCH_ARG(bool, assign) = false;
 };
 
 /// What load_weights did, each list sorted: the module's names it set, the
@@ -815,7 +823,13 @@ inline LoadWeightsReport load_weights(
       "); LoadWeightsOptions().strict(false) loads what fits");
   torch::NoGradGuard no_grad;
   for (const auto& [name, value] : values) {
-    targets[name].copy_(value);
+    auto& target = targets[name];
+    if (options.assign() && value.scalar_type() == target.scalar_type() &&
+        value.device() == target.device()) {
+      target.set_data(value);
+    } else {
+      target.copy_(value);
+    }
     report.loaded.push_back(name);
   }
   return report;
