@@ -1,0 +1,391 @@
+// styleinject_diffusers: diffusers' UNet2DConditionModel and
+// PixArtTransformer2DModel in LibTorch, loaded from diffusers' directories.
+//
+//   styleinject_diffusers forward --model DIR --inputs IN.safetensors \
+//       --out OUT.safetensors [--lora PATH [--lora-alpha A]] \
+//       [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--repeat N]
+//   styleinject_diffusers bench --config sd15|sd21|sdxl|pixart-alpha|FILE \
+//       [--batch 4] [--size 64] [--tokens 77] [--rounds 5] [--device ...] \
+//       [--dtype ...] [--adapter-dtype same|float32]
+//
+// forward reads `sample`, `timestep` and `encoder_hidden_states` (and, where
+// the config asks, `text_embeds` and `time_ids`, `resolution` and
+// `aspect_ratio`, or an `encoder_attention_mask`) and writes `sample`.
+// bench times whole training steps on random weights: frozen base, full
+// fine-tune, LoRA of StyleInject's parameters and StyleInject.
+
+#include "model.h"
+
+#include <CLI/CLI.hpp>
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <iostream>
+#include <map>
+
+namespace {
+
+using namespace diffusers;
+
+/// The configs of the models people fine-tune, as their config.json say.
+const std::map<std::string, std::string> kPresets{
+    {"sd15",
+     R"({"_class_name": "UNet2DConditionModel", "attention_head_dim": 8,
+         "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768,
+         "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                              "CrossAttnDownBlock2D", "DownBlock2D"],
+         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                            "CrossAttnUpBlock2D"],
+         "layers_per_block": 2, "sample_size": 64})"},
+    {"sd21",
+     R"({"_class_name": "UNet2DConditionModel", "attention_head_dim": [5, 10, 20, 20],
+         "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 1024,
+         "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                              "CrossAttnDownBlock2D", "DownBlock2D"],
+         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                            "CrossAttnUpBlock2D"],
+         "layers_per_block": 2, "sample_size": 96, "upcast_attention": true,
+         "use_linear_projection": true})"},
+    {"sdxl",
+     R"({"_class_name": "UNet2DConditionModel", "addition_embed_type": "text_time",
+         "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+         "block_out_channels": [320, 640, 1280], "cross_attention_dim": 2048,
+         "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D",
+                              "CrossAttnDownBlock2D"],
+         "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+         "layers_per_block": 2, "projection_class_embeddings_input_dim": 2816,
+         "sample_size": 128, "transformer_layers_per_block": [1, 2, 10],
+         "use_linear_projection": true})"},
+    {"pixart-alpha",
+     R"({"_class_name": "PixArtTransformer2DModel", "attention_head_dim": 72,
+         "caption_channels": 4096, "cross_attention_dim": 1152, "in_channels": 4,
+         "num_attention_heads": 16, "num_layers": 28, "out_channels": 8,
+         "patch_size": 2, "sample_size": 128})"},
+};
+
+torch::Dtype dtype_of(const std::string& name) {
+  static const std::map<std::string, torch::Dtype> dtypes{
+      {"float32", torch::kFloat},
+      {"bfloat16", torch::kBFloat16},
+      {"float16", torch::kHalf}};
+  return dtypes.at(name);
+}
+
+torch::Device device_of(const std::string& name) {
+  if (name == "cuda" && !torch::cuda::is_available()) {
+    throw std::runtime_error(
+        "--device cuda: this LibTorch sees no CUDA device (a CPU build, or no "
+        "GPU); use --device cpu");
+  }
+  return name == "cuda" ? torch::Device(torch::kCUDA)
+                        : torch::Device(torch::kCPU);
+}
+
+/// The file's tensors as a model's Inputs, on `device`, floats in `dtype`.
+Inputs read_inputs(
+    const std::string& path,
+    torch::Dtype dtype,
+    const torch::Device& device) {
+  const auto file = styleinject::load_safetensors(path);
+  Inputs in;
+  const std::map<std::string, torch::Tensor*> slots{
+      {"sample", &in.sample},
+      {"timestep", &in.timestep},
+      {"encoder_hidden_states", &in.encoder_hidden_states},
+      {"text_embeds", &in.text_embeds},
+      {"time_ids", &in.time_ids},
+      {"resolution", &in.resolution},
+      {"aspect_ratio", &in.aspect_ratio},
+      {"encoder_attention_mask", &in.encoder_attention_mask}};
+  for (const auto& [name, tensor] : file.tensors) {
+    const auto slot = slots.find(name);
+    if (slot == slots.end()) {
+      std::string known;
+      for (const auto& s : slots) {
+        known += (known.empty() ? "" : ", ") + s.first;
+      }
+      throw std::runtime_error(fmt::format(
+          "{}: unknown input '{}' (expected some of: {})", path, name, known));
+    }
+    *slot->second =
+        name == "timestep" ? tensor.to(device) : tensor.to(device, dtype);
+  }
+  for (const char* name : {"sample", "timestep", "encoder_hidden_states"}) {
+    if (!slots.at(name)->defined()) {
+      throw std::runtime_error(fmt::format(
+          "{}: expected a tensor '{}', but the file has none", path, name));
+    }
+  }
+  return in;
+}
+
+struct ForwardArgs {
+  std::string model, inputs, out, lora, device = "cpu", dtype = "float32";
+  double lora_alpha = 0;
+  int64_t repeat = 1;
+};
+
+/// Seconds since `start`, the device's queue drained.
+double seconds_since(
+    std::chrono::steady_clock::time_point start,
+    const torch::Device& device) {
+  if (device.is_cuda()) {
+    torch::cuda::synchronize();
+  }
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+      .count();
+}
+
+int run_forward(const ForwardArgs& args) {
+  const auto device = device_of(args.device);
+  const auto dtype = dtype_of(args.dtype);
+  const auto start = std::chrono::steady_clock::now();
+  auto model = load_model(args.model, dtype, device);
+  std::cout << fmt::format(
+      "loaded in {:.2f} s\n", seconds_since(start, device));
+  if (!args.lora.empty()) {
+    auto options = styleinject::ImportLoraOptions();
+    if (args.lora_alpha > 0) {
+      options.alpha(args.lora_alpha);
+    }
+    const auto report = styleinject::import_lora(*model, args.lora, options);
+    std::cout << fmt::format(
+        "LoRA ({}) on {} layers\n",
+        styleinject::lora_format_name(report.format),
+        report.layers.size());
+  }
+  const auto inputs = read_inputs(args.inputs, dtype, device);
+  model->eval();
+  torch::NoGradGuard no_grad;
+  torch::Tensor sample;
+  for (int64_t i = 0; i < args.repeat; ++i) { // the same forward, timed
+    const auto begin = std::chrono::steady_clock::now();
+    sample = model->forward(inputs);
+    std::cout << fmt::format(
+        "forward in {:.3f} s\n", seconds_since(begin, device));
+  }
+  styleinject::save_safetensors(args.out, {{"sample", sample}});
+  std::cout << "sample " << sample.sizes() << " -> " << args.out << "\n";
+  return 0;
+}
+
+// ---------------------------------------------------------------------------
+// bench
+
+struct BenchArgs {
+  std::string config = "sd15", device = "cpu", dtype = "float32",
+              adapter_dtype = "float32";
+  int64_t batch = 4, size = 64, tokens = 77, rounds = 5, rank = 4, branches = 4;
+};
+
+double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  const auto n = values.size();
+  return n % 2 == 1 ? values[n / 2] : (values[n / 2 - 1] + values[n / 2]) / 2;
+}
+
+/// LoRA's parameters per unit of rank over the layers with an adapter: the
+/// sum of in·k·k + out, from StyleInject's lora_A (n, r, in, k, k) and
+/// lora_B (out, r).
+int64_t lora_parameters_per_rank(const torch::nn::Module& model) {
+  int64_t total = 0;
+  for (const auto& p : model.named_parameters()) {
+    const auto& key = p.key();
+    const auto ends = [&](const std::string& s) {
+      return key.size() >= s.size() &&
+          key.compare(key.size() - s.size(), s.size(), s) == 0;
+    };
+    if (ends("lora_A")) {
+      total += p.value()[0][0].numel();
+    } else if (ends("lora_B")) {
+      total += p.value().size(0);
+    }
+  }
+  return total;
+}
+
+int run_bench(const BenchArgs& args) {
+  const auto device = device_of(args.device);
+  const auto dtype = dtype_of(args.dtype);
+  const auto preset = kPresets.find(args.config);
+  const auto read_config = [&] {
+    return preset != kPresets.end()
+        ? Config(nlohmann::json::parse(preset->second), args.config)
+        : Config::read(args.config);
+  };
+  const auto targets =
+      styleinject::Targets::suffixes({"to_q", "to_k", "to_v", "to_out.0"});
+  auto adapter =
+      styleinject::StyleInjectOptions(args.rank).branches(args.branches);
+  if (args.adapter_dtype != "same") {
+    adapter.dtype(dtype_of(args.adapter_dtype));
+  }
+  const char* names[] = {
+      "frozen base", "full fine-tune", "LoRA", "StyleInject"};
+  std::vector<std::shared_ptr<DenoiserImpl>> models;
+  std::vector<std::string> described;
+  int64_t styleinject_parameters = 0;
+  for (int regime : {3, 0, 1, 2}) { // StyleInject first: LoRA matches it
+    torch::manual_seed(0);
+    auto config = read_config();
+    auto model = build_model(config);
+    model->to(device, dtype);
+    std::string what = names[regime];
+    if (regime == 0) {
+      for (auto& p : model->parameters()) {
+        p.set_requires_grad(false);
+      }
+    } else if (regime >= 2) {
+      auto options = adapter;
+      if (regime == 2) {
+        const auto rank = std::max<int64_t>(
+            1,
+            std::llround(
+                double(styleinject_parameters) /
+                double(lora_parameters_per_rank(*models.front()))));
+        options =
+            styleinject::StyleInjectOptions::lora(rank).dtype(adapter.dtype());
+        what += fmt::format(" r={}", rank);
+      } else {
+        what += fmt::format(" n={} r={}", args.branches, args.rank);
+      }
+      const auto report = styleinject::inject(*model, targets, options);
+      model->to(device);
+      if (regime == 3) {
+        styleinject_parameters = report.trainable_parameters;
+      }
+      for (auto& p : styleinject::adapter_parameters(*model)) {
+        torch::NoGradGuard no_grad;
+        p.normal_(0.0, 0.02); // as if trained: B is zero at first
+      }
+    }
+    int64_t trainable = 0;
+    for (const auto& p : model->parameters()) {
+      trainable += p.requires_grad() ? p.numel() : 0;
+    }
+    described.push_back(fmt::format("{}, {} trainable", what, trainable));
+    models.push_back(model);
+  }
+  torch::manual_seed(1);
+  const auto on = torch::TensorOptions().device(device).dtype(dtype);
+  const auto inputs =
+      models.front()->example_inputs(args.batch, args.size, args.tokens, on);
+  std::cout << fmt::format(
+      "{}: batch {}, {}x{} latents, {} tokens, {} on {}, adapters on "
+      "to_q/to_k/to_v/to_out.0 in {}\n",
+      args.config,
+      args.batch,
+      args.size,
+      args.size,
+      args.tokens,
+      args.dtype,
+      args.device,
+      args.adapter_dtype);
+  std::vector<std::vector<double>> ms(models.size());
+  for (int64_t round = 0; round <= args.rounds; ++round) {
+    for (size_t m = 0; m < models.size(); ++m) {
+      auto& model = *models[m];
+      auto in = inputs;
+      in.sample = in.sample.clone().requires_grad_(m == 1); // frozen base
+      if (device.is_cuda()) {
+        torch::cuda::synchronize();
+      }
+      const auto start = std::chrono::steady_clock::now();
+      const auto out = model.forward(in);
+      out.to(torch::kFloat).square().mean().backward();
+      if (device.is_cuda()) {
+        torch::cuda::synchronize();
+      }
+      const auto elapsed = std::chrono::duration<double, std::milli>(
+          std::chrono::steady_clock::now() - start);
+      for (auto& p : model.parameters()) {
+        p.mutable_grad().reset();
+      }
+      if (round > 0) { // the first is a warm-up
+        ms[m].push_back(elapsed.count());
+      }
+    }
+  }
+  // In the order of `names`: models were built StyleInject first.
+  const size_t order[] = {1, 2, 3, 0};
+  const double frozen = median(ms[1]);
+  for (const auto m : order) {
+    std::cout << fmt::format(
+        "  {:<48} {:>10.1f} ms  {:>5.2f}x frozen\n",
+        described[m],
+        median(ms[m]),
+        median(ms[m]) / frozen);
+  }
+  std::cout << fmt::format(
+      "  StyleInject / LoRA: {:.2f} (medians of {} interleaved rounds)\n",
+      median(ms[0]) / median(ms[3]),
+      args.rounds);
+  return 0;
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"diffusers' UNet and PixArt in LibTorch, with StyleInject"};
+  app.require_subcommand(1);
+  const std::vector<std::string> devices{"cpu", "cuda"};
+  const std::vector<std::string> dtypes{"float32", "bfloat16", "float16"};
+
+  ForwardArgs fwd;
+  auto* forward = app.add_subcommand("forward", "one forward pass of a model");
+  forward->add_option("--model", fwd.model, "diffusers' model directory")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+  forward->add_option("--inputs", fwd.inputs, "safetensors file of inputs")
+      ->required()
+      ->check(CLI::ExistingFile);
+  forward->add_option("--out", fwd.out, "safetensors file for `sample`")
+      ->required();
+  forward->add_option(
+      "--lora", fwd.lora, "a LoRA (PEFT directory, diffusers or kohya file)");
+  forward
+      ->add_option(
+          "--lora-alpha", fwd.lora_alpha, "alpha where the LoRA file has none")
+      ->check(CLI::PositiveNumber);
+  forward->add_option("--repeat", fwd.repeat, "forward passes, each timed")
+      ->check(CLI::PositiveNumber);
+  forward->add_option("--device", fwd.device)->check(CLI::IsMember(devices));
+  forward->add_option("--dtype", fwd.dtype)->check(CLI::IsMember(dtypes));
+
+  BenchArgs bench_args;
+  auto* bench =
+      app.add_subcommand("bench", "time training steps on random weights");
+  std::vector<std::string> presets;
+  for (const auto& preset : kPresets) {
+    presets.push_back(preset.first);
+  }
+  bench->add_option("--config", bench_args.config, "a preset or a config.json")
+      ->check(CLI::IsMember(presets) | CLI::ExistingFile);
+  bench->add_option("--batch", bench_args.batch)->check(CLI::PositiveNumber);
+  bench->add_option("--size", bench_args.size, "latent side")
+      ->check(CLI::PositiveNumber);
+  bench->add_option("--tokens", bench_args.tokens, "caption tokens")
+      ->check(CLI::PositiveNumber);
+  bench->add_option("--rounds", bench_args.rounds)->check(CLI::PositiveNumber);
+  bench->add_option("--rank", bench_args.rank)->check(CLI::PositiveNumber);
+  bench->add_option("--branches", bench_args.branches)
+      ->check(CLI::PositiveNumber);
+  bench->add_option("--device", bench_args.device)
+      ->check(CLI::IsMember(devices));
+  bench->add_option("--dtype", bench_args.dtype)->check(CLI::IsMember(dtypes));
+  bench->add_option("--adapter-dtype", bench_args.adapter_dtype)
+      ->check(CLI::IsMember({"same", "float32", "bfloat16", "float16"}));
+
+  CLI11_PARSE(app, argc, argv);
+  try {
+    return forward->parsed() ? run_forward(fwd) : run_bench(bench_args);
+  } catch (const std::exception& e) {
+    // c10::Error's what() carries a C++ stack trace; the message is enough.
+    const auto* error = dynamic_cast<const c10::Error*>(&e);
+    std::cerr << "error: "
+              << (error ? error->what_without_backtrace() : e.what()) << "\n";
+    return 1;
+  }
+}
