@@ -76,8 +76,10 @@ TEST_CASE("diffusers models: configs this port does not build", "[diffusers]") {
 TEST_CASE(
     "diffusers models: StyleInject fine-tunes the attention through inject",
     "[diffusers]") {
+  styleinject_test::TempDir dir;
   for (const char* text : {kTinyUNet, kTinyPixArt}) {
     auto config = config_of(text);
+    torch::manual_seed(1);
     auto model = diffusers::build_model(config);
     const auto name = config.get<std::string>("_class_name");
     CAPTURE(name);
@@ -110,5 +112,13 @@ TEST_CASE(
         CHECK(torch::equal(p.value(), base.at(p.key())));
       }
     }
+    // The adapters, saved and loaded into the same base, give the output.
+    const auto path = dir.path + "/adapters.safetensors";
+    styleinject::save_adapters(*model, path);
+    torch::manual_seed(1);
+    auto again = diffusers::build_model(config);
+    styleinject::load_adapters(*again, path);
+    torch::NoGradGuard no_grad;
+    CHECK(torch::allclose(again->forward(inputs), model->forward(inputs)));
   }
 }

@@ -73,6 +73,19 @@ torch::Dtype dtype_of(const std::string& name) {
   return dtypes.at(name);
 }
 
+/// The dtype of `--dtype`, refused where this LibTorch cannot run it.
+torch::Dtype dtype_on(const std::string& name, const torch::Device& device) {
+#if TORCH_VERSION_MAJOR < 2
+  if (name == "float16" && device.is_cpu()) {
+    throw std::runtime_error(
+        "--dtype float16 on the CPU needs LibTorch 2.x: 1.13 has no float16 "
+        "CPU kernels for matmul and convolution; use --dtype bfloat16, or "
+        "--device cuda");
+  }
+#endif
+  return dtype_of(name);
+}
+
 torch::Device device_of(const std::string& name) {
   if (name == "cuda" && !torch::cuda::is_available()) {
     throw std::runtime_error(
@@ -140,7 +153,7 @@ double seconds_since(
 
 int run_forward(const ForwardArgs& args) {
   const auto device = device_of(args.device);
-  const auto dtype = dtype_of(args.dtype);
+  const auto dtype = dtype_on(args.dtype, device);
   const auto start = std::chrono::steady_clock::now();
   auto model = load_model(args.model, dtype, device);
   std::cout << fmt::format(
@@ -208,7 +221,7 @@ int64_t lora_parameters_per_rank(const torch::nn::Module& model) {
 
 int run_bench(const BenchArgs& args) {
   const auto device = device_of(args.device);
-  const auto dtype = dtype_of(args.dtype);
+  const auto dtype = dtype_on(args.dtype, device);
   const auto preset = kPresets.find(args.config);
   const auto read_config = [&] {
     return preset != kPresets.end()
@@ -308,19 +321,29 @@ int run_bench(const BenchArgs& args) {
       }
     }
   }
-  // In the order of `names`: models were built StyleInject first.
-  const size_t order[] = {1, 2, 3, 0};
-  const double frozen = median(ms[1]);
-  for (const auto m : order) {
+  // In the order of `names`: models were built StyleInject first. A ratio
+  // is the median of the per-round ratios, with their range.
+  const auto ratio = [&](size_t a, size_t b) {
+    std::vector<double> r;
+    for (size_t i = 0; i < ms[a].size(); ++i) {
+      r.push_back(ms[a][i] / ms[b][i]);
+    }
+    return fmt::format(
+        "{:.2f} ({:.2f}-{:.2f})",
+        median(r),
+        *std::min_element(r.begin(), r.end()),
+        *std::max_element(r.begin(), r.end()));
+  };
+  for (const size_t m : {1, 2, 3, 0}) {
     std::cout << fmt::format(
-        "  {:<48} {:>10.1f} ms  {:>5.2f}x frozen\n",
+        "  {:<46} {:>9.1f} ms  {} x frozen\n",
         described[m],
         median(ms[m]),
-        median(ms[m]) / frozen);
+        ratio(m, 1));
   }
   std::cout << fmt::format(
-      "  StyleInject / LoRA: {:.2f} (medians of {} interleaved rounds)\n",
-      median(ms[0]) / median(ms[3]),
+      "  StyleInject / LoRA: {} over {} interleaved rounds\n",
+      ratio(0, 3),
       args.rounds);
   return 0;
 }

@@ -10,6 +10,7 @@ must be refused, each with the message that names the cause.
 usage: peer.py STYLEINJECT_DIFFUSERS WORKDIR
 """
 
+import copy
 import json
 import os
 import shutil
@@ -147,12 +148,12 @@ def expect_error(label, needle, *args):
         failures.append(f"refusal {label}: exit {result.returncode}, stderr {result.stderr!r}")
 
 
-def lora_config():
+def lora_config(*extra_targets):
     """A LoRA as diffusers trains one (PEFT underneath), B random as if
     trained, an alpha_pattern to show that per-module alphas travel too."""
     return LoraConfig(
-        r=4, lora_alpha=8, alpha_pattern={"to_k": 2},
-        target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+        r=4, lora_alpha=8, alpha_pattern={"to_k": 2}, init_lora_weights=False,
+        target_modules=["to_q", "to_k", "to_v", "to_out.0", *extra_targets])
 
 
 def main():
@@ -174,12 +175,41 @@ def main():
         outputs[name] = diffusers_forward(name, model, inputs)
     assert os.path.exists(os.path.join(WORK, "sd2", "diffusion_pytorch_model.safetensors.index.json"))
 
+    # bfloat16 and float16: the port's error against float32 at most twice
+    # diffusers' own in that dtype (a ratio: the error depends on the model).
+    # LibTorch 1.13 has no float16 CPU kernels: there, the refusal.
+    for name, dtype in (("sd1", "bfloat16"), ("pixart", "bfloat16"),
+                        ("sd1", "float16"), ("pixart", "float16")):
+        model, model_dir, inputs, inputs_path = models[name]
+        low_type = getattr(torch, dtype)
+        low = {k: v.to(low_type) if v.is_floating_point() else v for k, v in inputs.items()}
+        theirs = diffusers_forward(name, copy.deepcopy(model).to(low_type), low).float()
+        out = os.path.join(WORK, f"{name}-{dtype}.out.safetensors")
+        result = run("forward", "--model", model_dir, "--inputs", inputs_path, "--out", out,
+                     "--dtype", dtype)
+        if dtype == "float16" and "float16 on the CPU needs LibTorch 2.x" in result.stderr:
+            print(f"{name + ' ' + dtype:<28} refused on LibTorch 1.13, as it should be")
+            continue
+        if result.returncode != 0:
+            failures.append(f"{name} {dtype}: {result.stderr.strip()}")
+            continue
+        ours = load_file(out)["sample"]
+        scale = outputs[name].abs().max()
+        error, their_error = [((o.float() - outputs[name]).abs().max() / scale).item()
+                              for o in (ours, theirs)]
+        ok = ours.dtype == low_type and error <= 2 * their_error
+        print(f"{name + ' ' + dtype:<28} error {error:.2e}, diffusers' {their_error:.2e}  "
+              f"{'ok' if ok else 'FAILED'}")
+        if not ok:
+            failures.append(f"{name} {dtype}: {ours.dtype}, error {error:.2e} against "
+                            f"diffusers' {their_error:.2e}")
+
     # LoRAs. The UNet: diffusers' add_adapter, saved by the model's saver
     # and by the pipeline's. PixArt, which has no add_adapter: PEFT's own
     # get_peft_model, saved as PEFT's adapter directory.
     torch.manual_seed(7)
     model, model_dir, inputs, inputs_path = models["sd1"]
-    model.add_adapter(lora_config())
+    model.add_adapter(lora_config("conv1", "conv2"))  # the ResNets' convolutions too
     expected = diffusers_forward("sd1", model, inputs)
     model.save_lora_adapter(os.path.join(WORK, "sd1-lora"))
     compare("sd1 + LoRA (model's saver)", model_dir, inputs_path, expected,
