@@ -120,5 +120,12 @@ TEST_CASE(
     styleinject::load_adapters(*again, path);
     torch::NoGradGuard no_grad;
     CHECK(torch::allclose(again->forward(inputs), model->forward(inputs)));
+    // A fixed style merges into the base weights and back.
+    styleinject::set_style(*model, torch::tensor({0.25f, 0.75f}));
+    const auto styled = model->forward(inputs);
+    styleinject::merge_adapters(*model);
+    CHECK(torch::allclose(model->forward(inputs), styled, 1e-4, 1e-5));
+    styleinject::unmerge_adapters(*model);
+    CHECK(torch::allclose(model->forward(inputs), styled, 1e-5, 1e-6));
   }
 }

@@ -219,72 +219,132 @@ int64_t lora_parameters_per_rank(const torch::nn::Module& model) {
   return total;
 }
 
+/// One regime of the bench: what it trains, its model, its step times.
+struct Arm {
+  std::string label;
+  std::shared_ptr<DenoiserImpl> model;
+  std::vector<double> ms;
+  int64_t trainable = 0;
+};
+
+/// The config's model on the random base that every arm shares (seed 0),
+/// in `dtype` on `device`: frozen, trained whole, or with `adapter` on the
+/// attention's projections (its weights random, as if trained).
+Arm make_arm(
+    const std::string& label,
+    Config config,
+    const torch::Device& device,
+    torch::Dtype dtype,
+    bool train_base,
+    const c10::optional<styleinject::StyleInjectOptions>& adapter = {}) {
+  torch::manual_seed(0);
+  Arm arm{label, build_model(config)};
+  arm.model->to(device, dtype);
+  for (auto& p : arm.model->parameters()) {
+    p.set_requires_grad(train_base);
+  }
+  if (adapter) {
+    styleinject::inject(
+        *arm.model,
+        styleinject::Targets::suffixes({"to_q", "to_k", "to_v", "to_out.0"}),
+        *adapter);
+    arm.model->to(device);
+    torch::NoGradGuard no_grad;
+    for (auto& p : styleinject::adapter_parameters(*arm.model)) {
+      p.normal_(0.0, 0.02); // B starts at zero
+    }
+  }
+  for (const auto& p : arm.model->parameters()) {
+    arm.trainable += p.requires_grad() ? p.numel() : 0;
+  }
+  arm.label += fmt::format(", {} trainable", arm.trainable);
+  return arm;
+}
+
+/// Each arm's training step (forward, loss, backward; a frozen arm's
+/// gradient goes to the input), one per arm per round, interleaved; the
+/// first round is a warm-up.
+void time_steps(
+    std::vector<Arm>& arms,
+    const Inputs& inputs,
+    int64_t rounds,
+    const torch::Device& device) {
+  for (int64_t round = 0; round <= rounds; ++round) {
+    for (auto& arm : arms) {
+      auto in = inputs;
+      in.sample = in.sample.clone().requires_grad_(arm.trainable == 0);
+      if (device.is_cuda()) {
+        torch::cuda::synchronize();
+      }
+      const auto start = std::chrono::steady_clock::now();
+      arm.model->forward(in).to(torch::kFloat).square().mean().backward();
+      const double ms = 1000 * seconds_since(start, device);
+      for (auto& p : arm.model->parameters()) {
+        p.mutable_grad().reset();
+      }
+      if (round > 0) {
+        arm.ms.push_back(ms);
+      }
+    }
+  }
+}
+
+/// The median of the per-round ratios a / b, with their range.
+std::string ratio(const Arm& a, const Arm& b) {
+  std::vector<double> r;
+  for (size_t i = 0; i < a.ms.size(); ++i) {
+    r.push_back(a.ms[i] / b.ms[i]);
+  }
+  return fmt::format(
+      "{:.2f} ({:.2f}-{:.2f})",
+      median(r),
+      *std::min_element(r.begin(), r.end()),
+      *std::max_element(r.begin(), r.end()));
+}
+
 int run_bench(const BenchArgs& args) {
   const auto device = device_of(args.device);
   const auto dtype = dtype_on(args.dtype, device);
   const auto preset = kPresets.find(args.config);
-  const auto read_config = [&] {
-    return preset != kPresets.end()
-        ? Config(nlohmann::json::parse(preset->second), args.config)
-        : Config::read(args.config);
-  };
-  const auto targets =
-      styleinject::Targets::suffixes({"to_q", "to_k", "to_v", "to_out.0"});
+  const auto config = preset != kPresets.end()
+      ? Config(nlohmann::json::parse(preset->second), args.config)
+      : Config::read(args.config);
   auto adapter =
       styleinject::StyleInjectOptions(args.rank).branches(args.branches);
   if (args.adapter_dtype != "same") {
     adapter.dtype(dtype_of(args.adapter_dtype));
   }
-  const char* names[] = {
-      "frozen base", "full fine-tune", "LoRA", "StyleInject"};
-  std::vector<std::shared_ptr<DenoiserImpl>> models;
-  std::vector<std::string> described;
-  int64_t styleinject_parameters = 0;
-  for (int regime : {3, 0, 1, 2}) { // StyleInject first: LoRA matches it
-    torch::manual_seed(0);
-    auto config = read_config();
-    auto model = build_model(config);
-    model->to(device, dtype);
-    std::string what = names[regime];
-    if (regime == 0) {
-      for (auto& p : model->parameters()) {
-        p.set_requires_grad(false);
-      }
-    } else if (regime >= 2) {
-      auto options = adapter;
-      if (regime == 2) {
-        const auto rank = std::max<int64_t>(
-            1,
-            std::llround(
-                double(styleinject_parameters) /
-                double(lora_parameters_per_rank(*models.front()))));
-        options =
-            styleinject::StyleInjectOptions::lora(rank).dtype(adapter.dtype());
-        what += fmt::format(" r={}", rank);
-      } else {
-        what += fmt::format(" n={} r={}", args.branches, args.rank);
-      }
-      const auto report = styleinject::inject(*model, targets, options);
-      model->to(device);
-      if (regime == 3) {
-        styleinject_parameters = report.trainable_parameters;
-      }
-      for (auto& p : styleinject::adapter_parameters(*model)) {
-        torch::NoGradGuard no_grad;
-        p.normal_(0.0, 0.02); // as if trained: B is zero at first
-      }
-    }
-    int64_t trainable = 0;
-    for (const auto& p : model->parameters()) {
-      trainable += p.requires_grad() ? p.numel() : 0;
-    }
-    described.push_back(fmt::format("{}, {} trainable", what, trainable));
-    models.push_back(model);
-  }
+  auto styleinject = make_arm(
+      fmt::format("StyleInject n={} r={}", args.branches, args.rank),
+      config,
+      device,
+      dtype,
+      false,
+      adapter);
+  // LoRA of StyleInject's parameter count.
+  const auto rank = std::max<int64_t>(
+      1,
+      std::llround(
+          double(styleinject.trainable) /
+          double(lora_parameters_per_rank(*styleinject.model))));
+  std::vector<Arm> arms;
+  arms.push_back(make_arm("frozen base", config, device, dtype, false));
+  arms.push_back(make_arm("full fine-tune", config, device, dtype, true));
+  arms.push_back(make_arm(
+      fmt::format("LoRA r={}", rank),
+      config,
+      device,
+      dtype,
+      false,
+      styleinject::StyleInjectOptions::lora(rank).dtype(adapter.dtype())));
+  arms.push_back(std::move(styleinject));
+
   torch::manual_seed(1);
-  const auto on = torch::TensorOptions().device(device).dtype(dtype);
-  const auto inputs =
-      models.front()->example_inputs(args.batch, args.size, args.tokens, on);
+  const auto inputs = arms[0].model->example_inputs(
+      args.batch,
+      args.size,
+      args.tokens,
+      torch::TensorOptions().device(device).dtype(dtype));
   std::cout << fmt::format(
       "{}: batch {}, {}x{} latents, {} tokens, {} on {}, adapters on "
       "to_q/to_k/to_v/to_out.0 in {}\n",
@@ -296,54 +356,17 @@ int run_bench(const BenchArgs& args) {
       args.dtype,
       args.device,
       args.adapter_dtype);
-  std::vector<std::vector<double>> ms(models.size());
-  for (int64_t round = 0; round <= args.rounds; ++round) {
-    for (size_t m = 0; m < models.size(); ++m) {
-      auto& model = *models[m];
-      auto in = inputs;
-      in.sample = in.sample.clone().requires_grad_(m == 1); // frozen base
-      if (device.is_cuda()) {
-        torch::cuda::synchronize();
-      }
-      const auto start = std::chrono::steady_clock::now();
-      const auto out = model.forward(in);
-      out.to(torch::kFloat).square().mean().backward();
-      if (device.is_cuda()) {
-        torch::cuda::synchronize();
-      }
-      const auto elapsed = std::chrono::duration<double, std::milli>(
-          std::chrono::steady_clock::now() - start);
-      for (auto& p : model.parameters()) {
-        p.mutable_grad().reset();
-      }
-      if (round > 0) { // the first is a warm-up
-        ms[m].push_back(elapsed.count());
-      }
-    }
-  }
-  // In the order of `names`: models were built StyleInject first. A ratio
-  // is the median of the per-round ratios, with their range.
-  const auto ratio = [&](size_t a, size_t b) {
-    std::vector<double> r;
-    for (size_t i = 0; i < ms[a].size(); ++i) {
-      r.push_back(ms[a][i] / ms[b][i]);
-    }
-    return fmt::format(
-        "{:.2f} ({:.2f}-{:.2f})",
-        median(r),
-        *std::min_element(r.begin(), r.end()),
-        *std::max_element(r.begin(), r.end()));
-  };
-  for (const size_t m : {1, 2, 3, 0}) {
+  time_steps(arms, inputs, args.rounds, device);
+  for (const auto& arm : arms) {
     std::cout << fmt::format(
         "  {:<46} {:>9.1f} ms  {} x frozen\n",
-        described[m],
-        median(ms[m]),
-        ratio(m, 1));
+        arm.label,
+        median(arm.ms),
+        ratio(arm, arms[0]));
   }
   std::cout << fmt::format(
       "  StyleInject / LoRA: {} over {} interleaved rounds\n",
-      ratio(0, 3),
+      ratio(arms[3], arms[2]),
       args.rounds);
   return 0;
 }

@@ -19,6 +19,7 @@ import sys
 
 import torch
 from diffusers import PixArtTransformer2DModel, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -221,6 +222,22 @@ def main():
     compare("sd1 + LoRA (pipeline's)", model_dir, inputs_path, expected,
             ("--lora", os.path.join(WORK, "sd1-pipeline-lora", "pytorch_lora_weights.safetensors")),
             outputs["sd1"])
+    # A community SD LoRA's format: diffusers' conversion to kohya's keys
+    # ("lora_unet_down_blocks_0_..."), which writes alpha = rank, so the
+    # LoRA it converts has lora_alpha = r.
+    torch.manual_seed(8)
+    kohya_model = copy.deepcopy(models["sd1"][0])
+    kohya_model.delete_adapters("default")
+    kohya_model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    expected = diffusers_forward("sd1", kohya_model, inputs)
+    kohya = convert_state_dict_to_kohya(
+        {"unet." + k: v for k, v in get_peft_model_state_dict(kohya_model).items()})
+    assert all(k.startswith("lora_unet_") for k in kohya), list(kohya)[:3]
+    save_file(kohya, os.path.join(WORK, "sd1-kohya.safetensors"))
+    compare("sd1 + LoRA (kohya)", model_dir, inputs_path, expected,
+            ("--lora", os.path.join(WORK, "sd1-kohya.safetensors")), outputs["sd1"])
+
     model, model_dir, inputs, inputs_path = models["pixart"]
     peft_model = get_peft_model(model, lora_config())
     expected = diffusers_forward("pixart", model, inputs)
