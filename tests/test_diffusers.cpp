@@ -129,3 +129,32 @@ TEST_CASE(
     CHECK(torch::allclose(model->forward(inputs), styled, 1e-5, 1e-6));
   }
 }
+
+TEST_CASE(
+    "diffusers models: the real models' configs build diffusers' tensors",
+    "[diffusers]") {
+  // diffusers 0.42's counts for these configs (state_dict() of the model
+  // built on the meta device): tensors and their elements.
+  const std::vector<std::tuple<std::string, size_t, int64_t>> models{
+      {"sd15", 686, 859520964},
+      {"sd21", 686, 865910724},
+      {"sdxl", 1680, 2567463684},
+      {"pixart-alpha", 611, 611349152}};
+  for (const auto& [name, tensors, elements] : models) {
+    CAPTURE(name);
+    auto config = diffusers::Config::read(
+        std::string(DIFFUSERS_CONFIGS) + "/" + name + ".json");
+    styleinject::SkipInit skip; // no random numbers; untouched memory
+    const auto model = diffusers::build_model(config);
+    auto weights = model->named_parameters();
+    for (const auto& buffer : model->named_buffers()) {
+      weights.insert(buffer.key(), buffer.value());
+    }
+    int64_t count = 0;
+    for (const auto& weight : weights) {
+      count += weight.value().numel();
+    }
+    CHECK(weights.size() == tensors);
+    CHECK(count == elements);
+  }
+}

@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <filesystem>
 #include <iostream>
 #include <map>
 
@@ -29,41 +30,41 @@ namespace {
 
 using namespace diffusers;
 
-/// The configs of the models people fine-tune, as their config.json say.
-const std::map<std::string, std::string> kPresets{
-    {"sd15",
-     R"({"_class_name": "UNet2DConditionModel", "attention_head_dim": 8,
-         "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768,
-         "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                              "CrossAttnDownBlock2D", "DownBlock2D"],
-         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                            "CrossAttnUpBlock2D"],
-         "layers_per_block": 2, "sample_size": 64})"},
-    {"sd21",
-     R"({"_class_name": "UNet2DConditionModel", "attention_head_dim": [5, 10, 20, 20],
-         "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 1024,
-         "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                              "CrossAttnDownBlock2D", "DownBlock2D"],
-         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                            "CrossAttnUpBlock2D"],
-         "layers_per_block": 2, "sample_size": 96, "upcast_attention": true,
-         "use_linear_projection": true})"},
-    {"sdxl",
-     R"({"_class_name": "UNet2DConditionModel", "addition_embed_type": "text_time",
-         "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
-         "block_out_channels": [320, 640, 1280], "cross_attention_dim": 2048,
-         "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D",
-                              "CrossAttnDownBlock2D"],
-         "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-         "layers_per_block": 2, "projection_class_embeddings_input_dim": 2816,
-         "sample_size": 128, "transformer_layers_per_block": [1, 2, 10],
-         "use_linear_projection": true})"},
-    {"pixart-alpha",
-     R"({"_class_name": "PixArtTransformer2DModel", "attention_head_dim": 72,
-         "caption_channels": 4096, "cross_attention_dim": 1152, "in_channels": 4,
-         "num_attention_heads": 16, "num_layers": 28, "out_channels": 8,
-         "patch_size": 2, "sample_size": 128})"},
-};
+/// "a, b, c".
+std::string joined(const std::vector<std::string>& names) {
+  std::string text;
+  for (const auto& name : names) {
+    text += (text.empty() ? "" : ", ") + name;
+  }
+  return text;
+}
+
+/// The configs of the models people fine-tune, as their config.json files
+/// say (configs/): their names.
+std::vector<std::string> presets() {
+  std::vector<std::string> names;
+  for (const auto& entry :
+       std::filesystem::directory_iterator(DIFFUSERS_CONFIGS)) {
+    names.push_back(entry.path().stem().string());
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+/// `--config`: a config.json, or a preset's name.
+Config bench_config(const std::string& name) {
+  if (is_file(name)) {
+    return Config::read(name);
+  }
+  const auto preset = std::string(DIFFUSERS_CONFIGS) + "/" + name + ".json";
+  if (is_file(preset)) {
+    return Config::read(preset);
+  }
+  throw std::runtime_error(fmt::format(
+      "--config {}: neither a config.json nor a preset ({})",
+      name,
+      joined(presets())));
+}
 
 torch::Dtype dtype_of(const std::string& name) {
   static const std::map<std::string, torch::Dtype> dtypes{
@@ -115,12 +116,15 @@ Inputs read_inputs(
   for (const auto& [name, tensor] : file.tensors) {
     const auto slot = slots.find(name);
     if (slot == slots.end()) {
-      std::string known;
+      std::vector<std::string> known;
       for (const auto& s : slots) {
-        known += (known.empty() ? "" : ", ") + s.first;
+        known.push_back(s.first);
       }
       throw std::runtime_error(fmt::format(
-          "{}: unknown input '{}' (expected some of: {})", path, name, known));
+          "{}: unknown input '{}' (expected some of: {})",
+          path,
+          name,
+          joined(known)));
     }
     *slot->second =
         name == "timestep" ? tensor.to(device) : tensor.to(device, dtype);
@@ -305,10 +309,7 @@ std::string ratio(const Arm& a, const Arm& b) {
 int run_bench(const BenchArgs& args) {
   const auto device = device_of(args.device);
   const auto dtype = dtype_on(args.dtype, device);
-  const auto preset = kPresets.find(args.config);
-  const auto config = preset != kPresets.end()
-      ? Config(nlohmann::json::parse(preset->second), args.config)
-      : Config::read(args.config);
+  const auto config = bench_config(args.config);
   auto adapter =
       styleinject::StyleInjectOptions(args.rank).branches(args.branches);
   if (args.adapter_dtype != "same") {
@@ -403,12 +404,10 @@ int main(int argc, char** argv) {
   BenchArgs bench_args;
   auto* bench =
       app.add_subcommand("bench", "time training steps on random weights");
-  std::vector<std::string> presets;
-  for (const auto& preset : kPresets) {
-    presets.push_back(preset.first);
-  }
-  bench->add_option("--config", bench_args.config, "a preset or a config.json")
-      ->check(CLI::IsMember(presets) | CLI::ExistingFile);
+  bench->add_option(
+      "--config",
+      bench_args.config,
+      "a config.json, or a preset: " + joined(presets()));
   bench->add_option("--batch", bench_args.batch)->check(CLI::PositiveNumber);
   bench->add_option("--size", bench_args.size, "latent side")
       ->check(CLI::PositiveNumber);
