@@ -215,8 +215,8 @@ class NamedAdapterImpl : public torch::nn::Cloneable<NamedAdapterImpl<Base>> {
 /// weight and bias uninitialised (torch::empty) instead of drawing them as
 /// the base layer type does, as PyTorch's `skip_init` and accelerate's
 /// `init_empty_weights` do for a model whose weights are loaded next: no
-/// random numbers are drawn. SD-1.5's UNet builds in 0.3 s instead of
-/// 7-10 s on a 2-core CPU. Load every weight afterwards (load_weights,
+/// random numbers are drawn. SD-1.5's UNet builds in milliseconds instead
+/// of 7-10 s on a 2-core CPU. Load every weight afterwards (load_weights,
 /// strict, does) or the values are whatever the memory held.
 ///
 /// Example:

@@ -90,8 +90,8 @@ struct ImportLoraOptions {
   TORCH_ARG(NameMap, rename) = {};
   /// alpha for the layers whose file gives none (a bare PEFT file, or a
   /// diffusers file without "lora_adapter_metadata": PEFT keeps alpha in
-  /// its config). Unset, such a file is
-  /// refused; diffusers itself assumes alpha = rank there.
+  /// its config). Unset, such a file is refused; diffusers itself assumes
+  /// alpha = rank there.
   TORCH_ARG(c10::optional<double>, alpha) = c10::nullopt;
   /// Every module of the file must fit a layer of the model. Off, modules
   /// that name no layer (say a community SD LoRA's text-encoder modules,
@@ -805,31 +805,32 @@ inline nlohmann::ordered_json diffusers_lora_config(
     components[item.key().substr(0, dot)][item.key().substr(dot + 1)] =
         item.value();
   }
-  std::string names;
-  for (const auto& component : components) {
-    names += (names.empty() ? "" : ", ") + component.first;
+  if (components.empty()) {
+    return nlohmann::ordered_json::object();
+  }
+  const auto& [first_name, first] = *components.begin();
+  for (const auto& [name, config] : components) {
     for (const char* key :
          {"r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora"}) {
-      const auto& first = components.begin()->second;
+      const auto ours = config.value(key, nlohmann::ordered_json());
+      const auto theirs = first.value(key, nlohmann::ordered_json());
       TORCH_CHECK_VALUE(
-          component.second.value(key, nlohmann::ordered_json()) ==
-              first.value(key, nlohmann::ordered_json()),
+          ours == theirs,
           context,
           ": the metadata's lora_adapter_metadata gives components '",
-          components.begin()->first,
+          first_name,
           "' and '",
-          component.first,
+          name,
           "' different ",
           key,
           " (",
-          first.value(key, nlohmann::ordered_json()).dump(),
+          theirs.dump(),
           " and ",
-          component.second.value(key, nlohmann::ordered_json()).dump(),
+          ours.dump(),
           "); import a file of one component");
     }
   }
-  return components.empty() ? nlohmann::ordered_json::object()
-                            : components.begin()->second;
+  return first;
 }
 
 /// import_lora on what it read: the weights file's tensors and PEFT's
