@@ -292,10 +292,9 @@ struct UNetConfig {
   static UNetConfig from(Config& c);
 };
 
-/// Reads `c` as diffusers' UNet2DConditionModel.__init__ does; a feature
-/// this port does not build is refused naming its key and value.
-inline UNetConfig UNetConfig::from(Config& c) {
-  // Features this port does not build must keep diffusers' defaults.
+/// Refuses the features this port does not build: each must be absent or
+/// keep diffusers' default.
+inline void refuse_unbuilt_features(Config& c) {
   c.require("only_cross_attention", {false});
   c.require("mid_block_only_cross_attention", {nullptr, false});
   c.require("dual_cross_attention", {false});
@@ -317,20 +316,38 @@ inline UNetConfig UNetConfig::from(Config& c) {
   c.require("attention_type", {"default"});
   c.require("class_embeddings_concat", {false});
   c.require("cross_attention_norm", {nullptr});
-  // Inference details without effect on the math here: the sample size is
-  // a default for pipelines, and diffusers' default attention (PyTorch's
-  // fused attention) ignores upcast_attention too.
+  // Without effect here: diffusers' default attention (PyTorch's fused
+  // attention) ignores upcast_attention too, and the heads of a
+  // "text_image" embedding, which is refused above.
   c.ignore({"upcast_attention", "addition_embed_type_num_heads"});
+}
 
-  UNetConfig u;
-  u.sample_size = c.get<int64_t>("sample_size", 64);
-  u.in_channels = c.get<int64_t>("in_channels", 4);
-  u.out_channels = c.get<int64_t>("out_channels", 4);
-  u.center_input_sample = c.get<bool>("center_input_sample", false);
-  u.flip_sin_to_cos = c.get<bool>("flip_sin_to_cos", true);
-  u.freq_shift = c.get<double>("freq_shift", 0.0);
-  u.block_out_channels =
-      c.get<std::vector<int64_t>>("block_out_channels", {320, 640, 1280, 1280});
+/// Whether the block type `type` at `key` is `with_attention` rather than
+/// `plain`; any other type is refused.
+inline bool has_attention(
+    const Config& c,
+    const std::string& key,
+    const std::string& type,
+    const std::string& plain,
+    const std::string& with_attention) {
+  TORCH_CHECK(
+      type == plain || type == with_attention,
+      c.context(),
+      ": \"",
+      key,
+      "\": block type \"",
+      type,
+      "\" is not supported by this port (supported: \"",
+      plain,
+      "\", \"",
+      with_attention,
+      "\")");
+  return type == with_attention;
+}
+
+/// The down, mid and up blocks' layouts, as diffusers lays them out: the up
+/// blocks mirror the down blocks, each with one ResNet more.
+inline void read_block_layouts(Config& c, UNetConfig& u) {
   const auto down_types = c.get<std::vector<std::string>>(
       "down_block_types",
       {"CrossAttnDownBlock2D",
@@ -343,7 +360,8 @@ inline UNetConfig UNetConfig::from(Config& c) {
        "CrossAttnUpBlock2D",
        "CrossAttnUpBlock2D",
        "CrossAttnUpBlock2D"});
-  const size_t blocks = u.block_out_channels.size();
+  const auto& channels = u.block_out_channels;
+  const size_t blocks = channels.size();
   TORCH_CHECK(
       blocks > 0 && down_types.size() == blocks && up_types.size() == blocks,
       c.context(),
@@ -364,6 +382,53 @@ inline UNetConfig UNetConfig::from(Config& c) {
     up_depth = c.per_block("reverse_transformer_layers_per_block", blocks, 1);
   }
   c.ignore({"reverse_transformer_layers_per_block"});
+  for (size_t i = 0; i < blocks; ++i) {
+    BlockLayout b;
+    b.in = channels[i == 0 ? 0 : i - 1];
+    b.out = channels[i];
+    b.layers = layers[i];
+    b.attention = has_attention(
+        c,
+        "down_block_types",
+        down_types[i],
+        "DownBlock2D",
+        "CrossAttnDownBlock2D");
+    b.heads = heads[i];
+    b.transformer_layers = depth[i];
+    b.resample = i + 1 < blocks;
+    u.down.push_back(b);
+  }
+  for (size_t i = 0; i < blocks; ++i) {
+    const size_t r = blocks - 1 - i; // the matching down block
+    BlockLayout b;
+    b.in = channels[r == 0 ? 0 : r - 1];
+    b.out = channels[r];
+    b.layers = layers[r] + 1;
+    b.attention = has_attention(
+        c, "up_block_types", up_types[i], "UpBlock2D", "CrossAttnUpBlock2D");
+    b.heads = heads[r];
+    b.transformer_layers = up_depth[i];
+    b.resample = i + 1 < blocks;
+    u.up.push_back(b);
+  }
+  u.mid_heads = heads.back();
+  u.mid_transformer_layers = depth.back();
+}
+
+/// Reads `c` as diffusers' UNet2DConditionModel.__init__ does; a feature
+/// this port does not build is refused naming its key and value.
+inline UNetConfig UNetConfig::from(Config& c) {
+  refuse_unbuilt_features(c);
+  UNetConfig u;
+  u.sample_size = c.get<int64_t>("sample_size", 64); // pipelines' default
+  u.in_channels = c.get<int64_t>("in_channels", 4);
+  u.out_channels = c.get<int64_t>("out_channels", 4);
+  u.center_input_sample = c.get<bool>("center_input_sample", false);
+  u.flip_sin_to_cos = c.get<bool>("flip_sin_to_cos", true);
+  u.freq_shift = c.get<double>("freq_shift", 0.0);
+  u.block_out_channels =
+      c.get<std::vector<int64_t>>("block_out_channels", {320, 640, 1280, 1280});
+  read_block_layouts(c, u);
   u.downsample_padding = c.get<int64_t>("downsample_padding", 1);
   u.mid_block_scale_factor = c.get<double>("mid_block_scale_factor", 1.0);
   u.conv_in_kernel = c.get<int64_t>("conv_in_kernel", 3);
@@ -384,55 +449,6 @@ inline UNetConfig UNetConfig::from(Config& c) {
   }
   c.ignore(
       {"addition_time_embed_dim", "projection_class_embeddings_input_dim"});
-
-  const auto is = [&](const std::string& key,
-                      const std::string& type,
-                      const std::string& plain,
-                      const std::string& with_attention) {
-    TORCH_CHECK(
-        type == plain || type == with_attention,
-        c.context(),
-        ": \"",
-        key,
-        "\": block type \"",
-        type,
-        "\" is not supported by this port (supported: \"",
-        plain,
-        "\", \"",
-        with_attention,
-        "\")");
-    return type == with_attention;
-  };
-  for (size_t i = 0; i < blocks; ++i) {
-    BlockLayout b;
-    b.in = i == 0 ? u.block_out_channels[0] : u.block_out_channels[i - 1];
-    b.out = u.block_out_channels[i];
-    b.layers = layers[i];
-    b.attention =
-        is("down_block_types",
-           down_types[i],
-           "DownBlock2D",
-           "CrossAttnDownBlock2D");
-    b.heads = heads[i];
-    b.transformer_layers = depth[i];
-    b.resample = i + 1 < blocks;
-    u.down.push_back(b);
-  }
-  for (size_t i = 0; i < blocks; ++i) {
-    const size_t r = blocks - 1 - i; // the matching down block
-    BlockLayout b;
-    b.out = u.block_out_channels[r];
-    b.in = u.block_out_channels[r == 0 ? 0 : r - 1];
-    b.layers = layers[r] + 1;
-    b.attention =
-        is("up_block_types", up_types[i], "UpBlock2D", "CrossAttnUpBlock2D");
-    b.heads = heads[r];
-    b.transformer_layers = up_depth[i];
-    b.resample = i + 1 < blocks;
-    u.up.push_back(b);
-  }
-  u.mid_heads = heads.back();
-  u.mid_transformer_layers = depth.back();
   c.finish();
   return u;
 }
