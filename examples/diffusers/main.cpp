@@ -4,13 +4,19 @@
 //   styleinject_diffusers forward --model DIR --inputs IN.safetensors \
 //       --out OUT.safetensors [--lora PATH [--lora-alpha A]] \
 //       [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--repeat N]
+//   styleinject_diffusers finetune --model DIR --data DATA.safetensors \
+//       --out ADAPTERS.safetensors [--method styleinject|lora] [--steps 100] \
+//       [--lr 1e-4] [--batch 4] [--rank 4] [--branches 4] [--targets ...]
 //   styleinject_diffusers bench --config sd15|sd21|sdxl|pixart-alpha|FILE \
 //       [--batch 4] [--size 64] [--tokens 77] [--rounds 5] [--device ...] \
 //       [--dtype ...] [--adapter-dtype same|float32]
 //
 // forward reads `sample`, `timestep` and `encoder_hidden_states` (and, where
 // the config asks, `text_embeds` and `time_ids`, `resolution` and
-// `aspect_ratio`, or an `encoder_attention_mask`) and writes `sample`.
+// `aspect_ratio`, or an `encoder_attention_mask`) and writes `sample`;
+// `--adapters` loads what finetune saved. finetune trains adapters on the
+// denoising loss of clean latents (DATA's `sample`, with their
+// conditioning under the same names).
 // bench times whole training steps on random weights: frozen base, full
 // fine-tune, LoRA of StyleInject's parameters and StyleInject.
 
@@ -97,11 +103,13 @@ torch::Device device_of(const std::string& name) {
                         : torch::Device(torch::kCPU);
 }
 
-/// The file's tensors as a model's Inputs, on `device`, floats in `dtype`.
+/// The file's tensors as a model's Inputs, on `device`, floats in `dtype`;
+/// the `required` ones must be there.
 Inputs read_inputs(
     const std::string& path,
     torch::Dtype dtype,
-    const torch::Device& device) {
+    const torch::Device& device,
+    const std::vector<std::string>& required) {
   const auto file = styleinject::load_safetensors(path);
   Inputs in;
   const std::map<std::string, torch::Tensor*> slots{
@@ -129,7 +137,7 @@ Inputs read_inputs(
     *slot->second =
         name == "timestep" ? tensor.to(device) : tensor.to(device, dtype);
   }
-  for (const char* name : {"sample", "timestep", "encoder_hidden_states"}) {
+  for (const auto& name : required) {
     if (!slots.at(name)->defined()) {
       throw std::runtime_error(fmt::format(
           "{}: expected a tensor '{}', but the file has none", path, name));
@@ -139,7 +147,8 @@ Inputs read_inputs(
 }
 
 struct ForwardArgs {
-  std::string model, inputs, out, lora, device = "cpu", dtype = "float32";
+  std::string model, inputs, out, lora, adapters, device = "cpu",
+                                                  dtype = "float32";
   double lora_alpha = 0;
   int64_t repeat = 1;
 };
@@ -173,7 +182,14 @@ int run_forward(const ForwardArgs& args) {
         styleinject::lora_format_name(report.format),
         report.layers.size());
   }
-  const auto inputs = read_inputs(args.inputs, dtype, device);
+  if (!args.adapters.empty()) {
+    styleinject::load_adapters(*model, args.adapters);
+  }
+  const auto inputs = read_inputs(
+      args.inputs,
+      dtype,
+      device,
+      {"sample", "timestep", "encoder_hidden_states"});
   model->eval();
   torch::NoGradGuard no_grad;
   torch::Tensor sample;
@@ -185,6 +201,124 @@ int run_forward(const ForwardArgs& args) {
   }
   styleinject::save_safetensors(args.out, {{"sample", sample}});
   std::cout << "sample " << sample.sizes() << " -> " << args.out << "\n";
+  return 0;
+}
+
+// ---------------------------------------------------------------------------
+// finetune
+
+struct FinetuneArgs {
+  std::string model, data, out, method = "styleinject", device = "cpu",
+                                dtype = "float32";
+  std::vector<std::string> targets{"to_q", "to_k", "to_v", "to_out.0"};
+  int64_t rank = 4, branches = 4, steps = 100, batch = 4, seed = 0;
+  double lr = 1e-4;
+};
+
+/// DDPM's ᾱ_t, t = 0..999, of the schedule the model was trained with:
+/// Stable Diffusion's "scaled_linear" (0.00085 to 0.012) for the UNet,
+/// PixArt's "linear" (0.0001 to 0.02).
+torch::Tensor alphas_cumprod(bool unet, const torch::Device& device) {
+  const auto betas = unet
+      ? torch::linspace(
+            std::sqrt(0.00085), std::sqrt(0.012), 1000, torch::kDouble)
+            .square()
+      : torch::linspace(1e-4, 0.02, 1000, torch::kDouble);
+  return (1 - betas).cumprod(0).to(device, torch::kFloat);
+}
+
+/// The rows `index` of every per-sample tensor of `in`.
+Inputs rows(const Inputs& in, const torch::Tensor& index) {
+  Inputs out = in;
+  for (auto* t :
+       {&out.sample,
+        &out.encoder_hidden_states,
+        &out.text_embeds,
+        &out.time_ids,
+        &out.resolution,
+        &out.aspect_ratio,
+        &out.encoder_attention_mask}) {
+    if (t->defined()) {
+      *t = t->index_select(0, index);
+    }
+  }
+  return out;
+}
+
+/// The denoising loss on clean latents `batch.sample`: noised to timesteps
+/// `t`, the model predicts the noise (in its first channels: PixArt also
+/// predicts a variance in the rest).
+torch::Tensor denoising_loss(
+    DenoiserImpl& model,
+    Inputs batch,
+    const torch::Tensor& alphas,
+    const torch::Tensor& t,
+    const torch::Tensor& noise) {
+  const auto a = alphas.index_select(0, t).view({-1, 1, 1, 1});
+  const auto clean = batch.sample;
+  batch.sample = (a.sqrt() * clean.to(torch::kFloat) + (1 - a).sqrt() * noise)
+                     .to(clean.scalar_type());
+  batch.timestep = t;
+  const auto predicted = model.forward(batch).narrow(1, 0, noise.size(1));
+  return torch::mse_loss(predicted.to(torch::kFloat), noise);
+}
+
+int run_finetune(const FinetuneArgs& args) {
+  const auto device = device_of(args.device);
+  const auto dtype = dtype_on(args.dtype, device);
+  auto model = load_model(args.model, dtype, device);
+  const bool unet =
+      std::dynamic_pointer_cast<UNet2DConditionModelImpl>(model) != nullptr;
+  auto options = args.method == "lora"
+      ? styleinject::StyleInjectOptions::lora(args.rank)
+      : styleinject::StyleInjectOptions(args.rank).branches(args.branches);
+  options.dtype(torch::kFloat); // float32 adapters, on any base
+  std::cout << styleinject::inject(
+      *model, styleinject::Targets::suffixes(args.targets), options);
+  model->to(device);
+  const auto data = read_inputs(
+      args.data, dtype, device, {"sample", "encoder_hidden_states"});
+  const auto count = data.sample.size(0);
+  const auto alphas = alphas_cumprod(unet, device);
+  torch::optim::AdamW adam(
+      styleinject::adapter_parameters(*model),
+      torch::optim::AdamWOptions(args.lr));
+  torch::manual_seed(args.seed);
+  const auto on = torch::TensorOptions().device(device);
+  // A fixed batch, timesteps and noise, to see what training did.
+  const auto eval_rows =
+      torch::arange(std::min(args.batch, count), on.dtype(torch::kLong));
+  const auto eval_batch = rows(data, eval_rows);
+  const auto eval_t =
+      torch::randint(1000, {eval_rows.size(0)}, on.dtype(torch::kLong));
+  const auto eval_noise =
+      torch::randn(eval_batch.sample.sizes(), on.dtype(torch::kFloat));
+  const auto eval_loss = [&] {
+    torch::NoGradGuard no_grad;
+    return denoising_loss(*model, eval_batch, alphas, eval_t, eval_noise)
+        .item<double>();
+  };
+  const double before = eval_loss();
+  for (int64_t step = 1; step <= args.steps; ++step) {
+    const auto index =
+        torch::randint(count, {args.batch}, on.dtype(torch::kLong));
+    const auto batch = rows(data, index);
+    const auto t = torch::randint(1000, {args.batch}, on.dtype(torch::kLong));
+    const auto noise =
+        torch::randn(batch.sample.sizes(), on.dtype(torch::kFloat));
+    const auto loss = denoising_loss(*model, batch, alphas, t, noise);
+    adam.zero_grad();
+    loss.backward();
+    adam.step();
+    if (step % std::max<int64_t>(1, args.steps / 10) == 0) {
+      std::cout << fmt::format(
+          "step {} loss {:.4f}\n", step, loss.item<double>());
+    }
+  }
+  std::cout << fmt::format(
+      "eval loss: {:.4f} -> {:.4f}\n", before, eval_loss());
+  styleinject::save_adapters(*model, args.out);
+  std::cout << "adapters -> " << args.out << "\n";
   return 0;
 }
 
@@ -401,6 +535,36 @@ int main(int argc, char** argv) {
   forward->add_option("--device", fwd.device)->check(CLI::IsMember(devices));
   forward->add_option("--dtype", fwd.dtype)->check(CLI::IsMember(dtypes));
 
+  forward->add_option("--adapters", fwd.adapters, "adapters saved by finetune")
+      ->check(CLI::ExistingFile);
+
+  FinetuneArgs tune;
+  auto* finetune = app.add_subcommand(
+      "finetune", "train adapters on clean latents and their conditioning");
+  finetune->add_option("--model", tune.model, "diffusers' model directory")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+  finetune
+      ->add_option(
+          "--data",
+          tune.data,
+          "safetensors: `sample` (clean latents), `encoder_hidden_states`, ...")
+      ->required()
+      ->check(CLI::ExistingFile);
+  finetune->add_option("--out", tune.out, "the adapters' file")->required();
+  finetune->add_option("--method", tune.method)
+      ->check(CLI::IsMember({"styleinject", "lora"}));
+  finetune->add_option("--targets", tune.targets, "layer name suffixes")
+      ->delimiter(',');
+  finetune->add_option("--rank", tune.rank)->check(CLI::PositiveNumber);
+  finetune->add_option("--branches", tune.branches)->check(CLI::PositiveNumber);
+  finetune->add_option("--steps", tune.steps)->check(CLI::PositiveNumber);
+  finetune->add_option("--batch", tune.batch)->check(CLI::PositiveNumber);
+  finetune->add_option("--lr", tune.lr)->check(CLI::PositiveNumber);
+  finetune->add_option("--seed", tune.seed);
+  finetune->add_option("--device", tune.device)->check(CLI::IsMember(devices));
+  finetune->add_option("--dtype", tune.dtype)->check(CLI::IsMember(dtypes));
+
   BenchArgs bench_args;
   auto* bench =
       app.add_subcommand("bench", "time training steps on random weights");
@@ -425,7 +589,10 @@ int main(int argc, char** argv) {
 
   CLI11_PARSE(app, argc, argv);
   try {
-    return forward->parsed() ? run_forward(fwd) : run_bench(bench_args);
+    if (forward->parsed()) {
+      return run_forward(fwd);
+    }
+    return finetune->parsed() ? run_finetune(tune) : run_bench(bench_args);
   } catch (const std::exception& e) {
     // c10::Error's what() carries a C++ stack trace; the message is enough.
     const auto* error = dynamic_cast<const c10::Error*>(&e);
