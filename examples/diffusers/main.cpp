@@ -22,6 +22,8 @@
 
 #include "model.h"
 
+#include "../keep_freed_memory.h"
+
 #include <CLI/CLI.hpp>
 
 #include <fmt/format.h>
@@ -509,6 +511,7 @@ int run_bench(const BenchArgs& args) {
 } // namespace
 
 int main(int argc, char** argv) {
+  examples::keep_freed_memory();
   CLI::App app{"diffusers' UNet and PixArt in LibTorch, with StyleInject"};
   app.require_subcommand(1);
   const std::vector<std::string> devices{"cpu", "cuda"};

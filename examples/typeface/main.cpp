@@ -16,27 +16,14 @@
 
 #include "experiment.h"
 
+#include "../keep_freed_memory.h"
+
 #include <CLI/CLI.hpp>
 
 #include <cstdlib>
 #include <iostream>
 
-#ifdef __GLIBC__
-#include <malloc.h>
-#endif
-
 namespace {
-
-/// glibc hands every block above its mmap threshold back to the kernel on
-/// free, so each large tensor costs fresh pages: sampling on the CPU spent
-/// as long in page faults as in arithmetic (wall time 2.1x longer). Keeping
-/// freed memory in the heap removes that.
-void keep_freed_memory() {
-#ifdef __GLIBC__
-  mallopt(M_MMAP_THRESHOLD, 1 << 30);
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
-#endif
-}
 
 using namespace typeface;
 
@@ -87,7 +74,7 @@ void join_processes(Runtime& runtime, double timeout_seconds) {
 } // namespace
 
 int main(int argc, char** argv) {
-  keep_freed_memory();
+  examples::keep_freed_memory();
   CLI::App app{
       "typeface: fine-tune a small text-to-image model on real typefaces with "
       "StyleInject or LoRA"};
