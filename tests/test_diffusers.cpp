@@ -68,6 +68,13 @@ TEST_CASE("diffusers models: configs this port does not build", "[diffusers]") {
       "config.json: \"caption_channels\": null (no caption projection) is not "
       "supported by this port");
   CHECK(
+      refusal(
+          R"({"_class_name": "PixArtTransformer2DModel", "num_attention_heads": 2,
+          "attention_head_dim": 5, "caption_channels": 8, "cross_attention_dim": 10,
+          "sample_size": 8})") ==
+      "config.json: num_attention_heads * attention_head_dim = 10 must be a "
+      "multiple of 4 (the 2-D sin-cos positions)");
+  CHECK(
       refusal(R"({"_class_name": "SD3Transformer2DModel"})") ==
       "config.json: \"_class_name\": expected \"UNet2DConditionModel\" or "
       "\"PixArtTransformer2DModel\", but got \"SD3Transformer2DModel\"");

@@ -65,6 +65,13 @@ inline PixArtConfig PixArtConfig::from(Config& c) {
   p.additional_conditions =
       c.get<bool>("use_additional_conditions", p.sample_size == 128);
   TORCH_CHECK(
+      p.inner() % 4 == 0 && (!p.additional_conditions || p.inner() % 3 == 0),
+      c.context(),
+      ": num_attention_heads * attention_head_dim = ",
+      p.inner(),
+      " must be a multiple of 4 (the 2-D sin-cos positions)",
+      p.additional_conditions ? " and of 3 (the size conditions' thirds)" : "");
+  TORCH_CHECK(
       p.cross_attention_dim == p.inner(),
       c.context(),
       ": \"cross_attention_dim\" ",
