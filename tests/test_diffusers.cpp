@@ -153,10 +153,7 @@ TEST_CASE(
         std::string(DIFFUSERS_CONFIGS) + "/" + name + ".json");
     styleinject::SkipInit skip; // no random numbers; untouched memory
     const auto model = diffusers::build_model(config);
-    auto weights = model->named_parameters();
-    for (const auto& buffer : model->named_buffers()) {
-      weights.insert(buffer.key(), buffer.value());
-    }
+    const auto weights = styleinject::detail::named_weights(*model);
     int64_t count = 0;
     for (const auto& weight : weights) {
       count += weight.value().numel();

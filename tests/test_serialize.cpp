@@ -1015,11 +1015,7 @@ TEST_CASE(
   target->fc->weight.set_data(target->fc->weight.to(torch::kDouble));
   styleinject::load_weights(
       *target, path, styleinject::LoadWeightsOptions().assign(true));
-  auto weights = target->named_parameters();
-  for (const auto& buffer : target->named_buffers()) {
-    weights.insert(buffer.key(), buffer.value());
-  }
-  for (const auto& weight : weights) {
+  for (const auto& weight : styleinject::detail::named_weights(*target)) {
     INFO(weight.key());
     CHECK(torch::equal(
         weight.value().to(torch::kFloat), expected.at(weight.key())));

@@ -29,6 +29,7 @@
 // The CPU figures mean something only on an optimised BLAS: the bench names
 // the BLAS it runs on and warns on the reference one.
 
+#include "../lora_parameters.h"
 #include "../typeface/model.h"
 
 #include <styleinject/styleinject.h>
@@ -769,22 +770,6 @@ const char* name_of(Regime r) {
   return "";
 }
 
-/// LoRA's parameters per unit of rank over the layers that carry an
-/// adapter: the sum of (in·k·k + out).
-int64_t lora_parameters_per_rank(torch::nn::Module& model) {
-  int64_t total = 0;
-  for (const auto& p : model.named_parameters()) {
-    const auto& key = p.key();
-    if (key.size() >= 6 && key.compare(key.size() - 6, 6, "lora_A") == 0) {
-      total += p.value()[0][0].numel(); // in·k·k
-    } else if (
-        key.size() >= 6 && key.compare(key.size() - 6, 6, "lora_B") == 0) {
-      total += p.value().size(0); // out
-    }
-  }
-  return total;
-}
-
 struct ModelResult {
   Regime regime;
   int64_t trainable = 0;
@@ -822,7 +807,7 @@ std::vector<ModelResult> measure_model(
             1,
             std::llround(
                 double(styleinject_trainable) /
-                double(lora_parameters_per_rank(*probe)))));
+                double(examples::lora_parameters_per_rank(*probe)))));
       }
       const auto report =
           styleinject::inject(*model, styleinject::Targets::all(), options);

@@ -43,6 +43,22 @@ struct DenoiserImpl : torch::nn::Module {
       const torch::TensorOptions& options) const = 0;
 };
 
+/// Random Inputs of the three that every denoiser reads: `batch` latents of
+/// `channels` x `size` x `size`, timesteps, a caption of `tokens` x `width`.
+inline Inputs random_inputs(
+    int64_t batch,
+    int64_t channels,
+    int64_t size,
+    int64_t tokens,
+    int64_t width,
+    const torch::TensorOptions& options) {
+  Inputs in;
+  in.sample = torch::randn({batch, channels, size, size}, options);
+  in.timestep = torch::randint(1000, {batch}, options);
+  in.encoder_hidden_states = torch::randn({batch, tokens, width}, options);
+  return in;
+}
+
 /// The timestep(s) as one float32 value per sample: (N).
 inline torch::Tensor per_sample(const torch::Tensor& timestep, int64_t n) {
   TORCH_CHECK(

@@ -23,6 +23,7 @@
 #include "model.h"
 
 #include "../keep_freed_memory.h"
+#include "../lora_parameters.h"
 
 #include <CLI/CLI.hpp>
 
@@ -339,26 +340,6 @@ double median(std::vector<double> values) {
   return n % 2 == 1 ? values[n / 2] : (values[n / 2 - 1] + values[n / 2]) / 2;
 }
 
-/// LoRA's parameters per unit of rank over the layers with an adapter: the
-/// sum of in·k·k + out, from StyleInject's lora_A (n, r, in, k, k) and
-/// lora_B (out, r).
-int64_t lora_parameters_per_rank(const torch::nn::Module& model) {
-  int64_t total = 0;
-  for (const auto& p : model.named_parameters()) {
-    const auto& key = p.key();
-    const auto ends = [&](const std::string& s) {
-      return key.size() >= s.size() &&
-          key.compare(key.size() - s.size(), s.size(), s) == 0;
-    };
-    if (ends("lora_A")) {
-      total += p.value()[0][0].numel();
-    } else if (ends("lora_B")) {
-      total += p.value().size(0);
-    }
-  }
-  return total;
-}
-
 /// One regime of the bench: what it trains, its model, its step times.
 struct Arm {
   std::string label;
@@ -463,7 +444,7 @@ int run_bench(const BenchArgs& args) {
       1,
       std::llround(
           double(styleinject.trainable) /
-          double(lora_parameters_per_rank(*styleinject.model))));
+          double(examples::lora_parameters_per_rank(*styleinject.model))));
   std::vector<Arm> arms;
   arms.push_back(make_arm("frozen base", config, device, dtype, false));
   arms.push_back(make_arm("full fine-tune", config, device, dtype, true));

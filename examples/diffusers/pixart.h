@@ -244,11 +244,8 @@ struct PixArtTransformer2DModelImpl : DenoiserImpl {
       int64_t tokens,
       const torch::TensorOptions& options) const override {
     const auto& p = config;
-    Inputs in;
-    in.sample = torch::randn({batch, p.in_channels, size, size}, options);
-    in.timestep = torch::randint(1000, {batch}, options);
-    in.encoder_hidden_states =
-        torch::randn({batch, tokens, p.caption_channels}, options);
+    auto in = random_inputs(
+        batch, p.in_channels, size, tokens, p.caption_channels, options);
     if (p.additional_conditions) { // the image's pixels, and h / w
       in.resolution = torch::full({batch, 2}, double(8 * size), options);
       in.aspect_ratio = torch::ones({batch, 1}, options);

@@ -275,7 +275,7 @@ TORCH_MODULE(MidBlock);
 
 /// The sizes of a UNet2DConditionModel, read from its config.json.
 struct UNetConfig {
-  int64_t in_channels = 4, out_channels = 4, sample_size = 64;
+  int64_t in_channels = 4, out_channels = 4;
   bool center_input_sample = false, flip_sin_to_cos = true;
   double freq_shift = 0;
   std::vector<BlockLayout> down, up;
@@ -420,7 +420,7 @@ inline void read_block_layouts(Config& c, UNetConfig& u) {
 inline UNetConfig UNetConfig::from(Config& c) {
   refuse_unbuilt_features(c);
   UNetConfig u;
-  u.sample_size = c.get<int64_t>("sample_size", 64); // pipelines' default
+  c.get<int64_t>("sample_size", 64); // checked; pipelines' default size
   u.in_channels = c.get<int64_t>("in_channels", 4);
   u.out_channels = c.get<int64_t>("out_channels", 4);
   u.center_input_sample = c.get<bool>("center_input_sample", false);
@@ -537,11 +537,13 @@ struct UNet2DConditionModelImpl : DenoiserImpl {
       int64_t tokens,
       const torch::TensorOptions& options) const override {
     const auto& u = config;
-    Inputs in;
-    in.sample = torch::randn({batch, u.in_channels, size, size}, options);
-    in.timestep = torch::randint(1000, {batch}, options);
-    in.encoder_hidden_states =
-        torch::randn({batch, tokens, u.block.cross_attention_dim}, options);
+    auto in = random_inputs(
+        batch,
+        u.in_channels,
+        size,
+        tokens,
+        u.block.cross_attention_dim,
+        options);
     if (u.text_time) { // SDXL: 6 size and crop numbers, the pooled text
       in.time_ids = torch::full({batch, 6}, double(8 * size), options);
       in.text_embeds = torch::randn(
