@@ -6,6 +6,7 @@
 
 #include "evaluation.h"
 #include "experiment.h"
+#include "frontier.h"
 #include "statistics.h"
 
 #include <torch/torch.h>
@@ -664,6 +665,190 @@ TEST_CASE("the paired bootstrap interval", "[typeface]") {
   CHECK(verdict(interval, true) == "better");
   CHECK(verdict(interval, false) == "worse");
   CHECK(verdict(Interval{0.1, -0.1, 0.3}, true) == "no difference");
+}
+
+TEST_CASE("the frontier's upper envelope", "[typeface]") {
+  // (0.7, 0.25) is beaten by (0.8, 0.3); (0.8, 0.2) by (0.8, 0.3); the NaN
+  // point is left out.
+  const auto envelope = upper_envelope(
+      {{0.8, 0.3},
+       {0.9, 0.1},
+       {0.7, 0.25},
+       {0.5, 0.5},
+       {0.85, 0.2},
+       {0.8, 0.2},
+       {std::nan(""), 0.9},
+       {0.6, 0.45}});
+  const std::vector<std::pair<double, double>> expected{
+      {0.9, 0.1}, {0.85, 0.2}, {0.8, 0.3}, {0.6, 0.45}, {0.5, 0.5}};
+  REQUIRE(envelope.size() == expected.size());
+  for (size_t i = 0; i < expected.size(); ++i) {
+    CHECK(envelope[i].x == expected[i].first);
+    CHECK(envelope[i].y == expected[i].second);
+  }
+  CHECK(envelope_at(envelope, 0.95) == 0.1); // above every point
+  CHECK(envelope_at(envelope, 0.9) == 0.1);
+  CHECK(envelope_at(envelope, 0.875) == Approx(0.15)); // between two
+  CHECK(envelope_at(envelope, 0.7) == Approx(0.375));
+  CHECK(envelope_at(envelope, 0.5) == 0.5);
+  CHECK(envelope_at(envelope, 0.1) == 0.5); // every point keeps more
+  CHECK(std::isnan(envelope_at({}, 0.5)));
+}
+
+TEST_CASE("the frontier's means over agreed images", "[typeface]") {
+  // Σ sum / Σ count per style, then the mean over the styles that have a
+  // counted image.
+  const Cells counted{{{1.0, 3.0}}, {{1.0, 2.0}}};
+  const Cells none{{{1.0, 3.0}}, {{0.0, 0.0}}};
+  const Cells half{{{0.5, 0.5}}, {{1.0, 1.0}}};
+  const std::vector<Picks> picks(2, Picks{{0}, {0, 1}, {0, 1}});
+  CHECK(
+      picked_mean({counted, half}, picks, true) == Approx((4.0 / 3 + 0.5) / 2));
+  CHECK(picked_mean({counted, none}, picks, true) == Approx(4.0 / 3));
+  CHECK(std::isnan(picked_mean({none, none}, picks, true)));
+  // A resample that draws a prompt twice counts it twice.
+  const std::vector<Picks> twice(1, Picks{{0}, {1, 1}, {}});
+  CHECK(picked_mean({counted}, twice, true) == Approx(3.0 / 2));
+}
+
+TEST_CASE("the frontier's verdicts", "[typeface]") {
+  // Two arms of two points each, then the base model, in one style with 3
+  // seeds and 4 prompts of each kind. Arm 0 keeps exactly what arm 1 keeps
+  // and fits the style 0.1 better at every point: its lead at arm 1's
+  // first point's retention is 0.1 in every resample.
+  std::mt19937_64 rng(5);
+  std::uniform_real_distribution<double> noise(-0.01, 0.01);
+  const auto cells = [&](double level) {
+    Cells c;
+    for (int seed = 0; seed < 3; ++seed) {
+      c.sum.emplace_back();
+      for (int prompt = 0; prompt < 4; ++prompt) {
+        c.sum.back().push_back(level + noise(rng));
+      }
+      c.count.emplace_back(4, 1.0);
+    }
+    return c;
+  };
+  // (retention, style fit) of arm 1's points and the base model.
+  const std::vector<std::pair<double, double>> arm1{{0.6, 0.4}, {0.3, 0.6}};
+  Table table(5);
+  for (size_t i = 0; i < 2; ++i) {
+    const auto kept = cells(arm1[i].first);
+    auto fit = cells(arm1[i].second);
+    auto better = fit;
+    for (auto& row : better.sum) {
+      for (auto& v : row) {
+        v += 0.1;
+      }
+    }
+    // measures: alignment, style fit, retention, font kept
+    table[i] = {{cells(0.5)}, {better}, {kept}, {kept}};
+    table[2 + i] = {{cells(0.5)}, {fit}, {kept}, {kept}};
+  }
+  const auto base_kept = cells(0.9);
+  table[4] = {{cells(0.5)}, {cells(0.1)}, {base_kept}, {base_kept}};
+
+  const auto layout = frontier_layout(table, 2, 2, 2);
+  REQUIRE(layout.levels.size() == 2);
+  // From the highest of the arms' lowest retentions to the base model's.
+  const auto base = point_means(table, every_pick(table))[4][3];
+  const auto lowest = point_means(table, every_pick(table))[3][3];
+  CHECK(layout.levels[0][0] == Approx(lowest));
+  CHECK(layout.levels[0][3] == Approx(lowest + 0.75 * (base - lowest)));
+  const auto b = bootstrap_frontier(table, layout, 0.99, 2000);
+  for (const std::string on : {"font_kept", "retention"}) {
+    CAPTURE(on);
+    const auto lead = b.family[b.index(on + " lead at matched, arm 1")];
+    CHECK(lead.mean == Approx(0.1));
+    CHECK(lead.low == Approx(0.1));
+    CHECK(lead.high == Approx(0.1));
+    CHECK(verdict(lead, true) == "better");
+    // Between the base model (0.9, 0.1) and the first points (0.6, 0.4 and
+    // 0.5), 3/4 of the way up, the lead is about 0.05.
+    const auto top = b.ci95[b.index(on + " lead at level 3, arm 1")];
+    CHECK(top.mean == Approx(0.05).margin(0.01));
+    std::vector<Interval> leads;
+    for (int l = 0; l < 4; ++l) {
+      leads.push_back(b.family[b.index(
+          on + " lead at level " + std::to_string(l) + ", arm 1")]);
+    }
+    CHECK(range_verdict(leads) == "above over the whole range");
+  }
+  CHECK(
+      range_verdict({{0, -1, 1}, {0, -1, 1}}) == "no difference at any level");
+  CHECK(
+      range_verdict({{1, 0.5, 2}, {-1, -2, -0.5}, {0, -1, 1}}) ==
+      "above at 1, below at 1 of 3 levels");
+  CHECK(range_verdict({{-1, -2, -0.5}}) == "below over the whole range");
+}
+
+TEST_CASE("the frontier reuses another setting's same run", "[typeface]") {
+  const auto root = fs::temp_directory_path() /
+      ("typeface-earlier-" + std::to_string(std::random_device()()));
+  const ordered_json settings{
+      {"steps", 100}, {"lr", 0.001}, {"images", 4}, {"adapter", {{"rank", 4}}}};
+  const auto run = [&](const std::string& setting,
+                       const std::string& name,
+                       const ordered_json& made_with) {
+    const auto dir = root / setting / "runs" / "lobster-k16" / name;
+    fs::create_directories(dir);
+    write_text(
+        dir / "scores.json", ordered_json{{"settings", made_with}}.dump());
+    write_text(dir / "adapters.safetensors", "");
+    return dir / "adapters.safetensors";
+  };
+  auto other_lr = settings;
+  other_lr["lr"] = 0.003;
+  run("few-shot", "lora-r-15-seed0", other_lr);
+  const auto dit = run("few-shot-dit", "styleinject-seed0", settings);
+  const auto same = run("few-shot", "styleinject-seed0", settings);
+  run("few-shot", "styleinject-seed10", settings);
+  // Judged with other images per prompt: the adapters are the same.
+  auto judged_otherwise = settings;
+  judged_otherwise["images"] = 2;
+  const auto training = training_settings(judged_otherwise);
+  CHECK(
+      earlier_adapters(root / "frontier", "lobster-k16", 0, training) == same);
+  CHECK(
+      earlier_adapters(root / "frontier-dit", "lobster-k16", 0, training) ==
+      dit);
+  CHECK(
+      earlier_adapters(root / "frontier", "lobster-k16", 1, training).empty());
+  CHECK(earlier_adapters(root / "frontier", "lobster-k4", 0, training).empty());
+  CHECK(
+      earlier_adapters(
+          root / "frontier", "lobster-k16", 0, training_settings(other_lr)) ==
+      root / "few-shot" / "runs" / "lobster-k16" / "lora-r-15-seed0" /
+          "adapters.safetensors");
+  auto untrained = settings;
+  untrained["lr"] = 0.01;
+  CHECK(earlier_adapters(
+            root / "frontier", "lobster-k16", 0, training_settings(untrained))
+            .empty());
+  fs::remove_all(root);
+}
+
+TEST_CASE("the frontier setting's arms and points", "[typeface]") {
+  const auto arms = setting_arms("frontier", tiny_config());
+  REQUIRE(arms.size() == 4);
+  CHECK(arms[0].label == "StyleInject");
+  CHECK(arms[1].label.rfind("LoRA r=", 0) == 0);
+  CHECK(arms[2].parameters == 2 * arms[1].parameters);
+  CHECK(arms[3].label == "StyleInject gate adain");
+  CHECK(arms[3].adapter.gate() == styleinject::GateMode::kAdain);
+  CHECK(arms[0].adapter.gate() != styleinject::GateMode::kAdain);
+  ExperimentOptions options;
+  options.setting = "frontier";
+  options.setting_defaults({});
+  CHECK(options.lrs == std::vector<double>{3e-4, 1e-3, 3e-3});
+  CHECK(options.images == 2);
+  const auto points = frontier_points(arms.size(), options);
+  REQUIRE(points.size() == 4 * 3 * 4);
+  // Matched at LoRA of equal parameters, lr 1e-3, strength 1.
+  const auto& reference = points[reference_point(points)];
+  CHECK(reference.arm == 1);
+  CHECK(reference.lr == 1e-3);
+  CHECK(reference.strength == 1.0);
 }
 
 TEST_CASE("the experiments' arms", "[typeface]") {

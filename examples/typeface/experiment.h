@@ -241,8 +241,9 @@ inline std::vector<Arm> target_arms(const ModelConfig& config) {
 /// few-shot: StyleInject with the library's defaults, LoRA of about its
 /// parameter count, LoRA of twice that, and the first LoRA given
 /// StyleInject's wall-clock time; multi-style and distill: the same but the
-/// last. ablation: the defaults, then one change each (n at equal
-/// parameters). targets: see target_arms.
+/// last; frontier: the same but StyleInject with gate adain last. ablation: the
+/// defaults, then one change each (n at equal parameters). targets: see
+/// target_arms.
 inline std::vector<Arm> setting_arms(
     const std::string& setting,
     const ModelConfig& config) {
@@ -268,6 +269,12 @@ inline std::vector<Arm> setting_arms(
       auto timed = arms[1];
       timed.label += " (equal time)";
       arms.push_back(timed);
+    }
+    if (setting == "frontier") {
+      arms.push_back(make_arm(
+          config,
+          "StyleInject gate adain",
+          StyleInjectOptions(defaults).gate(GateMode::kAdain)));
     }
     return arms;
   }
@@ -303,7 +310,8 @@ inline std::vector<Arm> setting_arms(
 // --------------------------------------------------------------- settings
 
 struct ExperimentOptions {
-  std::string setting = "few-shot"; // ablation, targets, multi-style, distill
+  std::string setting = "few-shot"; // ablation, targets, multi-style,
+                                    // distill, frontier
   std::string name; // of the results' subfolder; empty: the setting's
   bool quick = false;
   fs::path base_dir; // the pretrained base model (its config.json: which)
@@ -320,6 +328,8 @@ struct ExperimentOptions {
   int64_t steps = 100;
   int64_t teacher_steps = 1500; // distill: the teacher's full fine-tune
   std::vector<double> lrs = {1e-3, 3e-3, 1e-2}; // the search's candidates
+  // frontier: every adapter is sampled at each of these strengths
+  std::vector<double> strengths = {0.5, 0.75, 1.0, 1.25};
   fs::path results = "results";
   uint64_t seed = 0;
 
@@ -339,7 +349,8 @@ struct ExperimentOptions {
 
   /// Which options the command line gave; the rest take the setting's.
   struct Given {
-    bool shots = false, steps = false, base_prompts = false, lrs = false;
+    bool shots = false, steps = false, base_prompts = false, lrs = false,
+         images = false, strengths = false;
   };
 
   /// The setting's defaults where not given. ablation and targets: K = 16
@@ -347,9 +358,20 @@ struct ExperimentOptions {
   /// on a 2-core CPU (--styles adds more). multi-style and distill: one adapter
   /// on all of each style's training characters (K = 38: all but the 8
   /// validation and 16 test ones), 600 steps, 8 base-font prompts per style,
-  /// learning rates 1e-3 and 3e-3.
+  /// learning rates 1e-3 and 3e-3. frontier: K = 16, 2 images per prompt,
+  /// and every arm at each of the learning rates 3e-4, 1e-3 and 3e-3.
   void setting_defaults(const Given& given) {
-    if (setting == "ablation" || setting == "targets") {
+    if (setting == "frontier") {
+      if (!given.shots) {
+        shots = {16};
+      }
+      if (!given.images) {
+        images = 2;
+      }
+      if (!given.lrs) {
+        lrs = {3e-4, 1e-3, 3e-3};
+      }
+    } else if (setting == "ablation" || setting == "targets") {
       if (!given.shots) {
         shots = {16};
       }
@@ -374,8 +396,10 @@ struct ExperimentOptions {
 
   /// The quick mode's cuts: one style (multi-style, distill: two), one K,
   /// two seeds, two images per prompt, few steps (the teacher's too), no
-  /// learning-rate search.
-  void make_quick() {
+  /// learning-rate search (frontier: two rates and two strengths); where the
+  /// command line gave images, base-font prompts, learning rates or
+  /// strengths, those.
+  void make_quick(const Given& given) {
     quick = true;
     styles = setting == "multi-style" || setting == "distill"
         ? std::vector<std::string>{"lobster", "comic neue"}
@@ -383,10 +407,16 @@ struct ExperimentOptions {
     teacher_steps = std::min<int64_t>(teacher_steps, 40);
     shots = {shots[0]};
     seeds = 2;
-    images = 2;
-    base_prompts = 12;
+    images = given.images ? images : 2;
+    base_prompts = given.base_prompts ? base_prompts : 12;
     steps = std::min<int64_t>(steps, 40);
-    lrs = {3e-3};
+    if (!given.lrs) {
+      lrs = setting == "frontier" ? std::vector<double>{1e-3, 3e-3}
+                                  : std::vector<double>{3e-3};
+    }
+    if (!given.strengths) {
+      strengths = {0.5, 1.0};
+    }
   }
 };
 
@@ -445,6 +475,28 @@ inline std::vector<double> per_prompt(
     int64_t prompts) {
   const auto means = values.to(torch::kDouble).view({-1, prompts}).mean(0);
   return {means.data_ptr<double>(), means.data_ptr<double>() + prompts};
+}
+
+/// Per prompt, over only the images on which every judge member reads the
+/// same character: the sum of a per-image score and the number of such
+/// images (a verdict that rests on disputed images is not one).
+/// values, agreed: (images · P) image-major
+inline ordered_json agreed_per_prompt(
+    const torch::Tensor& values,
+    const torch::Tensor& agreed,
+    int64_t prompts,
+    size_t begin,
+    size_t end) {
+  const auto kept = agreed.to(torch::kDouble).view({-1, prompts});
+  const auto sums = (values.to(torch::kDouble).view({-1, prompts}) * kept)
+                        .sum(0)
+                        .contiguous();
+  const auto counts = kept.sum(0).contiguous();
+  const auto range = [&](const torch::Tensor& t) {
+    return std::vector<double>(
+        t.data_ptr<double>() + begin, t.data_ptr<double>() + end);
+  };
+  return {{"sum", range(sums)}, {"count", range(counts)}};
 }
 
 /// The mean of a JSON array of numbers.
@@ -510,17 +562,17 @@ inline std::vector<Judged> judge_model(
     const auto P = static_cast<int64_t>(test.size());
     const auto member_alignment =
         on_test.votes.eq(chars).to(torch::kDouble).mean(1).contiguous();
+    const auto aligned = on_test.characters.argmax(1).eq(chars);
+    const auto fit = on_test.fonts.gather(1, fonts.unsqueeze(1)).squeeze(1);
+    const auto agreed = on_test.votes.eq(on_test.votes[0]).all(0);
+    const auto whole = static_cast<size_t>(P);
     judged.push_back(
-        {{{"alignment", per_prompt(on_test.characters.argmax(1).eq(chars), P)},
-          {"style_fit",
-           per_prompt(
-               on_test.fonts.gather(1, fonts.unsqueeze(1)).squeeze(1), P)},
-          {"judge_agreement",
-           on_test.votes.eq(on_test.votes[0])
-               .all(0)
-               .to(torch::kDouble)
-               .mean()
-               .item<double>()},
+        {{{"alignment", per_prompt(aligned, P)},
+          {"style_fit", per_prompt(fit, P)},
+          {"judge_agreement", agreed.to(torch::kDouble).mean().item<double>()},
+          {"agreed",
+           {{"alignment", agreed_per_prompt(aligned, agreed, P, 0, whole)},
+            {"style_fit", agreed_per_prompt(fit, agreed, P, 0, whole)}}},
           // What each member alone would have said of the alignment.
           {"member_alignment",
            std::vector<double>(
@@ -534,15 +586,21 @@ inline std::vector<Judged> judge_model(
       generate(model, repeated(base, options.images), options.sampler, runtime);
   const auto on_base = score(judge, base_images);
   const auto [chars, fonts] = labels_of(repeated(base, options.images));
-  const auto retention = per_prompt(
-      on_base.characters.argmax(1).eq(chars), static_cast<int64_t>(B));
-  const auto font_kept =
-      per_prompt(on_base.fonts.argmax(1).eq(fonts), static_cast<int64_t>(B));
+  const auto read = on_base.characters.argmax(1).eq(chars);
+  const auto kept = on_base.fonts.argmax(1).eq(fonts);
+  const auto agreed = on_base.votes.eq(on_base.votes[0]).all(0);
+  const auto B64 = static_cast<int64_t>(B);
+  const auto retention = per_prompt(read, B64);
+  const auto font_kept = per_prompt(kept, B64);
   for (size_t i = 0; i < S; ++i) {
-    judged[i].scores["retention"] =
-        slice_of(retention, i * B / S, (i + 1) * B / S);
-    judged[i].scores["font_kept"] =
-        slice_of(font_kept, i * B / S, (i + 1) * B / S);
+    const auto begin = i * B / S, end = (i + 1) * B / S;
+    auto& scores = judged[i].scores;
+    scores["retention"] = slice_of(retention, begin, end);
+    scores["font_kept"] = slice_of(font_kept, begin, end);
+    scores["agreed"]["retention"] =
+        agreed_per_prompt(read, agreed, B64, begin, end);
+    scores["agreed"]["font_kept"] =
+        agreed_per_prompt(kept, agreed, B64, begin, end);
   }
   return judged;
 }
@@ -813,6 +871,7 @@ inline void write_runs(
     const fs::path& dir,
     const std::vector<std::string>& styles,
     const std::vector<Run>& runs) {
+  fs::create_directories(dir);
   for (size_t i = 0; i < styles.size(); ++i) {
     const auto [scores_file, images_file] =
         run_files(dir, styles[i], styles.size());
@@ -873,6 +932,40 @@ inline std::vector<Run> judge_teacher(
   return runs;
 }
 
+/// What a run on disk must have been made with to be reused.
+inline ordered_json run_settings(
+    const Arm& arm,
+    const FinetuneOptions& base_options,
+    const ExperimentOptions& options) {
+  ordered_json settings{
+      {"steps", std::llround(base_options.steps * arm.steps_factor)},
+      {"lr", arm.lr},
+      {"images", options.images},
+      {"test_prompts", options.test_prompts},
+      {"base_prompts", options.base_prompts},
+      {"guidance", options.sampler.guidance},
+      {"adapter", styleinject::detail::options_to_json(arm.adapter)}};
+  if (!arm.targets.empty()) { // absent: every layer, as in older runs
+    settings["targets"] = arm.targets;
+  }
+  return settings;
+}
+
+/// Refuses a run on disk in `dir` that was not made with `settings`: reusing
+/// it would mix two experiments.
+inline void check_made_with(
+    const fs::path& dir,
+    const Run& run,
+    const ordered_json& settings) {
+  const auto made_with = run.scores.value("settings", ordered_json());
+  if (made_with != settings) {
+    throw std::runtime_error(
+        dir.string() + " holds a run made with other settings (" +
+        made_with.dump() + ", now " + settings.dump() +
+        "); use another --results folder");
+  }
+}
+
 /// Fine-tunes one arm on one (shots, styles, seed) and judges it on each
 /// style, or reads what an earlier experiment left in `dir`. One Run per
 /// style of `base_options.styles`. With `teaching`, the arm is distilled
@@ -888,28 +981,11 @@ inline std::vector<Run> run_arm(
     const fs::path& dir,
     Teaching* teaching = nullptr) {
   const auto& styles = base_options.styles;
-  // What a run on disk must have been made with to be reused.
-  ordered_json settings{
-      {"steps", std::llround(base_options.steps * arm.steps_factor)},
-      {"lr", arm.lr},
-      {"images", options.images},
-      {"test_prompts", options.test_prompts},
-      {"base_prompts", options.base_prompts},
-      {"guidance", options.sampler.guidance},
-      {"adapter", styleinject::detail::options_to_json(arm.adapter)}};
-  if (!arm.targets.empty()) { // absent: every layer, as in older runs
-    settings["targets"] = arm.targets;
-  }
+  const auto settings = run_settings(arm, base_options, options);
   if (from_main(runtime, runs_on_disk(dir, styles) ? 1 : 0) != 0) {
     auto runs = read_runs(dir, styles);
     for (const auto& run : runs) {
-      const auto made_with = run.scores.value("settings", ordered_json());
-      if (made_with != settings) {
-        throw std::runtime_error(
-            dir.string() + " holds a run made with other settings (" +
-            made_with.dump() + ", now " + settings.dump() +
-            "); use another --results folder");
-      }
+      check_made_with(dir, run, settings);
     }
     return runs;
   }
@@ -1086,6 +1162,13 @@ inline std::string separator(size_t columns) {
   return row;
 }
 
+/// A mean and its interval: "0.480 [0.438, 0.523]".
+inline std::string mean_text(const Interval& interval) {
+  return fixed(interval.mean) + " [" + fixed(interval.low) + ", " +
+      fixed(interval.high) + "]";
+}
+
+/// A difference and its interval: "+0.044 [+0.023, +0.064]".
 inline std::string interval_text(const Interval& interval) {
   return (interval.mean >= 0 ? "+" : "") + fixed(interval.mean) + " [" +
       fixed(interval.low) + ", " + fixed(interval.high) + "]";
@@ -1258,8 +1341,7 @@ inline void means_row(
           to_json(paired_bootstrap({strata.back()}, 1000));
     }
     const auto all = paired_bootstrap(strata, 1000);
-    md << " " << fixed(all.mean) << " [" << fixed(all.low) << ", "
-       << fixed(all.high) << "] |";
+    md << " " << mean_text(all) << " |";
     results["means"][label][m.key] = to_json(all);
   }
 }
@@ -1700,6 +1782,36 @@ inline std::string group_name(const std::vector<std::string>& group) {
   return group.size() == 1 ? slug(group[0]) : "together";
 }
 
+/// The experiment's styles; a base font is refused.
+inline std::vector<std::string> checked_styles(
+    const ExperimentOptions& options) {
+  const auto styles = experiment_styles(options);
+  for (const auto& style : styles) {
+    if (catalogue()[font_index(style)].base) {
+      throw std::invalid_argument(
+          "'" + style + "' is a base font, not a new style");
+    }
+  }
+  return styles;
+}
+
+/// The configuration of the experiment's base model, which must load. It
+/// decides the architecture and sizes that the arms are counted on, and
+/// the results' folder: results/<setting>, a DiT's beside it in
+/// results/<setting>-dit (or results/<name>).
+inline ModelConfig base_config(
+    ExperimentOptions& options,
+    const Runtime& runtime) {
+  load_base(options.base_dir, runtime.device); // fails early where missing
+  const auto config = ModelConfig::from_json(
+      read_json(config_file(options.base_dir)).at("model"));
+  options.results = options.results /
+      (!options.name.empty() ? options.name
+           : config.is_dit() ? options.setting + "-dit"
+                             : options.setting);
+  return config;
+}
+
 /// The whole experiment of `options.setting`, into results/<setting>/.
 inline void run_experiment(
     ExperimentOptions options,
@@ -1719,22 +1831,8 @@ inline void run_experiment(
         "distill, but got '" +
         options.setting + "'");
   }
-  const auto styles = experiment_styles(options);
-  for (const auto& style : styles) {
-    if (catalogue()[font_index(style)].base) {
-      throw std::invalid_argument(
-          "'" + style + "' is a base font, not a new style");
-    }
-  }
-  load_base(options.base_dir, runtime.device); // fails early where missing
-  // The base decides the architecture and sizes that the arms are counted
-  // on, and a DiT's results go beside the UNet's: <setting>-dit.
-  const auto config = ModelConfig::from_json(
-      read_json(config_file(options.base_dir)).at("model"));
-  options.results = options.results /
-      (!options.name.empty() ? options.name
-           : config.is_dit() ? options.setting + "-dit"
-                             : options.setting);
+  const auto styles = checked_styles(options);
+  const auto config = base_config(options, runtime);
   GlyphRenderer renderer(all_fonts(), config.image_size, font_paths);
   auto judge = load_or_train_judge(
       options.judge_dir,

@@ -9,12 +9,13 @@
 //   typeface judge                    # the judge's classifiers
 //   typeface experiment --setting few-shot [--quick]   # results/few-shot/
 //   typeface experiment --setting targets --arch dit   # results/targets-dit/
+//   typeface experiment --setting frontier             # results/frontier/
 //   typeface demo                     # a small few-shot run, results/demo/
 //
 // finetune and experiment also run data-parallel on several processes:
 //   torchrun --nproc-per-node 2 --no-python typeface finetune --out runs/si
 
-#include "experiment.h"
+#include "frontier.h"
 
 #include "../keep_freed_memory.h"
 
@@ -373,19 +374,27 @@ int main(int argc, char** argv) {
   auto* experiment_cmd = app.add_subcommand(
       "experiment",
       "StyleInject against LoRA (few-shot, multi-style, distill), its own "
-      "variants (ablation) or on fewer layers (targets), with seeds, several "
-      "images per prompt and paired 95 % intervals");
+      "variants (ablation) or on fewer layers (targets), or as a trade-off "
+      "of style fit against retention over learning rate and strength "
+      "(frontier), with seeds, several images per prompt and paired 95 % "
+      "intervals");
   shared(experiment_cmd);
   parallel(experiment_cmd);
   experiment_cmd->add_option("--setting", experiment.setting)
       ->check(CLI::IsMember(
-          {"few-shot", "ablation", "targets", "multi-style", "distill"}))
+          {"few-shot",
+           "ablation",
+           "targets",
+           "multi-style",
+           "distill",
+           "frontier"}))
       ->capture_default_str();
   experiment_cmd->add_flag(
       "--quick",
       experiment.quick,
       "one style (multi-style, distill: two), one K, 2 seeds, 2 images per "
-      "prompt, 40 steps (and teacher steps), no search");
+      "prompt, 40 steps (and teacher steps), no search (frontier: learning "
+      "rates 0.001,0.003, strengths 0.5,1)");
   experiment_cmd
       ->add_option(
           "--styles",
@@ -424,8 +433,17 @@ int main(int argc, char** argv) {
               "--lrs",
               experiment.lrs,
               "learning rates searched for every arm (default: 0.001,0.003,"
-              "0.01; multi-style: 0.001,0.003)")
+              "0.01; multi-style: 0.001,0.003; frontier: every arm at each "
+              "of 0.0003,0.001,0.003)")
           ->delimiter(',');
+  experiment_cmd
+      ->add_option(
+          "--strengths",
+          experiment.strengths,
+          "frontier: the strengths each adapter is sampled at")
+      ->delimiter(',')
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   base_option(experiment_cmd);
   judge_option(experiment_cmd);
   experiment_cmd
@@ -562,15 +580,22 @@ int main(int argc, char** argv) {
       experiment.base_dir = base;
       experiment.judge_dir = judge_path;
       experiment.seed = seed;
-      experiment.setting_defaults(
-          {shots_option->count() > 0,
-           steps_option->count() > 0,
-           base_prompts_option->count() > 0,
-           lrs_option->count() > 0});
+      const ExperimentOptions::Given given{
+          shots_option->count() > 0,
+          steps_option->count() > 0,
+          base_prompts_option->count() > 0,
+          lrs_option->count() > 0,
+          experiment_cmd->get_option("--images")->count() > 0,
+          experiment_cmd->get_option("--strengths")->count() > 0};
+      experiment.setting_defaults(given);
       if (experiment.quick) {
-        experiment.make_quick();
+        experiment.make_quick(given);
       }
-      run_experiment(experiment, font_paths(), runtime);
+      if (experiment.setting == "frontier") {
+        run_frontier(experiment, font_paths(), runtime);
+      } else {
+        run_experiment(experiment, font_paths(), runtime);
+      }
     } else if (*demo_cmd) {
       if (!base_complete(base)) {
         PretrainOptions pre;

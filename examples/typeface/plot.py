@@ -5,6 +5,9 @@
   plots/loss-k<K>.png    each arm's fine-tune loss, mean over styles and seeds
   plots/router-usage.png (multi-style) each style's mean router weights per
                          branch and depth group, and their entropy
+  plots/frontier-font.png, plots/frontier-character.png (frontier) style fit
+                         against retention: each arm's points, its upper
+                         envelope with a 95 % band, the matched retention
 
 Usage: plot.py RESULTS_DIR   (e.g. results/few-shot)
 """
@@ -121,11 +124,47 @@ def router_plot(usage, out):
     plt.close(fig)
 
 
+def frontier_plot(metrics, on, title, out):
+    curves = metrics["frontier"]["every_image"]["curves"][on]
+    fig, ax = plt.subplots(figsize=(8, 6))
+    lrs = metrics["lr_candidates"]
+    markers = "os^vD"
+    for a, arm in enumerate(metrics["arms"]):
+        curve = curves["arms"][arm["label"]]
+        color = f"C{a}"
+        xs, ys = zip(*curve["envelope"])
+        ax.plot(xs, ys, color=color, label=arm["label"])
+        band = [(x, lo, hi) for x, lo, hi in
+                zip(curves["band_x"], curve["band_low"], curve["band_high"])
+                if lo is not None and hi is not None]
+        if band:
+            bx, lo, hi = zip(*band)
+            ax.fill_between(bx, lo, hi, color=color, alpha=0.15, linewidth=0)
+        per_lr = len(curve["points"]) // len(lrs)
+        for i, (x, y) in enumerate(curve["points"]):
+            ax.scatter(x, y, color=color, marker=markers[(i // per_lr) % len(markers)],
+                       s=18, label=f"lr {lrs[i // per_lr]:g}" if a == 0 and i % per_lr == 0 else None)
+    ax.scatter(*curves["base"], color="black", marker="*", s=80, label="base model")
+    ax.axvline(curves["matched"], color="gray", linestyle=":", label="matched retention")
+    ax.set_xlabel(title)
+    ax.set_ylabel("style fit")
+    ax.set_title(f"style fit against {title}: upper envelopes over lr and strength, 95 % bands")
+    ax.legend(fontsize=8)
+    fig.savefig(out, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+
+
 def main():
     folder = Path(sys.argv[1])
     metrics = json.loads((folder / "metrics.json").read_text())
     plots = folder / "plots"
     plots.mkdir(exist_ok=True)
+    if metrics["setting"] == "frontier":
+        frontier_plot(metrics, "font_kept", "retention (font)", plots / "frontier-font.png")
+        frontier_plot(metrics, "retention", "retention (character)",
+                      plots / "frontier-character.png")
+        print(f"plots in {plots}")
+        return
     for shots, results in metrics["results"].items():
         scores_plot(metrics, shots, results, plots / f"scores-k{shots}.png")
         loss_plot(metrics, int(shots), plots / f"loss-k{shots}.png")

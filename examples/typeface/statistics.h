@@ -109,6 +109,54 @@ inline std::string verdict(const Interval& difference, bool higher_is_better) {
   return "no difference";
 }
 
+/// A point of a trade-off: what is kept (x) and what is gained (y), both
+/// better when higher.
+struct Tradeoff {
+  double x = 0, y = 0;
+};
+
+/// The upper envelope of `points`: those that no other point beats or
+/// equals in both x and y, by decreasing x (so increasing y). Points with
+/// a NaN are left out.
+inline std::vector<Tradeoff> upper_envelope(std::vector<Tradeoff> points) {
+  points.erase(
+      std::remove_if(
+          points.begin(),
+          points.end(),
+          [](const Tradeoff& p) { return std::isnan(p.x) || std::isnan(p.y); }),
+      points.end());
+  std::sort(points.begin(), points.end(), [](const auto& a, const auto& b) {
+    return a.x != b.x ? a.x > b.x : a.y > b.y;
+  });
+  std::vector<Tradeoff> envelope;
+  for (const auto& p : points) {
+    if (envelope.empty() || p.y > envelope.back().y) {
+      envelope.push_back(p);
+    }
+  }
+  return envelope;
+}
+
+/// The envelope's y at `x`: linear between its points (the strength in
+/// between them is continuous); below its smallest x, its largest y (every
+/// point keeps that much); above its largest x, the y there. NaN when empty.
+inline double envelope_at(const std::vector<Tradeoff>& envelope, double x) {
+  if (envelope.empty()) {
+    return std::nan("");
+  }
+  if (x >= envelope.front().x) {
+    return envelope.front().y;
+  }
+  for (size_t i = 1; i < envelope.size(); ++i) {
+    const auto& high = envelope[i - 1];
+    const auto& low = envelope[i];
+    if (x >= low.x) {
+      return low.y + (high.y - low.y) * (x - low.x) / (high.x - low.x);
+    }
+  }
+  return envelope.back().y;
+}
+
 /// The Fréchet distance between Gaussians fitted to two sets of features
 /// (FID's formula): |μa − μb|² + tr(Σa + Σb − 2 (Σa^½ Σb Σa^½)^½), in
 /// float64, through symmetric eigendecompositions.
