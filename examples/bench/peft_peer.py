@@ -1,6 +1,6 @@
 """PEFT's LoRA on the shapes of a styleinject_bench run, timed the same way.
 
-    python3 peft_peer.py BENCH.json [--json PATH] [--rounds N]
+    python3 peft_peer.py BENCH.json [--json PATH] [--rounds N] [--autocast]
 
 Reads the layer cases of a styleinject_bench JSON file (its device, dtype,
 adapter dtype and rounds) and times, per case, the base layer alone and the
@@ -10,10 +10,13 @@ synchronisation around each call as the bench does. Ratios are medians of
 per-round ratios to the base layer, with their interquartile range, so that
 they compare with the bench's "fwd / base" and "train / base" columns:
 Python's call overhead is in both of a ratio's terms here, and in neither
-of the bench's.
+of the bench's. With --autocast, every call runs under bfloat16 autocast, as
+diffusers' training scripts run PEFT (base weights in the bench's dtype,
+LoRA's in its adapter dtype, the matmuls in bfloat16).
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -76,11 +79,13 @@ def timed_ms(step, device):
 
 
 def quartiles(values):
+    if len(values) == 1:  # --rounds 1: no spread to tell
+        return dict(median=values[0], q1=values[0], q3=values[0])
     q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
     return dict(median=median, q1=q1, q3=q3)
 
 
-def measure(shape, rank, device, dtype, adapter_dtype, rounds):
+def measure(shape, rank, device, dtype, adapter_dtype, rounds, autocast):
     models = [build(shape, r, device, dtype, adapter_dtype) for r in (0, rank)]
     x = torch.randn(shape["input"], device=device, dtype=dtype)
     x_train = x.clone().requires_grad_(True)
@@ -89,12 +94,13 @@ def measure(shape, rank, device, dtype, adapter_dtype, rounds):
     for step in range(rounds + 1):  # step 0 warms up
         for (model, adapter), record in zip(models, times):
             def forward():
-                with torch.no_grad():
+                with torch.no_grad(), autocast():
                     model(x)
 
             def train():
                 nonlocal grad_out
-                out = model(x_train)
+                with autocast():
+                    out = model(x_train)
                 if grad_out is None:
                     grad_out = torch.randn_like(out)
                 out.backward(grad_out)
@@ -123,15 +129,22 @@ def main():
     parser.add_argument("bench_json")
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--rounds", type=int, help="default: the bench's")
+    parser.add_argument("--autocast", action="store_true",
+                        help="run PEFT under bfloat16 autocast, as diffusers trains")
     args = parser.parse_args()
     bench = json.load(open(args.bench_json))
     device = torch.device(bench["device"])
     dtype = DTYPES[bench["dtype"]]
     adapter_dtype = torch.float32 if bench.get("adapter_dtype") == "float32" else dtype
     rounds = args.rounds or bench["rounds"]
+    def autocast():
+        if not args.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     title = (f"PEFT {peft.__version__} LoRA, torch {torch.__version__}, {bench['device']} "
              f"{bench['dtype']} (adapters {adapter_dtype}".replace("torch.", "")
-             + f"), {rounds} rounds, interleaved with the base layer")
+             + f"){', bfloat16 autocast' if args.autocast else ''}, {rounds} rounds, "
+             "interleaved with the base layer")
     print(title)
     print(f"\n{'case':<22} {'shape':<28} {'rank':>5} {'fwd ms':>8} {'train ms':>9} "
           f"{'fwd / base':>18} {'train / base':>18}")
@@ -141,7 +154,7 @@ def main():
             continue
         shape = layer_of(row)
         rank = row["lora_rank"]
-        result = measure(shape, rank, device, dtype, adapter_dtype, rounds)
+        result = measure(shape, rank, device, dtype, adapter_dtype, rounds, autocast)
         case = row["name"].rsplit("/", 1)[0]
         cases.append(dict(name=case, shape=row["shape"], **result))
         f, t = result["forward_vs_base"], result["train_vs_base"]
@@ -150,7 +163,8 @@ def main():
               f"{t['median']:>6.3f} ({t['q1']:.2f}-{t['q3']:.2f})")
     if args.json:
         with open(args.json, "w") as out:
-            json.dump(dict(title=title, bench=args.bench_json, layers=cases), out, indent=2)
+            json.dump(dict(title=title, bench=args.bench_json, autocast=args.autocast,
+                           layers=cases), out, indent=2)
         print(f"\nwrote {args.json}")
 
 
