@@ -1,6 +1,7 @@
 // One of two translation units that include every public header: linking
 // them into one program proves the headers define nothing twice (ODR).
 
+#include <styleinject/captured_step.h>
 #include <styleinject/conv2d.h>
 #include <styleinject/distributed.h>
 #include <styleinject/detail/checkpoint.h>

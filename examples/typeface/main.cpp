@@ -227,6 +227,11 @@ int main(int argc, char** argv) {
   finetune_cmd
       ->add_option("--shots", tune.shots, "characters of the style to train on")
       ->capture_default_str();
+  finetune_cmd->add_flag(
+      "--cuda-graph",
+      tune.cuda_graph,
+      "capture one training step in a CUDA graph and replay it (one "
+      "process; on the CPU the step runs as without)");
   finetune_cmd->add_option("--steps", tune.steps)
       ->check(CLI::PositiveNumber)
       ->capture_default_str();

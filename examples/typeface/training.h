@@ -8,6 +8,7 @@
 #include "model.h"
 #include "progress.h"
 
+#include <styleinject/captured_step.h>
 #include <styleinject/distributed.h>
 #include <styleinject/styleinject.h>
 
@@ -348,7 +349,7 @@ inline constexpr double kAverageDecay = 0.998;
 /// and an asynchronous copy, so that the host draws the next batch while the
 /// device still trains on this one.
 inline torch::Tensor on_device(const torch::Tensor& t, const Runtime& runtime) {
-  if (!runtime.device.is_cuda()) {
+  if (!runtime.device.is_cuda() || t.device() == runtime.device) {
     return t.to(runtime.device);
   }
   return t.pin_memory().to(runtime.device, /*non_blocking=*/true);
@@ -677,6 +678,9 @@ struct FinetuneOptions {
   /// The layers adapted: a regular expression over their qualified names
   /// (e.g. "dit\\..*"); empty: every Linear and Conv2d.
   std::string targets;
+  /// Each step one replay of a CUDA graph captured once (on CUDA; elsewhere
+  /// the same step runs eagerly), with styleinject::CapturableAdamW.
+  bool cuda_graph = false;
 };
 
 /// The `inject` targets of a layer-name pattern (empty: every layer).
@@ -784,8 +788,20 @@ inline TextToImage finetune(
               << report.total_parameters - report.trainable_parameters << ")\n";
   }
   const auto parameters = styleinject::adapter_parameters(*model);
-  torch::optim::AdamW optimizer(
-      parameters, torch::optim::AdamWOptions(options.lr).weight_decay(0));
+  const auto adam = torch::optim::AdamWOptions(options.lr).weight_decay(0);
+  auto holder = options.cuda_graph
+      ? std::unique_ptr<torch::optim::Optimizer>(
+            std::make_unique<styleinject::CapturableAdamW>(parameters, adam))
+      : std::make_unique<torch::optim::AdamW>(parameters, adam);
+  auto& optimizer = *holder;
+  const std::string optimizer_name =
+      options.cuda_graph ? "CapturableAdamW" : "AdamW";
+  if (options.cuda_graph && runtime.group->size() > 1) {
+    throw std::invalid_argument(
+        "--cuda-graph: a captured step runs on one process, but " +
+        std::to_string(runtime.group->size()) +
+        " were started (its gradients' all-reduce is not captured)");
+  }
   int64_t step = 0;
   const auto checkpoint = dir / "checkpoint.pt";
   const auto tensors = trainable(*model);
@@ -796,6 +812,16 @@ inline TextToImage finetune(
       throw std::runtime_error(
           "--resume: no fine-tune checkpoint (checkpoint.pt) in " +
           dir.string());
+    }
+    const auto made_with = fs::exists(dir / "state.json")
+        ? read_json(dir / "state.json").value("optimizer", "AdamW")
+        : optimizer_name;
+    if (made_with != optimizer_name) {
+      throw std::runtime_error(
+          "--resume: the checkpoint in " + dir.string() + " holds " +
+          made_with + "'s state, but this fine-tune steps with " +
+          optimizer_name + "; resume it " +
+          (options.cuda_graph ? "without" : "with") + " --cuda-graph");
     }
     step = load_checkpoint(checkpoint, tensors, optimizer, runtime.device);
   }
@@ -824,7 +850,8 @@ inline TextToImage finetune(
             {"step", step},
             {"steps", options.steps},
             {"lr", options.lr},
-            {"seed", options.seed}}
+            {"seed", options.seed},
+            {"optimizer", optimizer_name}}
             .dump(2));
   };
   if (runtime.is_main()) {
@@ -848,18 +875,25 @@ inline TextToImage finetune(
   const auto first = step;
   const auto bytes = runtime.group->bytes_communicated();
   const auto communicating = runtime.group->seconds_communicating();
+  // One step on a batch's images and captions; with --cuda-graph, replayed.
+  const auto train_on = [&](const std::vector<torch::Tensor>& batch) {
+    return diffusion_step(
+        model,
+        schedule,
+        {batch[0], batch[1], {}, {}},
+        optimizer,
+        runtime,
+        distillation ? &distillation->teacher : nullptr);
+  };
+  styleinject::CapturedStep captured(train_on);
   while (step < options.steps) {
     const auto batch = distillation
         ? draw_from_pool(distillation->pool, options.batch, rng, 0.1)
         : draw_batch(
               renderer, tokenizer, fonts, shots, options.batch, rng, 0.1);
-    const auto loss = diffusion_step(
-        model,
-        schedule,
-        batch,
-        optimizer,
-        runtime,
-        distillation ? &distillation->teacher : nullptr);
+    const std::vector<torch::Tensor> inputs{
+        on_device(batch.images, runtime), on_device(batch.ids, runtime)};
+    const auto loss = options.cuda_graph ? captured(inputs) : train_on(inputs);
     ++step;
     const double shown = shown_loss(runtime, loss, step, options.steps);
     progress.step(shown);
