@@ -261,6 +261,72 @@ TEST_CASE("a frozen float layer runs as one autograd node", "[functional]") {
       !Catch::Matchers::Contains("FusedLinear"));
 }
 
+TEST_CASE(
+    "RecomputeGate: the same gradients, nothing of the output's size kept",
+    "[functional]") {
+  const bool router = GENERATE(false, true);
+  const auto path = GENERATE(ComputePath::kAuto, ComputePath::kMergedWeight);
+  CAPTURE(router, path);
+  torch::manual_seed(7);
+  auto p = random_layer(router, /*gate=*/true);
+  const auto x0 = torch::randn({2, 6, kIn}, torch::kDouble);
+  const auto options = SF::StyleInjectFuncOptions().path(path);
+  // One forward and backward: the gradients, and the sizes of what the
+  // fused node kept for backward.
+  const auto run = [&](bool recompute) {
+    auto adapter = adapter_of(p);
+    for (auto* t :
+         {&adapter.lora_A,
+          &adapter.lora_B,
+          &adapter.router_weight,
+          &adapter.gate}) {
+      if (t->defined()) {
+        t->requires_grad_();
+      }
+    }
+    const auto x = x0.clone().requires_grad_();
+    torch::Tensor out;
+    {
+      c10::optional<styleinject::RecomputeGate> guard;
+      if (recompute) {
+        guard.emplace();
+      }
+      out = SF::style_inject_linear(x, p.weight, p.bias, adapter, options);
+    }
+    auto* node = dynamic_cast<
+        torch::autograd::CppNode<styleinject::detail::FusedLinear>*>(
+        out.grad_fn().get());
+    REQUIRE(node != nullptr);
+    int64_t output_sized = 0;
+    for (const auto& t : node->ctx_.get_saved_variables()) {
+      output_sized += t.defined() && t.sizes() == out.sizes() ? 1 : 0;
+    }
+    out.backward(torch::cos(out.detach() * 3)); // a gradient of no symmetry
+    std::vector<torch::Tensor> grads{x.grad()};
+    for (const auto& t :
+         {adapter.lora_A,
+          adapter.lora_B,
+          adapter.router_weight,
+          adapter.gate}) {
+      if (t.defined()) {
+        grads.push_back(t.grad());
+      }
+    }
+    return std::make_pair(grads, output_sized);
+  };
+  const auto [kept, kept_count] = run(false);
+  const auto [recomputed, recomputed_count] = run(true);
+  CHECK(kept_count == 1); // u, for the gate's gradient
+  CHECK(recomputed_count == 0);
+  REQUIRE(kept.size() == recomputed.size());
+  for (size_t i = 0; i < kept.size(); ++i) {
+    CAPTURE(i);
+    REQUIRE(recomputed[i].defined());
+    CHECK(torch::allclose(recomputed[i], kept[i], 1e-12, 1e-12));
+  }
+  CHECK_FALSE(styleinject::detail::recompute_gate()); // ended with its scope
+}
+
 TEST_CASE("linear_style_weights", "[functional]") {
   torch::manual_seed(3);
   const auto p = random_layer(/*router=*/true, /*gate=*/true);

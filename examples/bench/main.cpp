@@ -131,14 +131,23 @@ std::vector<Shape> shapes(bool quick) {
   return result;
 }
 
-enum class Method { kBase, kLora, kLoraNr, kLoraPreset, kNaive, kStyleInject };
-constexpr std::array<Method, 6> kMethods{
+enum class Method {
+  kBase,
+  kLora,
+  kLoraNr,
+  kLoraPreset,
+  kNaive,
+  kStyleInject,
+  kRecompute, // StyleInject under RecomputeGate: u made again in backward
+};
+constexpr std::array<Method, 7> kMethods{
     Method::kBase,
     Method::kLora,
     Method::kLoraNr,
     Method::kLoraPreset,
     Method::kNaive,
-    Method::kStyleInject};
+    Method::kStyleInject,
+    Method::kRecompute};
 
 const char* name_of(Method m) {
   switch (m) {
@@ -154,6 +163,8 @@ const char* name_of(Method m) {
       return "styleinject_naive";
     case Method::kStyleInject:
       return "styleinject";
+    case Method::kRecompute:
+      return "styleinject_recompute";
   }
   return "";
 }
@@ -516,6 +527,22 @@ Runner make(
   c10::optional<StyleInjectOptions> options;
   if (method == Method::kLoraPreset) {
     options = StyleInjectOptions::lora(equal_params_rank(shape));
+  } else if (method == Method::kRecompute) {
+    auto runner = make(
+        Method::kStyleInject,
+        shape,
+        weight,
+        bias,
+        device,
+        dtype,
+        adapter_dtype,
+        path);
+    runner.forward = [forward = runner.forward](const torch::Tensor& x) {
+      styleinject::RecomputeGate recompute;
+      return forward(x);
+    };
+    runner.inference.clear(); // the same as StyleInject's
+    return runner;
   } else if (method == Method::kNaive || method == Method::kStyleInject) {
     options = StyleInjectOptions(kRank).branches(kBranches).path(path);
   }

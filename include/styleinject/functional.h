@@ -886,6 +886,13 @@ inline torch::Tensor linear_output(
   return h.view(sizes);
 }
 
+/// Whether gated Linear layers on this thread recompute u in backward
+/// instead of keeping it (see RecomputeGate).
+inline bool& recompute_gate() {
+  static thread_local bool on = false;
+  return on;
+}
+
 /// How FusedLinear computes u = W0 x + b0 + c·B (a x).
 enum class FusedForm {
   /// One GEMM with the weight W0 + c·B·a, shared or per instance.
@@ -901,6 +908,8 @@ struct FusedSettings {
   /// Whether a backward may follow: grad mode is on and an input requires
   /// grad. Without one, the kWeight form folds the gate into its GEMM too.
   bool differentiable;
+  /// Whether a gated backward makes u again rather than keep it.
+  bool recompute_u = false;
 };
 
 /// StyleInjectLinear's forward for a frozen base as one autograd node, with
@@ -957,11 +966,10 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
       u = instance_linear(x, merged, bias);
     } else {
       z = instance_matmul(x, a.transpose(-1, -2));
-      u = torch::nn::functional::linear(x, weight, bias);
-      u.view({-1, u.size(-1)})
-          .addmm_(z.view({-1, z.size(-1)}), lora_B.t(), 1, scaling);
+      u = low_rank_output(x, weight, bias, z, lora_B, scaling);
     }
-    const bool keep_u = settings.differentiable && g.defined();
+    const bool keep_u =
+        settings.differentiable && g.defined() && !settings.recompute_u;
     ctx->save_for_backward(
         {x,
          lora_A,
@@ -1067,6 +1075,33 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
         scaling);
   }
 
+  /// u = W0 x + b0 + c·B z, from the low-rank activations z = a x.
+  static torch::Tensor low_rank_output(
+      const torch::Tensor& x,
+      const torch::Tensor& weight,
+      const torch::Tensor& bias,
+      const torch::Tensor& z,
+      const torch::Tensor& lora_B,
+      double scaling) {
+    auto u = torch::nn::functional::linear(x, weight, bias);
+    u.view({-1, u.size(-1)})
+        .addmm_(z.view({-1, z.size(-1)}), lora_B.t(), 1, scaling);
+    return u;
+  }
+
+  /// u once more, for a backward whose forward did not keep it
+  /// (RecomputeGate): the forward's GEMM again.
+  static torch::Tensor recomputed_u(
+      const torch::autograd::variable_list& saved,
+      bool merged_form,
+      double scaling) {
+    const auto &x = saved[kX], &lora_B = saved[kB], &weight = saved[kWeight];
+    const auto &bias = saved[kBias], &a = saved[10], &z = saved[13];
+    return merged_form
+        ? instance_linear(x, merged_weight(weight, a, lora_B, scaling), bias)
+        : low_rank_output(x, weight, bias, z, lora_B, scaling);
+  }
+
   /// W0 + c·B·a, shared or per instance.
   static torch::Tensor merged_weight(
       const torch::Tensor& weight,
@@ -1092,8 +1127,11 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
       torch::autograd::variable_list& result) {
     const auto &x = saved[0], &lora_B = saved[2], &weight = saved[6];
     const auto &pooled = saved[9], &a = saved[10], &g = saved[11];
-    const auto &mean_u = saved[12], &u = saved[14];
+    const auto& mean_u = saved[12];
     const double scaling = options.scaling() * options.scale();
+    const auto u = g.defined() && !saved[14].defined()
+        ? recomputed_u(saved, merged_form, scaling)
+        : saved[14];
     const auto grad = grad_h.contiguous();
     const int64_t tokens = x.size(1);
     // The merged weight is formed again, not kept (it is W0's size): where
@@ -1374,10 +1412,44 @@ inline torch::Tensor fused_linear(
       optional(adapter.gate),
       weight,
       optional(bias),
-      FusedSettings{options, fused_form(adapter, options), differentiable});
+      FusedSettings{
+          options,
+          fused_form(adapter, options),
+          differentiable,
+          recompute_gate()});
 }
 
 } // namespace detail
+
+/// While one lives, gated StyleInjectLinear layers on this thread keep
+/// nothing of their output's size for backward: the gate's gradient needs
+/// u (the adapted output before the gate), which backward then computes
+/// again from the input, one more GEMM of the base layer's size. What a
+/// layer keeps falls to LoRA's (its low-rank activations and vectors per
+/// instance); its backward costs about half a forward more. The forward
+/// decides, so the guard needs to live around the forward only. (Conv2d
+/// layers are not one node yet and keep what autograd keeps.)
+/// ```
+/// {
+///   styleinject::RecomputeGate recompute;
+///   loss = loss_of(model(x));
+/// }
+/// loss.backward();
+/// ```
+class RecomputeGate {
+ public:
+  RecomputeGate() : previous_(detail::recompute_gate()) {
+    detail::recompute_gate() = true;
+  }
+  ~RecomputeGate() {
+    detail::recompute_gate() = previous_;
+  }
+  RecomputeGate(const RecomputeGate&) = delete;
+  RecomputeGate& operator=(const RecomputeGate&) = delete;
+
+ private:
+  bool previous_;
+};
 
 namespace functional {
 
