@@ -1427,8 +1427,10 @@ inline torch::Tensor fused_linear(
 /// again from the input, one more GEMM of the base layer's size. What a
 /// layer keeps falls to LoRA's (its low-rank activations and vectors per
 /// instance); its backward costs about half a forward more. The forward
-/// decides, so the guard needs to live around the forward only. (Conv2d
-/// layers are not one node yet and keep what autograd keeps.)
+/// decides, so the guard needs to live around the forward only. It acts
+/// on the fused node: a frozen base whose adapter has the base's dtype (a
+/// float32 adapter on a bfloat16 base, and Conv2d layers, are composed by
+/// autograd and keep what autograd keeps).
 /// ```
 /// {
 ///   styleinject::RecomputeGate recompute;
