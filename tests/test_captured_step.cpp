@@ -65,6 +65,23 @@ void copy_parameters(const StepNet& from, StepNet& to) {
   }
 }
 
+/// Two equal nets with random adapters and frozen plain layers: one to
+/// train through CapturedStep, one by hand.
+std::pair<std::shared_ptr<StepNet>, std::shared_ptr<StepNet>> twin_nets(
+    uint64_t seed) {
+  torch::manual_seed(seed);
+  auto one = std::make_shared<StepNet>(), other = std::make_shared<StepNet>();
+  styleinject_test::randomize_adapter(*one->adapted);
+  copy_parameters(*one, *other);
+  for (auto* net : {one.get(), other.get()}) {
+    for (auto* plain : {&net->in, &net->out}) {
+      (*plain)->weight.requires_grad_(false);
+      (*plain)->bias.requires_grad_(false);
+    }
+  }
+  return {one, other};
+}
+
 /// One training step of the adapter, in the form CapturedStep takes.
 CapturedStep::Step training_step(
     StepNet& net,
@@ -206,17 +223,7 @@ TEST_CASE("CapturableAdamW's refusals", "[captured]") {
 }
 
 TEST_CASE("CapturedStep runs the step on its own tensors", "[captured]") {
-  torch::manual_seed(5);
-  auto stepped = std::make_shared<StepNet>(),
-       direct = std::make_shared<StepNet>();
-  styleinject_test::randomize_adapter(*stepped->adapted);
-  copy_parameters(*stepped, *direct);
-  for (auto* net : {stepped.get(), direct.get()}) {
-    net->in->weight.requires_grad_(false);
-    net->in->bias.requires_grad_(false);
-    net->out->weight.requires_grad_(false);
-    net->out->bias.requires_grad_(false);
-  }
+  const auto [stepped, direct] = twin_nets(5);
   CapturableAdamW opt_a(
       styleinject::adapter_parameters(*stepped),
       torch::optim::AdamWOptions(1e-2));
@@ -275,11 +282,7 @@ TEST_CASE(
   // main() reports this case as skipped without a CUDA device.
   REQUIRE(torch::cuda::is_available());
 #ifdef STYLEINJECT_CUDA_GRAPHS
-  torch::manual_seed(7);
-  auto captured = std::make_shared<StepNet>(),
-       eager = std::make_shared<StepNet>();
-  styleinject_test::randomize_adapter(*captured->adapted);
-  copy_parameters(*captured, *eager);
+  const auto [captured, eager] = twin_nets(7);
   captured->to(torch::kCUDA);
   eager->to(torch::kCUDA);
   CapturableAdamW opt_a(

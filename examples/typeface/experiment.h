@@ -932,6 +932,16 @@ inline std::vector<Run> judge_teacher(
   return runs;
 }
 
+/// How a model's images were judged: what a judged run on disk must share
+/// with this experiment to be reused.
+inline ordered_json judging_settings(const ExperimentOptions& options) {
+  return {
+      {"images", options.images},
+      {"test_prompts", options.test_prompts},
+      {"base_prompts", options.base_prompts},
+      {"guidance", options.sampler.guidance}};
+}
+
 /// What a run on disk must have been made with to be reused.
 inline ordered_json run_settings(
     const Arm& arm,
@@ -939,12 +949,9 @@ inline ordered_json run_settings(
     const ExperimentOptions& options) {
   ordered_json settings{
       {"steps", std::llround(base_options.steps * arm.steps_factor)},
-      {"lr", arm.lr},
-      {"images", options.images},
-      {"test_prompts", options.test_prompts},
-      {"base_prompts", options.base_prompts},
-      {"guidance", options.sampler.guidance},
-      {"adapter", styleinject::detail::options_to_json(arm.adapter)}};
+      {"lr", arm.lr}};
+  settings.update(judging_settings(options)); // in the order runs keep
+  settings["adapter"] = styleinject::detail::options_to_json(arm.adapter);
   if (!arm.targets.empty()) { // absent: every layer, as in older runs
     settings["targets"] = arm.targets;
   }
@@ -1812,6 +1819,41 @@ inline ModelConfig base_config(
   return config;
 }
 
+/// The experiment's judge (trained where missing).
+inline Judge experiment_judge(
+    const ExperimentOptions& options,
+    GlyphRenderer& renderer,
+    const Runtime& runtime) {
+  return load_or_train_judge(
+      options.judge_dir,
+      options.judge_members,
+      options.judge_steps,
+      renderer,
+      runtime);
+}
+
+/// What a report's metrics.json opens with: the settings, the base model
+/// and the judge.
+inline ordered_json report_header(
+    const ExperimentOptions& options,
+    const std::vector<std::string>& styles,
+    const Judge& judge) {
+  return {
+      {"setting", options.setting},
+      {"quick", options.quick},
+      {"styles", styles},
+      {"shots", options.shots},
+      {"seeds", options.seeds},
+      {"images_per_prompt", options.images},
+      {"test_prompts", options.test_prompts},
+      {"base_prompts", options.base_prompts},
+      {"guidance", options.sampler.guidance},
+      {"steps", options.steps},
+      {"lr_candidates", options.lrs},
+      {"base", read_json(config_file(options.base_dir))},
+      {"judge", judge.report}};
+}
+
 /// The whole experiment of `options.setting`, into results/<setting>/.
 inline void run_experiment(
     ExperimentOptions options,
@@ -1834,26 +1876,8 @@ inline void run_experiment(
   const auto styles = checked_styles(options);
   const auto config = base_config(options, runtime);
   GlyphRenderer renderer(all_fonts(), config.image_size, font_paths);
-  auto judge = load_or_train_judge(
-      options.judge_dir,
-      options.judge_members,
-      options.judge_steps,
-      renderer,
-      runtime);
-  ordered_json report{
-      {"setting", options.setting},
-      {"quick", options.quick},
-      {"styles", styles},
-      {"shots", options.shots},
-      {"seeds", options.seeds},
-      {"images_per_prompt", options.images},
-      {"test_prompts", options.test_prompts},
-      {"base_prompts", options.base_prompts},
-      {"guidance", options.sampler.guidance},
-      {"steps", options.steps},
-      {"lr_candidates", options.lrs},
-      {"base", read_json(config_file(options.base_dir))},
-      {"judge", judge.report}};
+  auto judge = experiment_judge(options, renderer, runtime);
+  auto report = report_header(options, styles, judge);
 
   // The arms, their learning rates (searched on the first style and K)
   // and the wall-clock factor of the equal-time arm.

@@ -220,11 +220,7 @@ inline std::vector<Run> base_model_runs(
     Judge& judge,
     const ExperimentOptions& options,
     const Runtime& runtime) {
-  const ordered_json settings{
-      {"images", options.images},
-      {"test_prompts", options.test_prompts},
-      {"base_prompts", options.base_prompts},
-      {"guidance", options.sampler.guidance}};
+  const auto settings = judging_settings(options);
   std::vector<Run> runs;
   for (const auto& style : styles) {
     const auto dir = options.results / "base-model" / slug(style);
@@ -340,6 +336,7 @@ struct FrontierLayout {
   std::vector<size_t> retentions; // measure indices: font, character
   size_t style_fit = 1; // measure index of the gain
   std::vector<std::vector<double>> levels, band; // per retention measure
+  std::vector<std::vector<double>> means; // the sample's, [point][measure]
 };
 
 /// Named statistics of one (re)sample; names are kept on the first only.
@@ -347,7 +344,9 @@ struct Statistics {
   bool named = true;
   std::vector<std::string> names;
   std::vector<double> values;
-  void add(const std::function<std::string()>& name, double value) {
+  /// `name`: a callable that gives the name, called on the first only.
+  template <typename Name>
+  void add(const Name& name, double value) {
     if (named) {
       names.push_back(name());
     }
@@ -483,7 +482,8 @@ inline FrontierLayout frontier_layout(
   layout.base = arms * per_arm;
   layout.reference = reference;
   layout.retentions = {3, 2}; // font_kept, retention
-  const auto means = point_means(table, every_pick(table));
+  layout.means = point_means(table, every_pick(table));
+  const auto& means = layout.means;
   for (const auto x : layout.retentions) {
     double lowest = -1, least = 1, top = means[layout.base][x];
     for (const auto& points : layout.arm_points) {
@@ -528,7 +528,7 @@ inline Bootstrapped bootstrap_frontier(
     uint64_t seed = 3) {
   auto picks = every_pick(table);
   Statistics sample;
-  frontier_statistics(point_means(table, picks), layout, sample);
+  frontier_statistics(layout.means, layout, sample);
   std::vector<std::vector<double>> draws(sample.values.size());
   std::mt19937_64 rng(seed);
   const auto redraw = [&](std::vector<size_t>& indices) {
@@ -708,10 +708,9 @@ inline void verdict_section(
 /// The envelopes (of the sample) and their 95 % bands, for plot.py.
 inline ordered_json frontier_curves(
     const Bootstrapped& b,
-    const Table& table,
     const FrontierLayout& layout,
     const std::vector<Arm>& arms) {
-  const auto means = point_means(table, every_pick(table));
+  const auto& means = layout.means;
   ordered_json curves;
   for (size_t q = 0; q < layout.retentions.size(); ++q) {
     const auto x = layout.retentions[q];
@@ -799,7 +798,6 @@ inline void points_section(
 /// point whose font retention is nearest the matched one.
 inline void write_matched_grids(
     const FrontierRuns& done,
-    const Table& table,
     const FrontierLayout& layout,
     const std::vector<Arm>& arms,
     const std::vector<std::string>& styles,
@@ -807,7 +805,7 @@ inline void write_matched_grids(
     GlyphRenderer& renderer,
     const fs::path& results,
     ordered_json& json) {
-  const auto means = point_means(table, every_pick(table));
+  const auto& means = layout.means;
   const auto font = layout.retentions[0];
   std::vector<torch::Tensor> real;
   for (const auto& style : styles) {
@@ -978,13 +976,12 @@ inline void write_frontier_report(
       verdict_section(b, layout, arms, q, md, verdicts[agreed_only][on]);
     }
     report["frontier"][key] = verdicts[agreed_only];
-    report["frontier"][key]["curves"] = frontier_curves(b, table, layout, arms);
+    report["frontier"][key]["curves"] = frontier_curves(b, layout, arms);
     if (!agreed_only) {
       points_section(
           b, agreed, done, arms, options.images, points, report["points"]);
       write_matched_grids(
           done,
-          table,
           layout,
           arms,
           styles,
@@ -1031,12 +1028,7 @@ inline void run_frontier(
   const auto styles = checked_styles(options);
   const auto config = base_config(options, runtime);
   GlyphRenderer renderer(all_fonts(), config.image_size, font_paths);
-  auto judge = load_or_train_judge(
-      options.judge_dir,
-      options.judge_members,
-      options.judge_steps,
-      renderer,
-      runtime);
+  auto judge = experiment_judge(options, renderer, runtime);
   const auto arms = setting_arms("frontier", config);
   const auto split = experiment_split(options, options.shots[0]);
   FrontierRuns done;
@@ -1081,22 +1073,9 @@ inline void run_frontier(
   if (!runtime.is_main()) {
     return; // rank 0 writes the report
   }
-  ordered_json report{
-      {"setting", "frontier"},
-      {"quick", options.quick},
-      {"styles", styles},
-      {"shots", options.shots},
-      {"seeds", options.seeds},
-      {"images_per_prompt", options.images},
-      {"test_prompts", options.test_prompts},
-      {"base_prompts", options.base_prompts},
-      {"guidance", options.sampler.guidance},
-      {"steps", options.steps},
-      {"lr_candidates", options.lrs},
-      {"strengths", options.strengths},
-      {"base", read_json(config_file(options.base_dir))},
-      {"judge", judge.report},
-      {"run_seconds", elapsed()}};
+  auto report = report_header(options, styles, judge);
+  report["strengths"] = options.strengths;
+  report["run_seconds"] = elapsed();
   for (const auto& arm : arms) {
     report["arms"].push_back(
         {{"label", arm.label},

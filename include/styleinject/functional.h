@@ -886,6 +886,24 @@ inline torch::Tensor linear_output(
   return h.view(sizes);
 }
 
+/// Sets a thread's flag while it lives, then gives the flag back the value
+/// it had: the guards SkipInit and RecomputeGate.
+class ScopedFlag {
+ public:
+  explicit ScopedFlag(bool& flag) : flag_(flag), previous_(flag) {
+    flag_ = true;
+  }
+  ~ScopedFlag() {
+    flag_ = previous_;
+  }
+  ScopedFlag(const ScopedFlag&) = delete;
+  ScopedFlag& operator=(const ScopedFlag&) = delete;
+
+ private:
+  bool& flag_;
+  bool previous_;
+};
+
 /// Whether gated Linear layers on this thread recompute u in backward
 /// instead of keeping it (see RecomputeGate).
 inline bool& recompute_gate() {
@@ -1438,19 +1456,9 @@ inline torch::Tensor fused_linear(
 /// }
 /// loss.backward();
 /// ```
-class RecomputeGate {
+class RecomputeGate : detail::ScopedFlag {
  public:
-  RecomputeGate() : previous_(detail::recompute_gate()) {
-    detail::recompute_gate() = true;
-  }
-  ~RecomputeGate() {
-    detail::recompute_gate() = previous_;
-  }
-  RecomputeGate(const RecomputeGate&) = delete;
-  RecomputeGate& operator=(const RecomputeGate&) = delete;
-
- private:
-  bool previous_;
+  RecomputeGate() : ScopedFlag(detail::recompute_gate()) {}
 };
 
 namespace functional {

@@ -228,19 +228,9 @@ class NamedAdapterImpl : public torch::nn::Cloneable<NamedAdapterImpl<Base>> {
 /// }
 /// styleinject::load_weights(*unet, "unet.safetensors");
 /// ```
-class SkipInit {
+class SkipInit : detail::ScopedFlag {
  public:
-  SkipInit() : previous_(detail::skip_init()) {
-    detail::skip_init() = true;
-  }
-  ~SkipInit() {
-    detail::skip_init() = previous_;
-  }
-  SkipInit(const SkipInit&) = delete;
-  SkipInit& operator=(const SkipInit&) = delete;
-
- private:
-  bool previous_;
+  SkipInit() : ScopedFlag(detail::skip_init()) {}
 };
 
 /// A base layer (`weight`, `bias`) that can carry StyleInject adapters. The

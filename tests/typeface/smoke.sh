@@ -10,6 +10,14 @@ work=$2
 rm -rf "$work"
 mkdir -p "$work"
 tiny="--model tiny --cache $work/cache"
+# Python that reads two adapter files (argv 1 and 2) into a and b, name ->
+# float32 values, with the same names; the check that uses them follows.
+two_adapter_files='import json,struct,sys
+def values(path):
+    f=open(path,"rb"); n=struct.unpack("<Q",f.read(8))[0]; h=json.loads(f.read(n)); data=f.read()
+    return {k:struct.unpack("<%df"%((e["data_offsets"][1]-e["data_offsets"][0])//4),data[e["data_offsets"][0]:e["data_offsets"][1]]) for k,e in h.items() if k!="__metadata__"}
+a,b=values(sys.argv[1]),values(sys.argv[2])
+assert a.keys()==b.keys(), (a.keys(), b.keys())'
 
 "$typeface" demo $tiny --pretrain-steps 40 --judge-steps 20 --steps 6 \
   --seeds 2 --lrs 1e-3,3e-3 --results "$work/results" 2>&1 | tee "$work/demo.log"
@@ -45,12 +53,7 @@ cp "$work/ft3/adapters.safetensors" "$work/ft3/state.json" "$work/ft_mixed/"
 for dir in ft ft_mixed; do
   "$typeface" finetune $tiny --method lora --rank 2 --steps 8 --resume --out "$work/$dir"
 done
-python3 -c 'import json,struct,sys
-def values(path):
-    f=open(path,"rb"); n=struct.unpack("<Q",f.read(8))[0]; h=json.loads(f.read(n)); data=f.read()
-    return {k:struct.unpack("<%df"%((e["data_offsets"][1]-e["data_offsets"][0])//4),data[e["data_offsets"][0]:e["data_offsets"][1]]) for k,e in h.items() if k!="__metadata__"}
-a,b=values(sys.argv[1]),values(sys.argv[2])
-assert a.keys()==b.keys(), (a.keys(), b.keys())
+python3 -c "$two_adapter_files"'
 d=max(abs(x-y) for k in a for x,y in zip(a[k],b[k]))
 assert d<=1e-6, "a resumed mixed set differs from the whole folder by %g" % d' \
   "$work/ft/adapters.safetensors" "$work/ft_mixed/adapters.safetensors"
@@ -61,12 +64,7 @@ grep -q '"step": 8' "$work/ft_mixed/state.json"
 "$typeface" finetune $tiny --steps 3 --out "$work/eager"
 "$typeface" finetune $tiny --cuda-graph --steps 3 --out "$work/graph"
 grep -q '"optimizer": "CapturableAdamW"' "$work/graph/state.json"
-python3 -c 'import json,struct,sys
-def values(path):
-    f=open(path,"rb"); n=struct.unpack("<Q",f.read(8))[0]; h=json.loads(f.read(n)); data=f.read()
-    return {k:struct.unpack("<%df"%((e["data_offsets"][1]-e["data_offsets"][0])//4),data[e["data_offsets"][0]:e["data_offsets"][1]]) for k,e in h.items() if k!="__metadata__"}
-a,b=values(sys.argv[1]),values(sys.argv[2])
-assert a.keys()==b.keys(), (a.keys(), b.keys())
+python3 -c "$two_adapter_files"'
 # Relative to the adapters: the two optimizers round differently, and Adam
 # turns a rounding in a gradient near 0 into a step of up to lr (measured:
 # 8e-4 on lora_B); a wrong bias correction is off by about 1.
