@@ -1010,9 +1010,7 @@ inline std::vector<Run> run_arm(
       runtime,
       &curve,
       teaching ? &teaching->training : nullptr);
-  const double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
-          .count();
+  const double seconds = seconds_since(start);
   auto judged = judge_model(
       model, judge, new_style_fonts(styles), split.test, options, runtime);
   const auto prompts = static_cast<int64_t>(split.test.size());
@@ -1125,9 +1123,7 @@ inline double seconds_per_step(
     const auto start = std::chrono::steady_clock::now();
     finetune(
         tune, options.base_dir, options.results / "timing", renderer, runtime);
-    times.push_back(
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
-            .count());
+    times.push_back(seconds_since(start));
   }
   std::sort(times.begin(), times.end());
   if (runtime.is_main()) {
@@ -1860,11 +1856,7 @@ inline void run_experiment(
     const std::map<std::string, std::string>& font_paths,
     const Runtime& runtime) {
   const auto begin = std::chrono::steady_clock::now();
-  const auto elapsed = [&] {
-    return std::chrono::duration<double>(
-               std::chrono::steady_clock::now() - begin)
-        .count();
-  };
+  const auto elapsed = [&] { return seconds_since(begin); };
   const std::set<std::string> settings{
       "few-shot", "ablation", "targets", "multi-style", "distill"};
   if (settings.count(options.setting) == 0) {

@@ -143,11 +143,7 @@ inline std::pair<TextToImage, ordered_json> adapted_model(
   std::vector<std::pair<int64_t, double>> curve;
   const auto start = std::chrono::steady_clock::now();
   auto model = finetune(tune, options.base_dir, dir, renderer, runtime, &curve);
-  const ordered_json record{
-      {"seconds",
-       std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
-           .count()},
-      {"loss", curve}};
+  const ordered_json record{{"seconds", seconds_since(start)}, {"loss", curve}};
   if (runtime.is_main()) {
     fs::remove(dir / "checkpoint.pt"); // done: no resume needs it
     write_text(record_file, record.dump(2));
@@ -1015,11 +1011,7 @@ inline void run_frontier(
     const std::map<std::string, std::string>& font_paths,
     const Runtime& runtime) {
   const auto begin = std::chrono::steady_clock::now();
-  const auto elapsed = [&] {
-    return std::chrono::duration<double>(
-               std::chrono::steady_clock::now() - begin)
-        .count();
-  };
+  const auto elapsed = [&] { return seconds_since(begin); };
   if (options.shots.size() != 1) {
     throw std::invalid_argument(
         "--setting frontier takes one K in --shots, but got " +

@@ -12,6 +12,12 @@
 
 namespace typeface {
 
+/// Seconds since `start` on the steady clock.
+inline double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+      .count();
+}
+
 /// Whether progress bars are drawn: where torchrun starts several
 /// processes, only rank 0 draws them.
 inline bool& progress_drawn() {
@@ -56,9 +62,7 @@ class Progress {
   }
 
   double seconds() const {
-    return std::chrono::duration<double>(
-               std::chrono::steady_clock::now() - begin_)
-        .count();
+    return seconds_since(begin_);
   }
 
  private:
