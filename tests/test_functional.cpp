@@ -327,6 +327,125 @@ TEST_CASE(
   CHECK_FALSE(styleinject::detail::recompute_gate()); // ended with its scope
 }
 
+TEST_CASE(
+    "a float32 adapter on a half-precision base: one node, no further from "
+    "float64 than the composed path",
+    "[functional][dtype]") {
+  // The usual recipe (SPEC §7): the base in bfloat16 or float16, the
+  // adapter in float32. The node adds the update in float32 and rounds
+  // once; the reference is float64 on the same rounded values.
+  // LibTorch 1.13 has no float16 matmul on the CPU.
+#if TORCH_VERSION_MAJOR >= 2
+  const auto half = GENERATE(torch::kBFloat16, torch::kHalf);
+#else
+  const auto half = GENERATE(torch::kBFloat16);
+#endif
+  const int routing = GENERATE(0, 1, 2); // router, fixed (N, n) style, off
+  const bool gate = GENERATE(true, false);
+  const bool recompute = GENERATE(false, true);
+  CAPTURE(half, routing, gate, recompute);
+  torch::manual_seed(12);
+  auto p = random_layer(/*router=*/routing == 0, gate);
+  if (routing == 1) {
+    p.style = torch::softmax(torch::randn({3, kBranches}, torch::kDouble), 1);
+  }
+  p.scaling = 0.5;
+  p.scale = 0.8;
+  const auto rounded = [&](const torch::Tensor& t) {
+    return t.to(half).to(torch::kDouble);
+  };
+  // The half-precision values, the float32 ones, and an upstream gradient
+  // that the output's dtype holds exactly.
+  p.weight = rounded(p.weight);
+  p.bias = rounded(p.bias);
+  for (auto* t :
+       {&p.lora_A, &p.lora_B, &p.router_weight, &p.router_bias, &p.gate}) {
+    *t = t->defined() ? t->to(torch::kFloat).to(torch::kDouble) : *t;
+  }
+  const auto x = rounded(torch::randn({3, 6, kIn}, torch::kDouble) + 0.5);
+  const auto upstream = rounded(torch::randn({3, 6, kOut}, torch::kDouble));
+  // One forward and backward of the layer in (half, float32), or of the
+  // reference.
+  struct Pass {
+    std::vector<torch::Tensor> results; // output, x's and the adapter's grads
+    std::string node; // the output's grad_fn
+    std::vector<torch::ScalarType> kept; // FusedLinear's output-sized saves
+  };
+  const auto run = [&](bool reference, ComputePath path) {
+    const auto dtype = reference ? torch::kDouble : half;
+    const auto input = x.to(dtype).requires_grad_();
+    auto adapter = adapter_of(p, reference ? torch::kDouble : torch::kFloat);
+    std::vector<torch::Tensor> leaves{input};
+    for (auto* t :
+         {&adapter.lora_A,
+          &adapter.lora_B,
+          &adapter.router_weight,
+          &adapter.router_bias,
+          &adapter.gate}) {
+      if (t->defined()) {
+        leaves.push_back(t->requires_grad_());
+      }
+    }
+    torch::Tensor out;
+    {
+      c10::optional<styleinject::RecomputeGate> guard;
+      if (recompute) {
+        guard.emplace();
+      }
+      out = reference ? styleinject_test::plain_linear(p, input)
+                      : SF::style_inject_linear(
+                            input,
+                            p.weight.to(dtype),
+                            p.bias.to(dtype),
+                            adapter,
+                            options_of(p).path(path));
+    }
+    CHECK(out.scalar_type() == dtype);
+    Pass pass{{out.detach()}, out.grad_fn()->name(), {}};
+    using Node = torch::autograd::CppNode<styleinject::detail::FusedLinear>;
+    if (const auto* node = dynamic_cast<Node*>(out.grad_fn().get())) {
+      for (const auto& t : node->ctx_.get_saved_variables()) {
+        if (t.defined() && t.sizes() == out.sizes()) {
+          pass.kept.push_back(t.scalar_type());
+        }
+      }
+    }
+    for (const auto& grad :
+         torch::autograd::grad({out}, leaves, {upstream.to(dtype)})) {
+      pass.results.push_back(grad);
+    }
+    return pass;
+  };
+  const auto expected = run(true, ComputePath::kAuto).results;
+  const auto fused_pass = run(false, ComputePath::kAuto);
+  const auto composed_pass = run(false, ComputePath::kStacked);
+  const auto &fused = fused_pass.results, &composed = composed_pass.results;
+  CHECK_THAT(fused_pass.node, Catch::Matchers::Contains("FusedLinear"));
+  CHECK_THAT(composed_pass.node, !Catch::Matchers::Contains("FusedLinear"));
+  // What backward keeps of the output's size: u − mean_tok(u) in the
+  // base's dtype for a gate that trains, nothing under RecomputeGate.
+  CHECK(
+      fused_pass.kept ==
+      (gate && !recompute ? std::vector<torch::ScalarType>{half}
+                          : std::vector<torch::ScalarType>{}));
+  // Each result's largest error, as a fraction of its largest magnitude.
+  const auto error = [&](const torch::Tensor& got, size_t i) {
+    return (got.to(torch::kDouble) - expected[i]).abs().max().item<double>() /
+        expected[i].abs().max().item<double>();
+  };
+  const double unit = half == torch::kHalf ? 1.0 / 2048 : 1.0 / 256;
+  REQUIRE(fused.size() == expected.size());
+  for (size_t i = 0; i < expected.size(); ++i) {
+    CAPTURE(i, error(fused[i], i), error(composed[i], i));
+    // Both paths round W0 x + b0 to the base's dtype, which the gate
+    // carries on (times 1 + g, and through the token mean), and round the
+    // output and x's gradient once more; the adapter's gradients, in
+    // float32, carry the first rounding only.
+    CHECK(error(fused[i], i) < 4 * unit);
+    CHECK(error(fused[i], i) <= 1.5 * error(composed[i], i) + 1e-5);
+  }
+}
+
 TEST_CASE("linear_style_weights", "[functional]") {
   torch::manual_seed(3);
   const auto p = random_layer(/*router=*/true, /*gate=*/true);

@@ -774,9 +774,9 @@ inline torch::Tensor summed_linear(
 }
 
 /// style_inject_linear as autograd composes it from SPEC's formula. It runs
-/// where FusedLinear does not (a base that trains, mixed dtypes, autocast,
-/// dropout, no token axis, a parameter-free gate), and for second
-/// derivatives.
+/// where FusedLinear does not (a base that trains, an adapter in another
+/// dtype than the statistics', autocast, dropout, no token axis, a
+/// parameter-free gate), and for second derivatives.
 /// x: (N, L, d_in) -> (N, L, d_out)
 inline torch::Tensor composite_linear(
     const torch::Tensor& x,
@@ -911,6 +911,21 @@ inline bool& recompute_gate() {
   return on;
 }
 
+/// `write(out)`'s result, an element-wise op on tensors like `like`, in
+/// `dtype`, rounded once. CUDA's kernels write another dtype than they
+/// compute in, so there `out` has `dtype` and no copy is made; LibTorch
+/// 1.13's CPU kernels cannot, so there the result is converted after.
+template <typename Write>
+torch::Tensor written_in(
+    torch::ScalarType dtype,
+    const torch::Tensor& like,
+    const Write& write) {
+  const bool direct = like.scalar_type() == dtype || like.is_cuda();
+  auto out = torch::empty_like(
+      like, like.options().dtype(direct ? dtype : like.scalar_type()));
+  return write(out).to(dtype);
+}
+
 /// How FusedLinear computes u = W0 x + b0 + c·B (a x).
 enum class FusedForm {
   /// One GEMM with the weight W0 + c·B·a, shared or per instance.
@@ -936,10 +951,13 @@ struct FusedSettings {
 /// then `u = W0 x + b0 + c·B (a x)` and
 /// `h = (1 + g) ⊙ u − g ⊙ mean_tok(u)`, where mean_tok(u) follows from
 /// mean_tok(x) with no pass over u, as u is linear in x. A gate that trains
-/// needs u in backward, which is kept. The backward is a few GEMMs and
-/// reductions over the activations, then the small tensors' own (the
-/// router's share of the input's gradient joins it without a pass of its
-/// own); second derivatives go through autograd on composite_linear.
+/// needs u − mean_tok(u) in backward, which is kept in x's dtype. The
+/// backward is a few GEMMs and reductions over the activations, then the
+/// small tensors' own (the router's share of the input's gradient joins it
+/// without a pass of its own); second derivatives go through autograd on
+/// composite_linear. A float32 adapter on a bfloat16 or float16 base (SPEC
+/// §7's usual recipe): the base's GEMMs run in its dtype, the rest in
+/// float32, and the output is rounded once.
 /// x: (N, L, d_in) with N, L > 0 -> (N, L, d_out)
 struct FusedLinear : torch::autograd::Function<FusedLinear> {
   // The tensors' positions among forward's arguments.
@@ -966,8 +984,11 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
         router_bias.value_or(torch::Tensor()),
         gate.value_or(torch::Tensor())};
     const auto bias = bias_or_none.value_or(torch::Tensor());
+    // The adapter's part runs in its own dtype: x's, or float32 on a
+    // half-precision base (fuses).
+    const auto dtype = lora_A.scalar_type();
     const auto pooled = routes(adapter, options) || adapter.gate.defined()
-        ? x.mean(1)
+        ? x.mean(1, /*keepdim=*/false, dtype)
         : torch::Tensor();
     const auto mixed = mixing(x, pooled, adapter, options);
     const auto &a = mixed.a, &g = mixed.g;
@@ -983,11 +1004,22 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
       }
       u = instance_linear(x, merged, bias);
     } else {
-      z = instance_matmul(x, a.transpose(-1, -2));
+      z = instance_matmul(x.to(dtype), a.transpose(-1, -2));
       u = low_rank_output(x, weight, bias, z, lora_B, scaling);
     }
     const bool keep_u =
         settings.differentiable && g.defined() && !settings.recompute_u;
+    // For the gate's gradient: u − mean_tok(u), in x's dtype. Centred
+    // before it is rounded, so that a bfloat16 copy keeps the spread's
+    // precision however large the mean.
+    const auto centered = keep_u
+        ? written_in(
+              x.scalar_type(),
+              u,
+              [&](torch::Tensor& out) {
+                return torch::sub_out(out, u, mean_u.unsqueeze(1));
+              })
+        : torch::Tensor();
     ctx->save_for_backward(
         {x,
          lora_A,
@@ -1003,16 +1035,19 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
          g,
          mean_u,
          z,
-         keep_u ? u : torch::Tensor(),
+         centered,
          mixed.s});
     ctx->saved_data["merged_weight"] = settings.form == FusedForm::kWeight;
     ctx->saved_data["scaling"] = options.scaling();
     ctx->saved_data["scale"] = options.scale();
     ctx->saved_data["temperature"] = options.temperature();
     if (!g.defined()) {
-      return u;
+      return u.to(x.scalar_type());
     }
-    return torch::addcmul(-(g * mean_u).unsqueeze(1), u, (1 + g).unsqueeze(-2));
+    return written_in(x.scalar_type(), u, [&](torch::Tensor& out) {
+      return torch::addcmul_out(
+          out, -(g * mean_u).unsqueeze(1), u, (1 + g).unsqueeze(-2));
+    });
   }
 
   static torch::autograd::variable_list backward(
@@ -1072,12 +1107,13 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
     const auto s = style_weights(x, pooled, adapter, options);
     return {
         s,
-        mix_branches(s, adapter.lora_A).to(x.scalar_type()),
+        mix_branches(s, adapter.lora_A).to(adapter.lora_A.scalar_type()),
         adapter.gate.defined() ? gate_factor(s, adapter.gate, options.scale())
                                : torch::Tensor()};
   }
 
-  /// mean_tok(u) = W0 mean_tok(x) + b0 + c·B (a mean_tok(x)). -> (N, d_out)
+  /// mean_tok(u) = W0 mean_tok(x) + b0 + c·B (a mean_tok(x)), in the
+  /// adapter's dtype. -> (N, d_out)
   static torch::Tensor update_mean(
       const torch::Tensor& pooled,
       const torch::Tensor& a,
@@ -1085,15 +1121,18 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
       const torch::Tensor& weight,
       const torch::Tensor& bias,
       double scaling) {
+    const auto dtype = pooled.scalar_type();
     return torch::addmm(
-        torch::nn::functional::linear(pooled, weight, bias),
+        torch::nn::functional::linear(
+            pooled, weight.to(dtype), bias.defined() ? bias.to(dtype) : bias),
         instance_vector(pooled, a.transpose(-1, -2)), // a mean_tok(x)
         lora_B.t(),
         1,
         scaling);
   }
 
-  /// u = W0 x + b0 + c·B z, from the low-rank activations z = a x.
+  /// u = W0 x + b0 + c·B z, from the low-rank activations z = a x: the
+  /// base's GEMM in its dtype, the update added in z's.
   static torch::Tensor low_rank_output(
       const torch::Tensor& x,
       const torch::Tensor& weight,
@@ -1101,23 +1140,25 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
       const torch::Tensor& z,
       const torch::Tensor& lora_B,
       double scaling) {
-    auto u = torch::nn::functional::linear(x, weight, bias);
+    auto u = torch::nn::functional::linear(x, weight, bias).to(z.scalar_type());
     u.view({-1, u.size(-1)})
         .addmm_(z.view({-1, z.size(-1)}), lora_B.t(), 1, scaling);
     return u;
   }
 
-  /// u once more, for a backward whose forward did not keep it
-  /// (RecomputeGate): the forward's GEMM again.
-  static torch::Tensor recomputed_u(
+  /// u − mean_tok(u) once more, for a backward whose forward did not keep
+  /// it (RecomputeGate): the forward's GEMM again.
+  static torch::Tensor recomputed_centered(
       const torch::autograd::variable_list& saved,
       bool merged_form,
       double scaling) {
     const auto &x = saved[kX], &lora_B = saved[kB], &weight = saved[kWeight];
     const auto &bias = saved[kBias], &a = saved[10], &z = saved[13];
-    return merged_form
+    const auto& mean_u = saved[12];
+    const auto u = merged_form
         ? instance_linear(x, merged_weight(weight, a, lora_B, scaling), bias)
         : low_rank_output(x, weight, bias, z, lora_B, scaling);
+    return u.sub_(mean_u.unsqueeze(1));
   }
 
   /// W0 + c·B·a, shared or per instance.
@@ -1145,12 +1186,15 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
       torch::autograd::variable_list& result) {
     const auto &x = saved[0], &lora_B = saved[2], &weight = saved[6];
     const auto &pooled = saved[9], &a = saved[10], &g = saved[11];
-    const auto& mean_u = saved[12];
     const double scaling = options.scaling() * options.scale();
-    const auto u = g.defined() && !saved[14].defined()
-        ? recomputed_u(saved, merged_form, scaling)
+    const auto centered = g.defined() && !saved[14].defined()
+        ? recomputed_centered(saved, merged_form, scaling)
         : saved[14];
-    const auto grad = grad_h.contiguous();
+    // The adapter's part runs in its dtype, x's or wider; so does the
+    // gradient until it reaches the base's GEMM.
+    const auto dtype = a.scalar_type();
+    const auto grad = grad_h.to(dtype).contiguous();
+    const auto x_wide = x.to(dtype);
     const int64_t tokens = x.size(1);
     // The merged weight is formed again, not kept (it is W0's size): where
     // it serves more token rows than it has output rows, that costs less
@@ -1162,11 +1206,11 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
     torch::Tensor shift, gain, grad_g;
     if (g.defined()) {
       // shift = g ⊙ mean_tok(grad), and sum_t grad ⊙ (u − mean_u).
-      const auto sums = token_sums(grad, u);
+      const auto sums = token_sums(grad, centered);
       shift = g * sums.first / tokens;
       gain = (1 + g).unsqueeze(-1);
       if (sums.second.defined()) {
-        grad_g = (sums.second - sums.first * mean_u).sum_to_size(g.sizes());
+        grad_g = sums.second.sum_to_size(g.sizes());
       }
     }
     // δ B, (N, L, r): the gradient at the low-rank activations z = a x.
@@ -1177,13 +1221,13 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
     const bool routed = routes(adapter_of(saved), options);
     const bool router_wanted = wanted[kRouterWeight] || wanted[kRouterBias];
     const auto grad_a = wanted[kA] || (routed && (wanted[kX] || router_wanted))
-        ? (scaling * torch::bmm(grad_z.transpose(1, 2), x))
+        ? (scaling * torch::bmm(grad_z.transpose(1, 2), x_wide))
               .sum_to_size(a.sizes())
         : torch::Tensor();
     if (wanted[kB]) {
       const auto z = saved[13].defined()
           ? saved[13]
-          : instance_matmul(x, a.transpose(-1, -2));
+          : instance_matmul(x_wide, a.transpose(-1, -2));
       auto grad_zt = torch::bmm(grad.transpose(1, 2), z); // (N, d_out, r)
       if (g.defined()) {
         const auto z_sum =
@@ -1197,26 +1241,18 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
     const auto grad_pooled =
         mixing_backward(saved, options, grad_a, grad_g, wanted, result);
     if (wanted[kX]) {
-      // A vector per instance that every token's input gradient takes.
-      auto shifted = torch::Tensor();
-      if (g.defined()) {
-        // grad_z has the shift's low-rank part already.
-        shifted = instance_vector(shift, merged.defined() ? merged : weight);
-      }
-      if (grad_pooled.defined()) {
-        const auto share = grad_pooled / tokens;
-        shifted = shifted.defined() ? shifted - share : -share;
-      }
       result[kX] = merged.defined()
-          ? input_grad_merged(grad, gain, merged)
-          : input_grad_low_rank(grad, gain, grad_z, weight, a, scaling);
-      if (shifted.defined()) {
-        result[kX].sub_(shifted.unsqueeze(1));
+          ? input_grad_merged(grad, gain, shift, merged)
+          : input_grad_low_rank(grad, gain, shift, grad_z, weight, a, scaling);
+      if (grad_pooled.defined()) {
+        // The router's share: every token of an instance takes it.
+        result[kX].add_((grad_pooled / tokens).unsqueeze(1));
       }
+      result[kX] = result[kX].to(x.scalar_type());
     }
   }
 
-  /// Sums over the tokens, of t and of t ⊙ u, (N, C) each, from
+  /// Sums over the tokens, of t and of t ⊙ u, (N, C) each, in t's dtype, from
   /// (N, L, C): in chunks of tokens that stay in cache, as a product of the
   /// full size would cost an allocation and a pass through memory.
   static std::pair<torch::Tensor, torch::Tensor> token_sums(
@@ -1246,25 +1282,36 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
     return instance_matmul(v.unsqueeze(1), m).squeeze(1);
   }
 
-  /// grad ((1 + g) ⊙ W) with the merged weight; the shift comes after.
+  /// δ W with the merged weight W, δ = (1 + g) ⊙ grad − shift: as
+  /// grad ((1 + g) ⊙ W) less the shift's vector, so that δ is never
+  /// written out.
   static torch::Tensor input_grad_merged(
       const torch::Tensor& grad,
       const torch::Tensor& gain,
+      const torch::Tensor& shift,
       const torch::Tensor& merged) {
-    return instance_matmul(grad, gain.defined() ? gain * merged : merged);
+    if (!gain.defined()) {
+      return instance_matmul(grad, merged);
+    }
+    return instance_matmul(grad, gain * merged)
+        .sub_(instance_vector(shift, merged).unsqueeze(1));
   }
 
-  /// (1 + g) ⊙ grad W0 + c (δ B) a, with the base's GEMM on
-  /// (1 + g) ⊙ grad written out; the shift comes after.
+  /// δ W0 + c (δ B) a, δ = (1 + g) ⊙ grad − shift, in grad's dtype: δ
+  /// written out for the base's GEMM (in the base's dtype), δ B given.
   static torch::Tensor input_grad_low_rank(
       const torch::Tensor& grad,
       const torch::Tensor& gain,
+      const torch::Tensor& shift,
       const torch::Tensor& grad_z,
       const torch::Tensor& weight,
       const torch::Tensor& a,
       double scaling) {
-    auto grad_x = torch::matmul(
-        gain.defined() ? grad * gain.transpose(-1, -2) : grad, weight);
+    const auto delta = gain.defined()
+        ? torch::addcmul(-shift.unsqueeze(1), grad, gain.transpose(-1, -2))
+        : grad;
+    auto grad_x = torch::matmul(delta.to(weight.scalar_type()), weight)
+                      .to(grad.scalar_type());
     grad_x.baddbmm_(
         grad_z, a.expand({grad.size(0), a.size(-2), a.size(-1)}), 1, scaling);
     return grad_x;
@@ -1364,9 +1411,10 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
 };
 
 /// Whether style_inject_linear runs as one FusedLinear node: a frozen base
-/// (or no backward to come), one dtype for input, base, adapter and
-/// statistics (float32 or float64, no autocast), no dropout to apply, no
-/// style that wants a gradient, and instances with tokens.
+/// (or no backward to come), an adapter in the statistics' dtype (float32
+/// or float64 as its base, or float32 on a bfloat16 or float16 base), no
+/// autocast, no dropout to apply, no style that wants a gradient, and
+/// instances with tokens.
 /// x: (N, L, d_in)
 inline bool fuses(
     const torch::Tensor& x,
@@ -1381,21 +1429,26 @@ inline bool fuses(
   const auto& style = options.style();
   return options.path() != ComputePath::kStacked && x.size(0) > 0 &&
       x.size(1) > 0 && !autocast_enabled(x.device().type()) &&
-      adapter.lora_A.scalar_type() == dtype &&
-      statistics_dtype(dtype) == dtype && !base_trains &&
+      adapter.lora_A.scalar_type() == statistics_dtype(dtype) && !base_trains &&
       (!options.training() || options.dropout() == 0.0) &&
       !(grad && style.defined() && style.requires_grad()) &&
       !parameter_free(options.gate());
 }
 
-/// The form of FusedLinear for `path`. kAuto merges the weight where one
-/// weight serves every instance (a shared style): then the layer is the
-/// base's GEMM alone. Per instance, measured, neither form wins clearly,
-/// and the low-rank one keeps the base's own GEMM, so that an adapter at
-/// its initialisation (B = 0) gives the base's output bit for bit.
+/// The form of FusedLinear for `path` on input x. kAuto merges the weight
+/// where one weight serves every instance (a shared style): then the layer
+/// is the base's GEMM alone. Per instance, measured, neither form wins
+/// clearly, and the low-rank one keeps the base's own GEMM, so that an
+/// adapter at its initialisation (B = 0) gives the base's output bit for
+/// bit. An adapter wider than its base keeps the low-rank form: a merged
+/// weight in the base's dtype would round the update away.
 inline FusedForm fused_form(
+    const torch::Tensor& x,
     const functional::AdapterTensors& adapter,
     const functional::StyleInjectFuncOptions& options) {
+  if (adapter.lora_A.scalar_type() != x.scalar_type()) {
+    return FusedForm::kLowRank;
+  }
   if (options.path() == ComputePath::kMergedWeight) {
     return FusedForm::kWeight;
   }
@@ -1432,7 +1485,7 @@ inline torch::Tensor fused_linear(
       optional(bias),
       FusedSettings{
           options,
-          fused_form(adapter, options),
+          fused_form(x, adapter, options),
           differentiable,
           recompute_gate()});
 }
@@ -1446,9 +1499,9 @@ inline torch::Tensor fused_linear(
 /// layer keeps falls to LoRA's (its low-rank activations and vectors per
 /// instance); its backward costs about half a forward more. The forward
 /// decides, so the guard needs to live around the forward only. It acts
-/// on the fused node: a frozen base whose adapter has the base's dtype (a
-/// float32 adapter on a bfloat16 base, and Conv2d layers, are composed by
-/// autograd and keep what autograd keeps).
+/// on the fused node (see detail::fuses: a frozen base, its adapter in the
+/// base's dtype or in float32 on a half-precision base); Conv2d layers are
+/// composed by autograd and keep what autograd keeps.
 /// ```
 /// {
 ///   styleinject::RecomputeGate recompute;
