@@ -951,7 +951,8 @@ struct FusedSettings {
 /// then `u = W0 x + b0 + c·B (a x)` and
 /// `h = (1 + g) ⊙ u − g ⊙ mean_tok(u)`, where mean_tok(u) follows from
 /// mean_tok(x) with no pass over u, as u is linear in x. A gate that trains
-/// needs u − mean_tok(u) in backward, which is kept in x's dtype. The
+/// needs u in backward, which is kept in x's dtype (less its token mean
+/// where that dtype is narrower than the adapter's). The
 /// backward is a few GEMMs and reductions over the activations, then the
 /// small tensors' own (the router's share of the input's gradient joins it
 /// without a pass of its own); second derivatives go through autograd on
@@ -1009,17 +1010,15 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
     }
     const bool keep_u =
         settings.differentiable && g.defined() && !settings.recompute_u;
-    // For the gate's gradient: u − mean_tok(u), in x's dtype. Centred
-    // before it is rounded, so that a bfloat16 copy keeps the spread's
-    // precision however large the mean.
-    const auto centered = keep_u
-        ? written_in(
-              x.scalar_type(),
-              u,
-              [&](torch::Tensor& out) {
-                return torch::sub_out(out, u, mean_u.unsqueeze(1));
-              })
-        : torch::Tensor();
+    // For the gate's gradient, u in x's dtype; where that rounds it (a
+    // half-precision base), less its token mean first, so that the rounding
+    // keeps the spread's precision however large the mean.
+    const bool centered = keep_u && dtype != x.scalar_type();
+    const auto kept = !centered
+        ? (keep_u ? u : torch::Tensor())
+        : written_in(x.scalar_type(), u, [&](torch::Tensor& out) {
+            return torch::sub_out(out, u, mean_u.unsqueeze(1));
+          });
     ctx->save_for_backward(
         {x,
          lora_A,
@@ -1035,9 +1034,10 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
          g,
          mean_u,
          z,
-         centered,
+         kept,
          mixed.s});
     ctx->saved_data["merged_weight"] = settings.form == FusedForm::kWeight;
+    ctx->saved_data["centered"] = centered;
     ctx->saved_data["scaling"] = options.scaling();
     ctx->saved_data["scale"] = options.scale();
     ctx->saved_data["temperature"] = options.temperature();
@@ -1076,6 +1076,7 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
         saved,
         options,
         ctx->saved_data["merged_weight"].toBool(),
+        ctx->saved_data["centered"].toBool(),
         grads[0],
         wanted,
         result);
@@ -1146,19 +1147,17 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
     return u;
   }
 
-  /// u − mean_tok(u) once more, for a backward whose forward did not keep
-  /// it (RecomputeGate): the forward's GEMM again.
-  static torch::Tensor recomputed_centered(
+  /// u once more, for a backward whose forward did not keep it
+  /// (RecomputeGate): the forward's GEMM again.
+  static torch::Tensor recomputed_u(
       const torch::autograd::variable_list& saved,
       bool merged_form,
       double scaling) {
     const auto &x = saved[kX], &lora_B = saved[kB], &weight = saved[kWeight];
     const auto &bias = saved[kBias], &a = saved[10], &z = saved[13];
-    const auto& mean_u = saved[12];
-    const auto u = merged_form
+    return merged_form
         ? instance_linear(x, merged_weight(weight, a, lora_B, scaling), bias)
         : low_rank_output(x, weight, bias, z, lora_B, scaling);
-    return u.sub_(mean_u.unsqueeze(1));
   }
 
   /// W0 + c·B·a, shared or per instance.
@@ -1181,14 +1180,17 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
       const torch::autograd::variable_list& saved,
       const functional::StyleInjectFuncOptions& options,
       bool merged_form,
+      bool centered,
       const torch::Tensor& grad_h,
       const std::array<bool, kInputs>& wanted,
       torch::autograd::variable_list& result) {
     const auto &x = saved[0], &lora_B = saved[2], &weight = saved[6];
     const auto &pooled = saved[9], &a = saved[10], &g = saved[11];
+    const auto& mean_u = saved[12];
     const double scaling = options.scaling() * options.scale();
-    const auto centered = g.defined() && !saved[14].defined()
-        ? recomputed_centered(saved, merged_form, scaling)
+    // u, or u − mean_u where the forward kept it centred.
+    const auto u = g.defined() && !saved[14].defined()
+        ? recomputed_u(saved, merged_form, scaling)
         : saved[14];
     // The adapter's part runs in its dtype, x's or wider; so does the
     // gradient until it reaches the base's GEMM.
@@ -1206,11 +1208,12 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
     torch::Tensor shift, gain, grad_g;
     if (g.defined()) {
       // shift = g ⊙ mean_tok(grad), and sum_t grad ⊙ (u − mean_u).
-      const auto sums = token_sums(grad, centered);
+      const auto sums = token_sums(grad, u);
       shift = g * sums.first / tokens;
       gain = (1 + g).unsqueeze(-1);
       if (sums.second.defined()) {
-        grad_g = sums.second.sum_to_size(g.sizes());
+        grad_g = (centered ? sums.second : sums.second - sums.first * mean_u)
+                     .sum_to_size(g.sizes());
       }
     }
     // δ B, (N, L, r): the gradient at the low-rank activations z = a x.
