@@ -400,11 +400,115 @@ TEST_CASE(
   const auto reference =
       reference_conv2d_forward(reference_of(*layer), ConvGeometry{1, 1, 1}, x);
   CHECK(styleinject_test::near_reference(out, reference, 0.02));
-  out.sum().backward();
-  for (const auto& p : layer->adapter_parameters()) {
-    REQUIRE(p.grad().defined());
-    CHECK(p.grad().scalar_type() == torch::kFloat);
-    CHECK(torch::isfinite(p.grad()).all().item<bool>());
+  // The gradients against autograd through SPEC's formula in float64, on
+  // the same (bfloat16 and float32) values.
+  const auto weights = torch::randn(out.sizes(), torch::kDouble);
+  (out.to(torch::kDouble) * weights).sum().backward();
+  auto p64 = reference_of(*layer);
+  std::vector<torch::Tensor> leaves;
+  for (auto* t :
+       {&p64.lora_A,
+        &p64.lora_B,
+        &p64.gate,
+        &p64.router_weight,
+        &p64.router_bias}) {
+    *t = t->detach().to(torch::kDouble).requires_grad_();
+    leaves.push_back(*t);
+  }
+  p64.weight = p64.weight.detach().to(torch::kDouble);
+  p64.bias = p64.bias.detach().to(torch::kDouble);
+  const auto expected = torch::autograd::grad(
+      {(styleinject_test::plain_conv2d(
+            p64, ConvGeometry{1, 1, 1}, x.to(torch::kDouble)) *
+        weights)
+           .sum()},
+      leaves);
+  const auto parameters = layer->adapter_parameters();
+  REQUIRE(parameters.size() == expected.size());
+  for (size_t i = 0; i < parameters.size(); ++i) {
+    CAPTURE(i);
+    REQUIRE(parameters[i].grad().defined());
+    CHECK(parameters[i].grad().scalar_type() == torch::kFloat);
+    CHECK(styleinject_test::near_reference(
+        parameters[i].grad(), expected[i], 0.05));
+  }
+}
+
+TEST_CASE(
+    "WidenedConv2d keeps the narrow input and differentiates as the "
+    "convolution of its wider copy does, twice",
+    "[conv2d][dtype]") {
+  // A float32 kernel on a bfloat16 input: the low-rank convolutions of a
+  // float32 adapter on a bfloat16 base. Reference: plain autograd through
+  // F::conv2d(x.to(float32), kernel), which keeps the float32 copy.
+  namespace F = torch::nn::functional;
+  torch::manual_seed(41);
+  const int geometry = GENERATE(0, 1, 2); // strided, same padding, grouped
+  const bool input_grad = GENERATE(true, false);
+  CAPTURE(geometry, input_grad);
+  auto conv = F::Conv2dFuncOptions().stride(2).padding(1).dilation(1);
+  int64_t groups = 1;
+  if (geometry == 1) {
+    conv = F::Conv2dFuncOptions().padding(torch::kSame).dilation(2);
+  } else if (geometry == 2) {
+    groups = 2;
+    conv = F::Conv2dFuncOptions().padding(1).groups(groups);
+  }
+  const auto x0 = torch::randn({2, 4, 7, 6}).to(torch::kBFloat16);
+  const auto kernel0 = torch::randn({6, 4 / groups, 3, 3});
+  const auto weights =
+      torch::randn_like(F::conv2d(x0.to(torch::kFloat), kernel0, conv));
+  const auto run = [&](bool widened) {
+    const auto x = x0.clone().requires_grad_(input_grad);
+    const auto kernel = kernel0.clone().requires_grad_();
+    const auto z = widened
+        ? styleinject::detail::widened_conv2d(x, kernel, conv)
+        : F::conv2d(x.to(torch::kFloat), kernel, conv);
+    // What WidenedConv2d keeps: the input in its own dtype, and the kernel.
+    using Node = torch::autograd::CppNode<styleinject::detail::WidenedConv2d>;
+    if (const auto* node = dynamic_cast<Node*>(z.grad_fn().get())) {
+      const auto saved = node->ctx_.get_saved_variables();
+      CHECK(saved[0].scalar_type() == torch::kBFloat16);
+      CHECK(saved[1].scalar_type() == torch::kFloat);
+    } else {
+      CHECK_FALSE(widened);
+    }
+    std::vector<torch::Tensor> inputs{kernel};
+    if (input_grad) {
+      inputs.push_back(x);
+    }
+    // The first derivatives, then those of a penalty on them.
+    auto grads = torch::autograd::grad(
+        {(z * weights).sum()},
+        inputs,
+        {},
+        /*retain_graph=*/true,
+        /*create_graph=*/true);
+    auto penalty = z.pow(2).sum();
+    for (const auto& g : grads) {
+      penalty = penalty + g.to(torch::kFloat).pow(2).sum();
+    }
+    for (const auto& g : torch::autograd::grad({penalty}, inputs)) {
+      grads.push_back(g);
+    }
+    grads.insert(grads.begin(), z.detach());
+    return grads;
+  };
+  const auto got = run(true);
+  const auto expected = run(false);
+  REQUIRE(got.size() == expected.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    CAPTURE(i);
+    CHECK(got[i].scalar_type() == expected[i].scalar_type());
+    // x's second derivative is bfloat16, where the two round in another
+    // order: within one bfloat16 step of its largest magnitude.
+    const double tolerance =
+        got[i].scalar_type() == torch::kBFloat16 ? 1.0 / 128 : 1e-5;
+    const auto a = got[i].to(torch::kDouble),
+               b = expected[i].to(torch::kDouble);
+    CHECK(
+        (a - b).abs().max().item<double>() <=
+        tolerance * b.abs().max().item<double>());
   }
 }
 

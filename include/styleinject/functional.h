@@ -613,8 +613,83 @@ inline torch::nn::functional::Conv2dFuncOptions conv2d_geometry(
       .groups(groups);
 }
 
+/// A convolution's geometry, kept for a backward that runs it again.
+struct ConvGeometryHolder : torch::CustomClassHolder {
+  explicit ConvGeometryHolder(torch::nn::functional::Conv2dFuncOptions conv)
+      : conv(std::move(conv)) {}
+  torch::nn::functional::Conv2dFuncOptions conv;
+};
+
+/// `F::conv2d(x.to(kernel's dtype), kernel, conv)` that keeps x itself for
+/// backward, not the wider copy that the convolution would keep: for a
+/// float32 adapter on a bfloat16 base, nothing new (x is the layer's
+/// input) instead of twice x's bytes. Backward makes the copy and the
+/// low-rank convolution again (r channels out, against the base's C_out)
+/// and differentiates them, so second derivatives hold.
+struct WidenedConv2d : torch::autograd::Function<WidenedConv2d> {
+  static torch::Tensor forward(
+      torch::autograd::AutogradContext* ctx,
+      const torch::Tensor& x,
+      const torch::Tensor& kernel,
+      const torch::nn::functional::Conv2dFuncOptions& conv) {
+    ctx->save_for_backward({x, kernel});
+    ctx->saved_data["conv"] = c10::IValue::make_capsule(
+        c10::make_intrusive<ConvGeometryHolder>(conv));
+    return torch::nn::functional::conv2d(
+        x.to(kernel.scalar_type()), kernel, conv);
+  }
+
+  static torch::autograd::variable_list backward(
+      torch::autograd::AutogradContext* ctx,
+      torch::autograd::variable_list grads) {
+    const bool create_graph = torch::GradMode::is_enabled();
+    const torch::AutoGradMode enable_grad(true);
+    const auto saved = ctx->get_saved_variables();
+    const auto& conv = c10::static_intrusive_pointer_cast<ConvGeometryHolder>(
+                           ctx->saved_data["conv"].toCapsule())
+                           ->conv;
+    // Views of the inputs that want a gradient, at which it stops (the
+    // engine carries it further itself); the others, detached.
+    std::array<torch::Tensor, 2> inputs;
+    std::vector<torch::Tensor> wrt;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      const bool wanted = ctx->needs_input_grad(i);
+      inputs[i] = wanted ? saved[i].view_as(saved[i]) : saved[i].detach();
+      if (wanted) {
+        wrt.push_back(inputs[i]);
+      }
+    }
+    const auto z = torch::nn::functional::conv2d(
+        inputs[0].to(inputs[1].scalar_type()), inputs[1], conv);
+    const auto found = torch::autograd::grad(
+        {z}, wrt, {grads[0]}, /*retain_graph=*/create_graph, create_graph);
+    torch::autograd::variable_list result(3);
+    for (size_t i = 0, k = 0; i < inputs.size(); ++i) {
+      if (ctx->needs_input_grad(i)) {
+        result[i] = found[k++];
+      }
+    }
+    return result;
+  }
+};
+
+/// `F::conv2d(x.to(kernel's dtype), kernel, conv)`, through WidenedConv2d
+/// where that widens x and a backward may follow.
+inline torch::Tensor widened_conv2d(
+    const torch::Tensor& x,
+    const torch::Tensor& kernel,
+    const torch::nn::functional::Conv2dFuncOptions& conv) {
+  if (x.scalar_type() == kernel.scalar_type() ||
+      !torch::GradMode::is_enabled()) {
+    return torch::nn::functional::conv2d(
+        x.to(kernel.scalar_type()), kernel, conv);
+  }
+  return WidenedConv2d::apply(x, kernel, conv);
+}
+
 /// The mixed down-projection `sum_i s_i A_i * x` of SPEC §2 for Conv2d, by
-/// either path, in the dtype of x and lora_A: merged kernels per instance
+/// either path, in lora_A's dtype (x's may be narrower: widened_conv2d keeps
+/// x, not its wider copy, for backward): merged kernels per instance
 /// through one grouped convolution, or all n·r kernels as one convolution,
 /// then mixing.
 /// x: (N, C_in, H, W), lora_A: (n, r, C_in, kH, kW), s: (n) or (N, n)
@@ -625,7 +700,6 @@ inline torch::Tensor conv2d_down_projection(
     const torch::Tensor& s,
     const torch::nn::functional::Conv2dFuncOptions& conv,
     ComputePath path) {
-  namespace F = torch::nn::functional;
   const int64_t instances = x.size(0), channels = x.size(1);
   const int64_t branches = lora_A.size(0), rank = lora_A.size(1);
   // A kernel per instance runs as a grouped convolution, whose backward
@@ -638,16 +712,17 @@ inline torch::Tensor conv2d_down_projection(
   if (path == ComputePath::kMerged) {
     const auto a = mix_branches(s, lora_A).to(lora_A.scalar_type());
     if (s.dim() == 1) {
-      return F::conv2d(x, a, conv2d_geometry(conv, 1));
+      return widened_conv2d(x, a, conv2d_geometry(conv, 1));
     }
     // Instance i is group i: its channels meet only its own kernels.
-    const auto z = F::conv2d(
+    const auto z = widened_conv2d(
         x.reshape({1, instances * channels, x.size(2), x.size(3)}),
         a.flatten(0, 1),
         conv2d_geometry(conv, instances));
     return z.view({instances, rank, z.size(2), z.size(3)});
   }
-  const auto z = F::conv2d(x, lora_A.flatten(0, 1), conv2d_geometry(conv, 1));
+  const auto z =
+      widened_conv2d(x, lora_A.flatten(0, 1), conv2d_geometry(conv, 1));
   return mix_branch_outputs(
       s,
       z.view({instances, branches, rank, z.size(2), z.size(3)}),
@@ -810,7 +885,7 @@ inline DownProjection conv2d_down(
   return {
       s,
       conv2d_down_projection(
-          branch_input(input, options).to(dtype),
+          branch_input(input, options),
           adapter.lora_A.to(dtype),
           s,
           conv,
