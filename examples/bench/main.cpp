@@ -19,6 +19,10 @@
 // as inside a network); and for StyleInject, inference with a fixed style,
 // as it is and merged into the base weight, and with a LoRA of rank r
 // beside the adapter ("two adapters", summed).
+// ATen ops per train step, counted once per method ("ops"): those that
+// call no other op, less views and allocations. A GPU runs at least one
+// kernel for each, so the count is a floor under a trace's kernel count,
+// and it shows on any device what fusing saves.
 // Memory, probed once per method with a counting allocator (CPU; CUDA's
 // caching allocator on CUDA) that is off while timing: what the forward
 // leaves allocated for backward besides its output ("kept MB", for a
@@ -34,6 +38,7 @@
 
 #include <styleinject/styleinject.h>
 
+#include <ATen/record_function.h>
 #include <c10/core/CPUAllocator.h>
 #include <dlfcn.h>
 #include <fmt/format.h>
@@ -55,6 +60,7 @@
 #include <string>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #ifdef STYLEINJECT_BENCH_CUDA
@@ -582,6 +588,102 @@ struct LayerResult {
   /// consumer keeps nothing (a residual add); and the peak during the
   /// forward, above what was allocated before it.
   int64_t kept_bytes = 0, kept_bytes_residual = 0, peak_bytes = 0;
+  /// ATen ops that run a kernel in one train step (OpCounter).
+  int64_t ops = 0;
+};
+
+/// Counts, while one lives, the ATen ops on any thread that run a kernel:
+/// those below which no such op runs (the leaves of the dispatch tree, as a
+/// GEMM calls BLAS directly), less those that only make views, allocate or
+/// read metadata.
+class OpCounter {
+ public:
+  OpCounter()
+      : handle_(at::addGlobalCallback(
+            at::RecordFunctionCallback(&OpCounter::enter, &OpCounter::leave)
+                .scopes({at::RecordScope::FUNCTION}))) {
+    counted() = 0;
+  }
+  ~OpCounter() {
+    at::removeCallback(handle_);
+  }
+  OpCounter(const OpCounter&) = delete;
+  OpCounter& operator=(const OpCounter&) = delete;
+  int64_t count() const {
+    return counted().load();
+  }
+
+ private:
+  static std::atomic<int64_t>& counted() {
+    static std::atomic<int64_t> ops{0};
+    return ops;
+  }
+  /// Per thread, for each op entered and not yet left: whether an op that
+  /// runs a kernel has run below it.
+  static std::vector<bool>& open() {
+    static thread_local std::vector<bool> kernel_below;
+    return kernel_below;
+  }
+  static bool runs_no_kernel(const std::string& name) {
+    static const std::unordered_set<std::string> names{
+        "aten::view",
+        "aten::_unsafe_view",
+        "aten::reshape",
+        "aten::_reshape_alias",
+        "aten::view_as",
+        "aten::as_strided",
+        "aten::as_strided_",
+        "aten::transpose",
+        "aten::t",
+        "aten::permute",
+        "aten::expand",
+        "aten::expand_as",
+        "aten::unsqueeze",
+        "aten::squeeze",
+        "aten::select",
+        "aten::slice",
+        "aten::narrow",
+        "aten::alias",
+        "aten::detach",
+        "aten::detach_",
+        "aten::empty",
+        "aten::empty_like",
+        "aten::empty_strided",
+        "aten::resize_",
+        "aten::flatten",
+        "aten::unflatten",
+        "aten::lift_fresh",
+        "aten::contiguous",
+        "aten::to",
+        "aten::_to_copy",
+        "aten::resolve_conj",
+        "aten::resolve_neg",
+        "aten::result_type",
+        "aten::size",
+        "aten::stride",
+        "aten::is_same_size",
+        "aten::promote_types",
+        "aten::squeeze_",
+        "aten::unsqueeze_",
+        "aten::sum_to_size"};
+    return name.rfind("aten::", 0) != 0 || names.count(name) > 0;
+  }
+  static std::unique_ptr<at::ObserverContext> enter(const at::RecordFunction&) {
+    open().push_back(false);
+    return nullptr;
+  }
+  static void leave(const at::RecordFunction& fn, at::ObserverContext*) {
+    const bool kernel_below = open().back();
+    open().pop_back();
+    const bool kernel = !kernel_below && !runs_no_kernel(fn.name());
+    if (kernel) {
+      ++counted();
+    }
+    if ((kernel || kernel_below) && !open().empty()) {
+      open().back() = true;
+    }
+  }
+  at::CallbackHandle handle_;
 };
 
 /// The memory figures of LayerResult for one forward of `forward` on x.
@@ -638,6 +740,17 @@ std::vector<LayerResult> measure_layer(
       : torch::randn({shape.batch, shape.tokens, shape.in}, options);
   const auto x_train = x.clone().requires_grad_(true);
   torch::Tensor grad_out;
+  const auto train_step = [&](Runner& runner) {
+    const auto out = runner.forward(x_train);
+    if (!grad_out.defined()) {
+      grad_out = torch::randn_like(out);
+    }
+    out.backward(grad_out);
+    x_train.mutable_grad().reset();
+    for (auto& t : runner.trainable) {
+      t.mutable_grad().reset();
+    }
+  };
   // Round 0 warms up: allocator caches, kernel selection.
   for (int round = 0; round <= rounds; ++round) {
     for (size_t m = 0; m < runners.size(); ++m) {
@@ -648,19 +761,7 @@ std::vector<LayerResult> measure_layer(
             runner.forward(x);
           },
           device);
-      const auto train = time_ms(
-          [&] {
-            const auto out = runner.forward(x_train);
-            if (!grad_out.defined()) {
-              grad_out = torch::randn_like(out);
-            }
-            out.backward(grad_out);
-            x_train.mutable_grad().reset();
-            for (auto& t : runner.trainable) {
-              t.mutable_grad().reset();
-            }
-          },
-          device);
+      const auto train = time_ms([&] { train_step(runner); }, device);
       std::vector<double> inference;
       for (const auto& variant : runner.inference) {
         inference.push_back(time_ms(
@@ -682,6 +783,10 @@ std::vector<LayerResult> measure_layer(
   }
   for (size_t m = 0; m < runners.size(); ++m) {
     probe_memory(runners[m].forward, x_train, device, results[m]);
+    const OpCounter counter;
+    train_step(runners[m]);
+    synchronize(device);
+    results[m].ops = counter.count();
   }
   return results;
 }
@@ -1088,7 +1193,7 @@ int main(int argc, char** argv) {
   if (layers) {
     fmt::print(
         "\n{:<18} {:<26} {:<17} {:>8} {:>8} {:>9} {:>18} {:>18} {:>18} "
-        "{:>8} {:>8} {:>8}\n",
+        "{:>8} {:>8} {:>8} {:>5}\n",
         "case",
         "shape",
         "method",
@@ -1100,7 +1205,8 @@ int main(int argc, char** argv) {
         "train / lora",
         "kept MB",
         "kept+res",
-        "peak MB");
+        "peak MB",
+        "ops");
   }
   for (const auto& shape : layers ? shapes(quick) : std::vector<Shape>{}) {
     const auto results = measure_layer(
@@ -1113,7 +1219,7 @@ int main(int argc, char** argv) {
       const auto train_lora = ratio(r.train_ms, lora.train_ms);
       fmt::print(
           "{:<18} {:<26} {:<17} {:>8} {:>8.2f} {:>9.2f} {:>18} {:>18} {:>18} "
-          "{:>8.2f} {:>8.2f} {:>8.2f}\n",
+          "{:>8.2f} {:>8.2f} {:>8.2f} {:>5}\n",
           shape.name,
           shape.describe(),
           name_of(r.method),
@@ -1125,7 +1231,8 @@ int main(int argc, char** argv) {
           train_lora.text(),
           r.kept_bytes / 1e6,
           r.kept_bytes_residual / 1e6,
-          r.peak_bytes / 1e6);
+          r.peak_bytes / 1e6,
+          r.ops);
       nlohmann::ordered_json entry{
           {"name",
            shape.name + "/b" + std::to_string(shape.batch) + "/" +
@@ -1142,7 +1249,8 @@ int main(int argc, char** argv) {
           {"train_vs_lora", to_json(train_lora)},
           {"kept_bytes", r.kept_bytes},
           {"kept_bytes_residual", r.kept_bytes_residual},
-          {"peak_forward_bytes", r.peak_bytes}};
+          {"peak_forward_bytes", r.peak_bytes},
+          {"ops_per_train_step", r.ops}};
       for (const auto& variant : r.inference_ms) {
         const auto versus_base = ratio(variant.second, base.forward_ms);
         fmt::print(
