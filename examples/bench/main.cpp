@@ -19,10 +19,10 @@
 // as inside a network); and for StyleInject, inference with a fixed style,
 // as it is and merged into the base weight, and with a LoRA of rank r
 // beside the adapter ("two adapters", summed).
-// ATen ops per train step, counted once per method ("ops"): those that
-// call no other op, less views and allocations. A GPU runs at least one
-// kernel for each, so the count is a floor under a trace's kernel count,
-// and it shows on any device what fusing saves.
+// ATen ops per train step, counted once per method ("ops"): those below
+// which no other such op runs, less views, allocations and metadata. A GPU
+// runs at least one kernel or copy for each, so the count is a floor under
+// a trace's kernel count, and it shows on any device what fusing saves.
 // Memory, probed once per method with a counting allocator (CPU; CUDA's
 // caching allocator on CUDA) that is off while timing: what the forward
 // leaves allocated for backward besides its output ("kept MB", for a
@@ -673,6 +673,9 @@ class OpCounter {
     return nullptr;
   }
   static void leave(const at::RecordFunction& fn, at::ObserverContext*) {
+    if (open().empty()) { // entered before the counter began
+      return;
+    }
     const bool kernel_below = open().back();
     open().pop_back();
     const bool kernel = !kernel_below && !runs_no_kernel(fn.name());
