@@ -20,9 +20,10 @@
 // as it is and merged into the base weight, and with a LoRA of rank r
 // beside the adapter ("two adapters", summed).
 // ATen ops per train step, counted once per method ("ops"): those below
-// which no other such op runs, less views, allocations and metadata. A GPU
-// runs at least one kernel or copy for each, so the count is a floor under
-// a trace's kernel count, and it shows on any device what fusing saves.
+// which no other such op runs, less views, allocations and metadata. Each
+// runs a kernel on the device it runs on, so on a GPU the count is a floor
+// under a trace's kernel count; the CPU's count also holds ops that only
+// its own kernels call (addmm's bias copy, a reduction's fill).
 // Memory, probed once per method with a counting allocator (CPU; CUDA's
 // caching allocator on CUDA) that is off while timing: what the forward
 // leaves allocated for backward besides its output ("kept MB", for a
