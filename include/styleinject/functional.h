@@ -613,6 +613,38 @@ inline torch::nn::functional::Conv2dFuncOptions conv2d_geometry(
       .groups(groups);
 }
 
+/// The gradients, given `grad` at its output, of what `recompute` makes of
+/// the first N saved inputs, by autograd once more: on views of those
+/// inputs, at which the gradients stop (the engine carries them further
+/// itself), so that with create_graph they differentiate again. Into
+/// `result` at the wanted inputs' positions. The backward of a node that
+/// keeps less than autograd would, or whose own backward is first-order.
+template <size_t N, typename Recompute>
+void recomputed_gradients(
+    const torch::autograd::variable_list& saved,
+    const std::array<bool, N>& wanted,
+    const torch::Tensor& grad,
+    bool create_graph,
+    const Recompute& recompute,
+    torch::autograd::variable_list& result) {
+  const torch::AutoGradMode enable_grad(true);
+  std::array<torch::Tensor, N> inputs;
+  std::vector<torch::Tensor> wrt;
+  std::vector<size_t> positions;
+  for (size_t i = 0; i < N; ++i) {
+    inputs[i] = saved[i].defined() ? saved[i].view_as(saved[i]) : saved[i];
+    if (wanted[i]) {
+      wrt.push_back(inputs[i]);
+      positions.push_back(i);
+    }
+  }
+  const auto found = torch::autograd::grad(
+      {recompute(inputs)}, wrt, {grad}, create_graph, create_graph);
+  for (size_t k = 0; k < wrt.size(); ++k) {
+    result[positions[k]] = found[k];
+  }
+}
+
 /// A convolution's geometry, kept for a backward that runs it again.
 struct ConvGeometryHolder : torch::CustomClassHolder {
   explicit ConvGeometryHolder(torch::nn::functional::Conv2dFuncOptions conv)
@@ -642,33 +674,20 @@ struct WidenedConv2d : torch::autograd::Function<WidenedConv2d> {
   static torch::autograd::variable_list backward(
       torch::autograd::AutogradContext* ctx,
       torch::autograd::variable_list grads) {
-    const bool create_graph = torch::GradMode::is_enabled();
-    const torch::AutoGradMode enable_grad(true);
-    const auto saved = ctx->get_saved_variables();
     const auto& conv = c10::static_intrusive_pointer_cast<ConvGeometryHolder>(
                            ctx->saved_data["conv"].toCapsule())
                            ->conv;
-    // Views of the inputs that want a gradient, at which it stops (the
-    // engine carries it further itself); the others, detached.
-    std::array<torch::Tensor, 2> inputs;
-    std::vector<torch::Tensor> wrt;
-    for (size_t i = 0; i < inputs.size(); ++i) {
-      const bool wanted = ctx->needs_input_grad(i);
-      inputs[i] = wanted ? saved[i].view_as(saved[i]) : saved[i].detach();
-      if (wanted) {
-        wrt.push_back(inputs[i]);
-      }
-    }
-    const auto z = torch::nn::functional::conv2d(
-        inputs[0].to(inputs[1].scalar_type()), inputs[1], conv);
-    const auto found = torch::autograd::grad(
-        {z}, wrt, {grads[0]}, /*retain_graph=*/create_graph, create_graph);
     torch::autograd::variable_list result(3);
-    for (size_t i = 0, k = 0; i < inputs.size(); ++i) {
-      if (ctx->needs_input_grad(i)) {
-        result[i] = found[k++];
-      }
-    }
+    recomputed_gradients<2>(
+        ctx->get_saved_variables(),
+        {ctx->needs_input_grad(0), ctx->needs_input_grad(1)},
+        grads[0],
+        /*create_graph=*/torch::GradMode::is_enabled(),
+        [&](const std::array<torch::Tensor, 2>& inputs) {
+          return torch::nn::functional::conv2d(
+              inputs[0].to(inputs[1].scalar_type()), inputs[1], conv);
+        },
+        result);
     return result;
   }
 };
@@ -1457,34 +1476,25 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
       const torch::Tensor& grad,
       const std::array<bool, kInputs>& wanted,
       torch::autograd::variable_list& result) {
-    // Views of the inputs, at which these gradients stop: the engine
-    // carries them further itself.
-    std::array<torch::Tensor, kInputs> inputs;
-    std::vector<torch::Tensor> wrt;
-    std::vector<size_t> positions;
-    for (size_t i = 0; i < kInputs; ++i) {
-      inputs[i] = saved[i].defined() ? saved[i].view_as(saved[i]) : saved[i];
-      if (wanted[i]) {
-        wrt.push_back(inputs[i]);
-        positions.push_back(i);
-      }
-    }
-    const auto h = composite_linear(
-        inputs[kX],
-        inputs[kWeight],
-        inputs[kBias],
-        {inputs[kA],
-         inputs[kB],
-         inputs[kRouterWeight],
-         inputs[kRouterBias],
-         inputs[kGate]},
-        options,
-        /*tokens=*/true);
-    const auto found = torch::autograd::grad(
-        {h}, wrt, {grad}, /*retain_graph=*/true, /*create_graph=*/true);
-    for (size_t k = 0; k < wrt.size(); ++k) {
-      result[positions[k]] = found[k];
-    }
+    recomputed_gradients(
+        saved,
+        wanted,
+        grad,
+        /*create_graph=*/true,
+        [&](const std::array<torch::Tensor, kInputs>& inputs) {
+          return composite_linear(
+              inputs[kX],
+              inputs[kWeight],
+              inputs[kBias],
+              {inputs[kA],
+               inputs[kB],
+               inputs[kRouterWeight],
+               inputs[kRouterBias],
+               inputs[kGate]},
+              options,
+              /*tokens=*/true);
+        },
+        result);
   }
 };
 
