@@ -3,18 +3,21 @@
 
 #include <styleinject/captured_step.h>
 #include <styleinject/conv2d.h>
-#include <styleinject/distributed.h>
+#include <styleinject/cuda/kernels.h>
+#include <styleinject/cuda/nvrtc.h>
+#include <styleinject/cuda/sources.h>
 #include <styleinject/detail/checkpoint.h>
 #include <styleinject/detail/json.h>
 #include <styleinject/detail/regex.h>
-#include <styleinject/safetensors.h>
 #include <styleinject/detail/torch_compat.h>
+#include <styleinject/distributed.h>
 #include <styleinject/functional.h>
 #include <styleinject/inject.h>
 #include <styleinject/layer.h>
 #include <styleinject/linear.h>
 #include <styleinject/lora_files.h>
 #include <styleinject/options.h>
+#include <styleinject/safetensors.h>
 #include <styleinject/serialize.h>
 #include <styleinject/styleinject.h>
 #include <styleinject/version.h>

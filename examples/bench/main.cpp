@@ -19,8 +19,11 @@
 // as inside a network); and for StyleInject, inference with a fixed style,
 // as it is and merged into the base weight, and with a LoRA of rank r
 // beside the adapter ("two adapters", summed).
+// On CUDA, StyleInject also runs under CudaKernels (`styleinject_kernels`:
+// the library's own kernels, compiled by NVRTC).
 // ATen ops per train step, counted once per method ("ops"): those below
-// which no other such op runs, less views, allocations and metadata. Each
+// which no other such op runs, less views, allocations and metadata, plus
+// the library's own kernels' launches. Each
 // runs a kernel on the device it runs on, so on a GPU the count is a floor
 // under a trace's kernel count; the CPU's count also holds ops that only
 // its own kernels call (addmm's bias copy, a reduction's fill).
@@ -146,15 +149,17 @@ enum class Method {
   kNaive,
   kStyleInject,
   kRecompute, // StyleInject under RecomputeGate: u made again in backward
+  kKernels, // StyleInject under CudaKernels: the library's kernels (CUDA)
 };
-constexpr std::array<Method, 7> kMethods{
+constexpr std::array<Method, 8> kMethods{
     Method::kBase,
     Method::kLora,
     Method::kLoraNr,
     Method::kLoraPreset,
     Method::kNaive,
     Method::kStyleInject,
-    Method::kRecompute};
+    Method::kRecompute,
+    Method::kKernels};
 
 const char* name_of(Method m) {
   switch (m) {
@@ -172,6 +177,8 @@ const char* name_of(Method m) {
       return "styleinject";
     case Method::kRecompute:
       return "styleinject_recompute";
+    case Method::kKernels:
+      return "styleinject_kernels";
   }
   return "";
 }
@@ -534,7 +541,7 @@ Runner make(
   c10::optional<StyleInjectOptions> options;
   if (method == Method::kLoraPreset) {
     options = StyleInjectOptions::lora(equal_params_rank(shape));
-  } else if (method == Method::kRecompute) {
+  } else if (method == Method::kRecompute || method == Method::kKernels) {
     auto runner = make(
         Method::kStyleInject,
         shape,
@@ -544,7 +551,12 @@ Runner make(
         dtype,
         adapter_dtype,
         path);
-    runner.forward = [forward = runner.forward](const torch::Tensor& x) {
+    runner.forward = [forward = runner.forward,
+                      method](const torch::Tensor& x) {
+      if (method == Method::kKernels) {
+        styleinject::CudaKernels kernels;
+        return forward(x);
+      }
       styleinject::RecomputeGate recompute;
       return forward(x);
     };
@@ -734,6 +746,9 @@ std::vector<LayerResult> measure_layer(
   std::vector<Runner> runners;
   std::vector<LayerResult> results;
   for (const auto method : kMethods) {
+    if (method == Method::kKernels && !device.is_cuda()) {
+      continue; // the same as StyleInject's elsewhere
+    }
     runners.push_back(
         make(method, shape, weight, bias, device, dtype, adapter_dtype, path));
     results.push_back({method, runners.back().parameters});
@@ -788,9 +803,11 @@ std::vector<LayerResult> measure_layer(
   for (size_t m = 0; m < runners.size(); ++m) {
     probe_memory(runners[m].forward, x_train, device, results[m]);
     const OpCounter counter;
+    const auto launches = styleinject::cuda::detail::kernel_launches().load();
     train_step(runners[m]);
     synchronize(device);
-    results[m].ops = counter.count();
+    results[m].ops = counter.count() +
+        styleinject::cuda::detail::kernel_launches().load() - launches;
   }
   return results;
 }

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <styleinject/cuda/kernels.h>
 #include <styleinject/detail/torch_compat.h>
 #include <styleinject/options.h>
 
@@ -1037,6 +1038,8 @@ struct FusedSettings {
   bool differentiable;
   /// Whether a gated backward makes u again rather than keep it.
   bool recompute_u = false;
+  /// Whether the backward uses the library's CUDA kernels (CudaKernels).
+  bool kernels = false;
 };
 
 /// StyleInjectLinear's forward for a frozen base as one autograd node, with
@@ -1132,6 +1135,7 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
          mixed.s});
     ctx->saved_data["merged_weight"] = settings.form == FusedForm::kWeight;
     ctx->saved_data["centered"] = centered;
+    ctx->saved_data["kernels"] = settings.kernels;
     ctx->saved_data["scaling"] = options.scaling();
     ctx->saved_data["scale"] = options.scale();
     ctx->saved_data["temperature"] = options.temperature();
@@ -1169,8 +1173,9 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
     first_order_backward(
         saved,
         options,
-        ctx->saved_data["merged_weight"].toBool(),
-        ctx->saved_data["centered"].toBool(),
+        {ctx->saved_data["merged_weight"].toBool(),
+         ctx->saved_data["centered"].toBool(),
+         ctx->saved_data["kernels"].toBool()},
         grads[0],
         wanted,
         result);
@@ -1266,6 +1271,15 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
               weight, lora_B.expand({a.size(0), -1, -1}), a, 1, scaling);
   }
 
+  /// How the forward ran, as far as its backward needs to know.
+  struct Run {
+    bool merged_form;
+    /// Whether the forward kept u less its token mean.
+    bool centered;
+    /// FusedSettings::kernels.
+    bool kernels;
+  };
+
   /// The gradients of a first backward. With δ = (1 + g) ⊙ grad −
   /// g ⊙ mean_tok(grad), the gradient at u, every big term is a GEMM or a
   /// reduction on grad itself; δ is written out only for the low-rank
@@ -1273,8 +1287,7 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
   static void first_order_backward(
       const torch::autograd::variable_list& saved,
       const functional::StyleInjectFuncOptions& options,
-      bool merged_form,
-      bool centered,
+      const Run& run,
       const torch::Tensor& grad_h,
       const std::array<bool, kInputs>& wanted,
       torch::autograd::variable_list& result) {
@@ -1284,7 +1297,7 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
     const double scaling = options.scaling() * options.scale();
     // u, or u − mean_u where the forward kept it centred.
     const auto u = g.defined() && !saved[14].defined()
-        ? recomputed_u(saved, merged_form, scaling)
+        ? recomputed_u(saved, run.merged_form, scaling)
         : saved[14];
     // The adapter's part runs in its dtype, x's or wider; so does the
     // gradient until it reaches the base's GEMM.
@@ -1296,18 +1309,19 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
     // it serves more token rows than it has output rows, that costs less
     // than the low-rank form's extra pass over the input's gradient.
     const int64_t rows = a.dim() == 2 ? x.size(0) * tokens : tokens;
-    const auto merged = merged_form && wanted[kX] && rows >= weight.size(0)
+    const auto merged = run.merged_form && wanted[kX] && rows >= weight.size(0)
         ? merged_weight(weight, a, lora_B, scaling)
         : torch::Tensor();
     torch::Tensor shift, gain, grad_g;
     if (g.defined()) {
       // shift = g ⊙ mean_tok(grad), and sum_t grad ⊙ (u − mean_u).
-      const auto sums = token_sums(grad, u);
+      const auto sums = token_sums(grad, u, run.kernels);
       shift = g * sums.first / tokens;
       gain = (1 + g).unsqueeze(-1);
       if (sums.second.defined()) {
-        grad_g = (centered ? sums.second : sums.second - sums.first * mean_u)
-                     .sum_to_size(g.sizes());
+        grad_g =
+            (run.centered ? sums.second : sums.second - sums.first * mean_u)
+                .sum_to_size(g.sizes());
       }
     }
     // δ B, (N, L, r): the gradient at the low-rank activations z = a x.
@@ -1351,12 +1365,17 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
 
   /// Sums over the tokens, of t and of t ⊙ u, (N, C) each, in t's dtype, from
   /// (N, L, C): in chunks of tokens that stay in cache, as a product of the
-  /// full size would cost an allocation and a pass through memory.
+  /// full size would cost an allocation and a pass through memory; or by
+  /// the library's CUDA kernel, in one pass.
   static std::pair<torch::Tensor, torch::Tensor> token_sums(
       const torch::Tensor& t,
-      const torch::Tensor& u) {
+      const torch::Tensor& u,
+      bool kernels) {
     if (!u.defined()) {
       return {t.sum(1), torch::Tensor()};
+    }
+    if (kernels) {
+      return cuda::detail::token_sums(t, u);
     }
     const int64_t tokens = t.size(1);
     const int64_t chunk = t.is_cuda()
@@ -1575,7 +1594,8 @@ inline torch::Tensor fused_linear(
           options,
           fused_form(x, adapter, options),
           differentiable,
-          recompute_gate()});
+          recompute_gate(),
+          cuda::detail::kernels_serve(x)});
 }
 
 } // namespace detail
@@ -1600,6 +1620,19 @@ inline torch::Tensor fused_linear(
 class RecomputeGate : detail::ScopedFlag {
  public:
   RecomputeGate() : ScopedFlag(detail::recompute_gate()) {}
+};
+
+/// While one lives, StyleInject layers on this thread whose input is on a
+/// CUDA device use the library's own kernels where it has one (today: the
+/// gate's token statistics in the fused Linear node's backward), each
+/// compiled by NVRTC at its first use on a device (<styleinject/cuda/>).
+/// The forward decides, so the guard needs to live around the forward
+/// only. Off by default: every CUDA build's tests compile the kernels, but
+/// they have yet to pass their [cuda] tests on a device. Without CUDA it
+/// changes nothing.
+class CudaKernels : detail::ScopedFlag {
+ public:
+  CudaKernels() : ScopedFlag(cuda::detail::kernels_on()) {}
 };
 
 namespace functional {
