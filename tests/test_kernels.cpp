@@ -2,7 +2,7 @@
 // build of LibTorch, NVRTC compiles each kernel for every architecture it
 // knows, no device needed ([nvrtc]), so that CI catches a broken kernel; on
 // a device ([cuda]), each kernel against a float64 reference, and the layer
-// under CudaKernels against the layer without.
+// under CudaKernels (output and gradients) against the layer without.
 
 #include "support.h"
 
@@ -149,9 +149,121 @@ TEST_CASE("token_sums on CUDA against float64", "[.cuda]") {
   CHECK(torch::equal(by_view.second, dot));
 }
 
+TEST_CASE("route_and_mix on CUDA against float64", "[.cuda]") {
+  REQUIRE(torch::cuda::is_available());
+  torch::manual_seed(33);
+  const int64_t branches = GENERATE(1, 3, 4, 64);
+  const bool gated = GENERATE(true, false);
+  const int64_t instances = 5, d_in = 77, rank = 3, d_out = 45;
+  const double temperature = 0.7, scale = 0.8;
+  CAPTURE(branches, gated);
+  const auto cuda = torch::TensorOptions().device(torch::kCUDA);
+  const auto pooled = torch::randn({instances, d_in}, cuda);
+  const auto router_weight = torch::randn({branches, d_in}, cuda) / 4;
+  const auto router_bias = torch::randn({branches}, cuda);
+  const auto lora_A = torch::randn({branches, rank, d_in}, cuda);
+  const auto gate =
+      gated ? torch::randn({branches, d_out}, cuda) : torch::Tensor();
+  const auto launches = D::kernel_launches().load();
+  const auto mixed = D::route_and_mix(
+      pooled, router_weight, router_bias, lora_A, gate, temperature, scale);
+  CHECK(D::kernel_launches().load() == launches + 1);
+  // SPEC §1-3 in float64, written out.
+  const auto f64 = [](const torch::Tensor& t) {
+    return t.cpu().to(torch::kDouble);
+  };
+  const auto s = torch::softmax(
+      (f64(pooled).mm(f64(router_weight).t()) + f64(router_bias)) / temperature,
+      1);
+  const auto a = s.mm(f64(lora_A).flatten(1)).view({instances, rank, d_in});
+  const auto near = [](const torch::Tensor& got,
+                       const torch::Tensor& expected) {
+    return torch::allclose(got.cpu().to(torch::kDouble), expected, 1e-5, 1e-5);
+  };
+  CHECK(near(mixed.s, s));
+  CHECK(near(mixed.a, a));
+  CHECK(mixed.g.defined() == gated);
+  if (gated) {
+    CHECK(near(mixed.g, torch::tanh(scale * s.mm(f64(gate)))));
+  }
+}
+
 TEST_CASE(
-    "on CUDA, a gated Linear layer's gradients under CudaKernels equal those "
-    "without",
+    "route_and_mix_backward on CUDA against float64 autograd",
+    "[.cuda]") {
+  REQUIRE(torch::cuda::is_available());
+  torch::manual_seed(34);
+  const int64_t branches = GENERATE(1, 4, 64);
+  const bool gated = GENERATE(true, false);
+  const bool pooled_wanted = GENERATE(true, false);
+  const int64_t instances = 5, d_in = 77, rank = 3, d_out = 45;
+  const double temperature = 0.7, scale = 0.8;
+  CAPTURE(branches, gated, pooled_wanted);
+  const auto f64 = torch::TensorOptions().dtype(torch::kDouble);
+  const auto leaf = [&](std::vector<int64_t> sizes) {
+    return torch::randn(sizes, f64).requires_grad_();
+  };
+  const auto pooled = leaf({instances, d_in});
+  const auto router_weight =
+      (torch::randn({branches, d_in}, f64) / 4).requires_grad_();
+  const auto router_bias = leaf({branches});
+  const auto lora_A = leaf({branches, rank, d_in});
+  const auto gate = leaf({branches, d_out});
+  // SPEC §1-3 in float64, differentiated by autograd.
+  const auto s = torch::softmax(
+      (pooled.mm(router_weight.t()) + router_bias) / temperature, 1);
+  const auto a = s.mm(lora_A.flatten(1)).view({instances, rank, d_in});
+  const auto g = torch::tanh(scale * s.mm(gate));
+  const auto grad_a = torch::randn_like(a), grad_g = torch::randn_like(g);
+  auto objective = (a * grad_a).sum();
+  if (gated) {
+    objective = objective + (g * grad_g).sum();
+  }
+  const auto expected = torch::autograd::grad(
+      {objective},
+      {lora_A, gate, router_weight, router_bias, pooled},
+      {},
+      /*retain_graph=*/false,
+      /*create_graph=*/false,
+      /*allow_unused=*/true);
+  const auto cuda = [](const torch::Tensor& t) {
+    return t.defined() ? t.detach().to(torch::kCUDA, torch::kFloat) : t;
+  };
+  const auto launches = D::kernel_launches().load();
+  const auto got = D::route_and_mix_backward(
+      cuda(grad_a),
+      gated ? cuda(grad_g) : torch::Tensor(),
+      cuda(s),
+      cuda(g),
+      cuda(pooled),
+      cuda(lora_A),
+      cuda(gate),
+      cuda(router_weight),
+      temperature,
+      scale,
+      {true, true, true, true, pooled_wanted});
+  CHECK(D::kernel_launches().load() == launches + 2);
+  const auto near = [](const torch::Tensor& result,
+                       const torch::Tensor& reference) {
+    return torch::allclose(
+        result.cpu().to(torch::kDouble), reference, 1e-4, 1e-5);
+  };
+  CHECK(near(got.lora_A, expected[0]));
+  CHECK(got.gate.defined() == gated);
+  if (gated) {
+    CHECK(near(got.gate, expected[1]));
+  }
+  CHECK(near(got.router_weight, expected[2]));
+  CHECK(near(got.router_bias, expected[3]));
+  CHECK(got.pooled.defined() == pooled_wanted);
+  if (pooled_wanted) {
+    CHECK(near(got.pooled, expected[4]));
+  }
+}
+
+TEST_CASE(
+    "on CUDA, a gated Linear layer's output and gradients under CudaKernels "
+    "equal those without",
     "[.cuda]") {
   REQUIRE(torch::cuda::is_available());
   torch::manual_seed(32);
@@ -180,7 +292,8 @@ TEST_CASE(
       adapter.router_weight,
       adapter.router_bias,
       adapter.gate};
-  const auto gradients = [&](bool kernels) {
+  // The output, then the gradient of each input.
+  const auto results = [&](bool kernels) {
     torch::Tensor h;
     {
       std::unique_ptr<styleinject::CudaKernels> guard;
@@ -194,23 +307,26 @@ TEST_CASE(
           adapter,
           SF::StyleInjectFuncOptions().training(true));
     }
-    return torch::autograd::grad({(h * probe).sum()}, inputs);
+    auto all = torch::autograd::grad({(h * probe).sum()}, inputs);
+    all.insert(all.begin(), h.detach());
+    return all;
   };
-  const auto composed = gradients(false);
+  const auto composed = results(false);
   const auto launches = D::kernel_launches().load();
-  const auto with_kernels = gradients(true);
-  // The gate's token statistics went through the kernel, once.
-  CHECK(D::kernel_launches().load() == launches + 1);
-  for (size_t i = 0; i < inputs.size(); ++i) {
+  const auto with_kernels = results(true);
+  // The router and mixing in forward; in backward, the gate's token
+  // statistics and the mixing's two.
+  CHECK(D::kernel_launches().load() == launches + 4);
+  for (size_t i = 0; i < composed.size(); ++i) {
     CAPTURE(i);
     const auto expected = composed[i].to(torch::kFloat);
     const auto got = with_kernels[i].to(torch::kFloat);
-    // Only the order of the token sums differs: within a part in 10^4 of
-    // the gradient's largest entry (bfloat16's rounding of x's gradient
-    // may flip by one unit).
+    // Only the order of float32 sums differs: within a part in 10^4 of the
+    // largest entry, or in 10^2 where the result is rounded to bfloat16
+    // (the output and x's gradient: a rounding may flip by one unit).
+    const bool rounded = base_dtype == torch::kBFloat16 && i <= 1;
     const double scale = expected.abs().max().item<double>();
-    const double tolerance =
-        (base_dtype == torch::kBFloat16 && i == 0 ? 1e-2 : 1e-4) * scale;
+    const double tolerance = (rounded ? 1e-2 : 1e-4) * scale;
     CHECK((got - expected).abs().max().item<double>() <= tolerance);
   }
 }

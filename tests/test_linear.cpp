@@ -1122,6 +1122,75 @@ TEST_CASE(
 }
 
 TEST_CASE(
+    "second derivatives of a float32 adapter on a bfloat16 base go through "
+    "the fused node and match float64",
+    "[linear][dtype]") {
+  // The usual recipe under a gradient penalty: the fused node's backward
+  // differentiates again through the composed formula on its saved
+  // inputs, of two dtypes.
+  torch::manual_seed(35);
+  const bool per_instance_router = GENERATE(true, false);
+  CAPTURE(per_instance_router);
+  StyleInjectLinear layer(
+      torch::nn::LinearOptions(6, 5),
+      StyleInjectOptions(2).branches(3).dtype(torch::kFloat));
+  layer->to(torch::kBFloat16); // the base only
+  randomize_adapter(*layer);
+  layer->set_scale(0.8);
+  if (!per_instance_router) {
+    layer->set_style(torch::tensor({0.2f, 0.5f, 0.3f}));
+  }
+  const auto x =
+      torch::randn({3, 7, 6}).to(torch::kBFloat16).requires_grad_();
+  const auto weights = torch::randn({3, 7, 5}).to(torch::kBFloat16);
+  const auto out = layer(x);
+  REQUIRE(out.grad_fn() != nullptr);
+  CHECK_THAT(out.grad_fn()->name(), Catch::Matchers::Contains("FusedLinear"));
+  auto inputs = layer->adapter_parameters();
+  inputs.push_back(x);
+  const auto got =
+      styleinject_test::penalty_gradients(out, x, weights, inputs);
+  // The float64 reference on the same (bfloat16 and float32) values.
+  auto reference = reference_of(*layer, 0.8);
+  for (auto* t :
+       {&reference.weight,
+        &reference.bias,
+        &reference.lora_A,
+        &reference.lora_B,
+        &reference.router_weight,
+        &reference.router_bias,
+        &reference.gate,
+        &reference.style}) {
+    if (t->defined()) {
+      *t = t->detach().to(torch::kDouble).requires_grad_();
+    }
+  }
+  const auto x64 = x.detach().to(torch::kDouble).requires_grad_();
+  const std::vector<torch::Tensor> inputs64{
+      reference.lora_A,
+      reference.lora_B,
+      reference.gate,
+      reference.router_weight,
+      reference.router_bias,
+      x64};
+  const auto expected = styleinject_test::penalty_gradients(
+      styleinject_test::plain_linear(reference, x64),
+      x64,
+      weights.to(torch::kDouble),
+      inputs64);
+  REQUIRE(got.size() == expected.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    CAPTURE(i);
+    REQUIRE(got[i].defined() == expected[i].defined());
+    if (expected[i].defined()) {
+      CHECK(got[i].scalar_type() == inputs[i].scalar_type());
+      // x's gradient and the output are rounded to bfloat16 on the way.
+      CHECK(relative_error(got[i], expected[i]) < 0.05);
+    }
+  }
+}
+
+TEST_CASE(
     "an adapter's own dtype survives to(), clone() and checkpoints",
     "[linear][dtype]") {
   torch::manual_seed(34);

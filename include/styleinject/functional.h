@@ -1088,7 +1088,7 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
     const auto pooled = routes(adapter, options) || adapter.gate.defined()
         ? x.mean(1, /*keepdim=*/false, dtype)
         : torch::Tensor();
-    const auto mixed = mixing(x, pooled, adapter, options);
+    const auto mixed = mixing(x, pooled, adapter, options, settings.kernels);
     const auto &a = mixed.a, &g = mixed.g;
     const double scaling = options.scaling() * options.scale();
     const auto mean_u = g.defined()
@@ -1199,11 +1199,26 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
     torch::Tensor s, a, g;
   };
 
+  /// s, a and g: in one launch of the library's kernel where it serves
+  /// (the router reads the input), else by ATen's ops.
   static Mixing mixing(
       const torch::Tensor& x,
       const torch::Tensor& pooled,
       const functional::AdapterTensors& adapter,
-      const functional::StyleInjectFuncOptions& options) {
+      const functional::StyleInjectFuncOptions& options,
+      bool kernels) {
+    if (kernels && routes(adapter, options) &&
+        adapter.lora_A.size(0) <= cuda::detail::kMaxBranches) {
+      const auto mixed = cuda::detail::route_and_mix(
+          pooled,
+          adapter.router_weight,
+          adapter.router_bias,
+          adapter.lora_A,
+          adapter.gate,
+          options.temperature(),
+          options.scale());
+      return {mixed.s, mixed.a, mixed.g};
+    }
     const auto s = style_weights(x, pooled, adapter, options);
     return {
         s,
@@ -1349,8 +1364,8 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
     }
     // The router's and the gate's parameters, and the router's share of
     // x's gradient.
-    const auto grad_pooled =
-        mixing_backward(saved, options, grad_a, grad_g, wanted, result);
+    const auto grad_pooled = mixing_backward(
+        saved, options, grad_a, grad_g, wanted, run.kernels, result);
     if (wanted[kX]) {
       result[kX] = merged.defined()
           ? input_grad_merged(grad, gain, shift, merged)
@@ -1443,9 +1458,16 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
       const torch::Tensor& grad_a,
       const torch::Tensor& grad_g,
       const std::array<bool, kInputs>& wanted,
+      bool kernels,
       torch::autograd::variable_list& result) {
     const auto &lora_A = saved[kA], &gate = saved[kGate], &g = saved[11];
     const auto& s = saved[15]; // (n) shared, or (N, n)
+    const functional::AdapterTensors adapter = adapter_of(saved);
+    if (kernels && grad_a.defined() && routes(adapter, options) &&
+        lora_A.size(0) <= cuda::detail::kMaxBranches) {
+      return mixing_backward_by_kernels(
+          saved, options, grad_a, grad_g, wanted, result);
+    }
     // sum over instances of s ⊗ t: the gradient of a branch-stacked tensor
     // mixed by s. t: like s · branches -> (n, ...)
     const auto by_branch = [&](const torch::Tensor& t,
@@ -1470,7 +1492,6 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
       const auto from_gate = torch::matmul(grad_logit, gate.t());
       grad_s = grad_s.defined() ? grad_s + from_gate : from_gate;
     }
-    const functional::AdapterTensors adapter = adapter_of(saved);
     if (!grad_s.defined() || !routes(adapter, options)) {
       return torch::Tensor();
     }
@@ -1485,6 +1506,38 @@ struct FusedLinear : torch::autograd::Function<FusedLinear> {
       result[kRouterBias] = grad_logits.sum(0);
     }
     return wanted[kX] ? grad_logits.mm(adapter.router_weight) : torch::Tensor();
+  }
+
+  /// mixing_backward where the router reads the input, by the library's
+  /// CUDA kernels: two launches.
+  static torch::Tensor mixing_backward_by_kernels(
+      const torch::autograd::variable_list& saved,
+      const functional::StyleInjectFuncOptions& options,
+      const torch::Tensor& grad_a,
+      const torch::Tensor& grad_g,
+      const std::array<bool, kInputs>& wanted,
+      torch::autograd::variable_list& result) {
+    const auto grads = cuda::detail::route_and_mix_backward(
+        grad_a,
+        grad_g,
+        saved[15], // s
+        saved[11], // g
+        saved[9], // pooled
+        saved[kA],
+        saved[kGate],
+        saved[kRouterWeight],
+        options.temperature(),
+        options.scale(),
+        {wanted[kA],
+         wanted[kGate],
+         wanted[kRouterWeight],
+         wanted[kRouterBias],
+         wanted[kX]});
+    result[kA] = grads.lora_A;
+    result[kGate] = grads.gate;
+    result[kRouterWeight] = grads.router_weight;
+    result[kRouterBias] = grads.router_bias;
+    return grads.pooled;
   }
 
   /// Backward with create_graph (a gradient penalty): autograd through
@@ -1623,13 +1676,13 @@ class RecomputeGate : detail::ScopedFlag {
 };
 
 /// While one lives, StyleInject layers on this thread whose input is on a
-/// CUDA device use the library's own kernels where it has one (today: the
-/// gate's token statistics in the fused Linear node's backward), each
-/// compiled by NVRTC at its first use on a device (<styleinject/cuda/>).
-/// The forward decides, so the guard needs to live around the forward
-/// only. Off by default: every CUDA build's tests compile the kernels, but
-/// they have yet to pass their [cuda] tests on a device. Without CUDA it
-/// changes nothing.
+/// CUDA device use the library's own kernels where it has one (today, in
+/// the fused Linear node: the router and mixing and their backward, and the
+/// gate's token statistics), each compiled by NVRTC at its first use on a
+/// device (<styleinject/cuda/>). The forward decides, so the guard needs to
+/// live around the forward only. Off by default: every CUDA build's tests
+/// compile the kernels, but they have yet to pass their [cuda] tests on a
+/// device. Without CUDA it changes nothing.
 class CudaKernels : detail::ScopedFlag {
  public:
   CudaKernels() : ScopedFlag(cuda::detail::kernels_on()) {}

@@ -36,12 +36,29 @@ inline bool& kernels_on() {
   return on;
 }
 
+/// The most branches that route_and_mix takes (its shared memory).
+inline constexpr int64_t kMaxBranches = 64;
+
 /// How many times the library's kernels were launched in this process:
 /// ATen's profiler sees none of them, so the bench adds these to its count.
 inline std::atomic<int64_t>& kernel_launches() {
   static std::atomic<int64_t> launches{0};
   return launches;
 }
+
+/// route_and_mix's results: the style weights s (N, n), a = s · A
+/// (N, r, d_in) and the gate factor g (N, d_out), undefined without a gate.
+struct RoutedMixing {
+  torch::Tensor s, a, g;
+};
+
+/// route_and_mix_backward's results, each undefined where not wanted.
+struct MixingGradients {
+  struct Wanted {
+    bool lora_A, gate, router_weight, router_bias, pooled;
+  };
+  torch::Tensor lora_A, gate, router_weight, router_bias, pooled;
+};
 
 #ifdef STYLEINJECT_CUDA_KERNELS
 
@@ -176,19 +193,26 @@ class Kernel {
 
 /// The preamble's name of a kernel input's dtype.
 inline std::string element_type(const torch::Tensor& t) {
-  switch (t.scalar_type()) {
-    case torch::kFloat:
-      return "float";
-    case torch::kBFloat16:
-      return "bfloat16";
-    case torch::kHalf:
-      return "float16";
-    default:
-      TORCH_CHECK(
-          false,
-          "styleinject: expected a float32, bfloat16 or float16 tensor for the CUDA kernels, but got ",
-          t.scalar_type());
-  }
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(
+      dtype == torch::kFloat || dtype == torch::kBFloat16 ||
+          dtype == torch::kHalf,
+      "styleinject: expected a float32, bfloat16 or float16 tensor for the "
+      "CUDA kernels, but got ",
+      dtype);
+  return dtype == torch::kFloat   ? "float"
+      : dtype == torch::kBFloat16 ? "bfloat16"
+                                  : "float16";
+}
+
+/// A kernel's view of an optional input: contiguous, or undefined.
+inline torch::Tensor in(const torch::Tensor& t) {
+  return t.defined() ? t.contiguous() : t;
+}
+
+/// A kernel's pointer to an optional tensor: its data, or null.
+inline void* pointer(const torch::Tensor& t) {
+  return t.defined() ? t.data_ptr() : nullptr;
 }
 
 /// The kernel for `source`, one per distinct source in the process.
@@ -222,10 +246,6 @@ inline std::pair<torch::Tensor, torch::Tensor> token_sums(
       " on ",
       u.device());
   const int64_t instances = t.size(0), tokens = t.size(1), channels = t.size(2);
-  TORCH_CHECK(
-      instances <= 65535,
-      "styleinject::cuda::token_sums: expected at most 65535 instances, but got ",
-      instances);
   if (t.numel() == 0) {
     const auto zeros = t.new_zeros({instances, channels}, torch::kFloat);
     return {zeros, zeros.clone()};
@@ -244,9 +264,9 @@ inline std::pair<torch::Tensor, torch::Tensor> token_sums(
   kernel(token_sums_source(element_type(t), element_type(u)))
       .launch(
           t.device(),
-          {static_cast<unsigned>(tiles),
-           static_cast<unsigned>(instances),
-           static_cast<unsigned>(slices)},
+          {static_cast<unsigned>(tiles * instances),
+           static_cast<unsigned>(slices),
+           1},
           {32, 8, 1},
           t_in.data_ptr(),
           u_in.data_ptr(),
@@ -259,15 +279,221 @@ inline std::pair<torch::Tensor, torch::Tensor> token_sums(
   return {sums[0], sums[1]};
 }
 
+/// The router's style weights (the softmax of its logits on `pooled` at
+/// `temperature`), the mixed down-projection and the gate factor at
+/// strength `scale`, for every instance in one launch: FusedLinear's
+/// mixing where the router reads the input. float32 tensors on one CUDA
+/// device, at most kMaxBranches branches; `gate` may be undefined.
+/// pooled: (N, d_in), router_weight: (n, d_in), router_bias: (n),
+/// lora_A: (n, r, d_in), gate: (n, d_out)
+inline RoutedMixing route_and_mix(
+    const torch::Tensor& pooled,
+    const torch::Tensor& router_weight,
+    const torch::Tensor& router_bias,
+    const torch::Tensor& lora_A,
+    const torch::Tensor& gate,
+    double temperature,
+    double scale) {
+  const int64_t instances = pooled.size(0), branches = lora_A.size(0);
+  // float32 on CUDA; the bias and the gate may be undefined.
+  const auto fits = [](const torch::Tensor& t, bool optional) {
+    return t.defined() ? t.scalar_type() == torch::kFloat && t.is_cuda()
+                       : optional;
+  };
+  TORCH_CHECK(
+      fits(pooled, false) && fits(router_weight, false) &&
+          fits(lora_A, false) && fits(router_bias, true) && fits(gate, true) &&
+          branches <= kMaxBranches && pooled.dim() == 2 && lora_A.dim() == 3 &&
+          pooled.size(1) == lora_A.size(2),
+      "styleinject::cuda::route_and_mix: expected float32 CUDA tensors, "
+      "pooled (N, d_in) and lora_A (n, r, d_in) with n <= ",
+      kMaxBranches,
+      ", but got pooled ",
+      pooled.sizes(),
+      " ",
+      pooled.scalar_type(),
+      " and lora_A ",
+      lora_A.sizes(),
+      " ",
+      lora_A.scalar_type());
+  const auto options = pooled.options();
+  RoutedMixing mixed{
+      torch::empty({instances, branches}, options),
+      torch::empty({instances, lora_A.size(1), lora_A.size(2)}, options),
+      gate.defined() ? torch::empty({instances, gate.size(1)}, options)
+                     : torch::Tensor()};
+  if (instances == 0) {
+    return mixed;
+  }
+  const auto pooled_in = in(pooled), weight_in = in(router_weight),
+             bias_in = in(router_bias), a_in = in(lora_A), gate_in = in(gate);
+  static const Kernel& compiled = kernel(route_and_mix_source());
+  compiled.launch(
+      pooled.device(),
+      {static_cast<unsigned>(instances), 1, 1},
+      {256, 1, 1},
+      pointer(pooled_in),
+      pointer(weight_in),
+      pointer(bias_in),
+      pointer(a_in),
+      pointer(gate_in),
+      pointer(mixed.s),
+      pointer(mixed.a),
+      pointer(mixed.g),
+      static_cast<long long>(branches),
+      static_cast<long long>(lora_A.size(2)),
+      static_cast<long long>(lora_A.size(1) * lora_A.size(2)),
+      static_cast<long long>(gate.defined() ? gate.size(1) : 0),
+      static_cast<float>(temperature),
+      static_cast<float>(scale));
+  return mixed;
+}
+
+/// route_and_mix's backward, from the gradients at a (N, r, d_in) and at g
+/// (N, d_out; undefined without a gate) and the forward's s, g and pooled
+/// input: the gradients of lora_A, the gate and the router, and at the
+/// pooled input, each only where `wanted` asks, in two launches. float32
+/// CUDA tensors, as route_and_mix takes.
+inline MixingGradients route_and_mix_backward(
+    const torch::Tensor& grad_a,
+    const torch::Tensor& grad_g,
+    const torch::Tensor& s,
+    const torch::Tensor& g,
+    const torch::Tensor& pooled,
+    const torch::Tensor& lora_A,
+    const torch::Tensor& gate,
+    const torch::Tensor& router_weight,
+    double temperature,
+    double scale,
+    const MixingGradients::Wanted& wanted) {
+  const int64_t instances = s.size(0), branches = s.size(1);
+  const int64_t a_size = lora_A.numel() / branches, d_in = pooled.size(1);
+  const int64_t d_out = grad_g.defined() ? grad_g.size(1) : 0;
+  TORCH_CHECK(
+      branches <= kMaxBranches && grad_a.numel() == instances * a_size &&
+          s.scalar_type() == torch::kFloat &&
+          grad_a.scalar_type() == torch::kFloat,
+      "styleinject::cuda::route_and_mix_backward: expected float32 s (N, n) "
+      "with n <= ",
+      kMaxBranches,
+      " and grad_a of N * r * d_in elements, but got s ",
+      s.sizes(),
+      " ",
+      s.scalar_type(),
+      " and grad_a ",
+      grad_a.sizes(),
+      " ",
+      grad_a.scalar_type());
+  const auto options = s.options();
+  const auto made = [&](bool want, torch::IntArrayRef sizes) {
+    return want ? torch::empty(sizes, options) : torch::Tensor();
+  };
+  MixingGradients grads{
+      made(wanted.lora_A, lora_A.sizes()),
+      made(wanted.gate && grad_g.defined(), gate.sizes()),
+      made(wanted.router_weight, router_weight.sizes()),
+      made(wanted.router_bias, {branches}),
+      made(wanted.pooled, pooled.sizes())};
+  if (instances == 0) {
+    for (auto* t :
+         {&grads.lora_A,
+          &grads.gate,
+          &grads.router_weight,
+          &grads.router_bias}) {
+      if (t->defined()) {
+        t->zero_();
+      }
+    }
+    return grads;
+  }
+  const auto grad_a_in = in(grad_a), grad_g_in = in(grad_g), s_in = in(s),
+             g_in = in(g), pooled_in = in(pooled), a_in = in(lora_A),
+             gate_in = in(gate), router_in = in(router_weight);
+  auto grad_logits = torch::empty({instances, branches}, options);
+  static const Kernel& route_backward = kernel(route_backward_source());
+  route_backward.launch(
+      s.device(),
+      {static_cast<unsigned>(instances), 1, 1},
+      {256, 1, 1},
+      pointer(grad_a_in),
+      pointer(a_in),
+      pointer(grad_g_in),
+      pointer(g_in),
+      pointer(gate_in),
+      pointer(s_in),
+      pointer(router_in),
+      pointer(grad_logits),
+      pointer(grads.pooled),
+      static_cast<long long>(branches),
+      static_cast<long long>(a_size),
+      static_cast<long long>(d_out),
+      static_cast<long long>(d_in),
+      static_cast<float>(scale),
+      static_cast<float>(temperature));
+  const int64_t elements = branches * (a_size + d_out + d_in + 1);
+  static const Kernel& branch_gradients = kernel(branch_gradients_source());
+  branch_gradients.launch(
+      s.device(),
+      {static_cast<unsigned>((elements + 255) / 256), 1, 1},
+      {256, 1, 1},
+      pointer(s_in),
+      pointer(grad_a_in),
+      pointer(grad_g_in),
+      pointer(g_in),
+      pointer(grad_logits),
+      pointer(pooled_in),
+      pointer(grads.lora_A),
+      pointer(grads.gate),
+      pointer(grads.router_weight),
+      pointer(grads.router_bias),
+      static_cast<long long>(instances),
+      static_cast<long long>(branches),
+      static_cast<long long>(a_size),
+      static_cast<long long>(d_out),
+      static_cast<long long>(d_in),
+      static_cast<float>(scale));
+  return grads;
+}
+
 #else
 
-inline std::pair<torch::Tensor, torch::Tensor> token_sums(
-    const torch::Tensor&,
-    const torch::Tensor&) {
+[[noreturn]] inline void refuse_without_cuda() {
   TORCH_CHECK(
       false,
       "styleinject: the library's CUDA kernels need a LibTorch with CUDA, "
       "but this one has none");
+}
+
+inline std::pair<torch::Tensor, torch::Tensor> token_sums(
+    const torch::Tensor&,
+    const torch::Tensor&) {
+  refuse_without_cuda();
+}
+
+inline RoutedMixing route_and_mix(
+    const torch::Tensor&,
+    const torch::Tensor&,
+    const torch::Tensor&,
+    const torch::Tensor&,
+    const torch::Tensor&,
+    double,
+    double) {
+  refuse_without_cuda();
+}
+
+inline MixingGradients route_and_mix_backward(
+    const torch::Tensor&,
+    const torch::Tensor&,
+    const torch::Tensor&,
+    const torch::Tensor&,
+    const torch::Tensor&,
+    const torch::Tensor&,
+    const torch::Tensor&,
+    const torch::Tensor&,
+    double,
+    double,
+    const MixingGradients::Wanted&) {
+  refuse_without_cuda();
 }
 
 #endif // STYLEINJECT_CUDA_KERNELS
