@@ -1060,6 +1060,38 @@ double relative_error(const torch::Tensor& got, const torch::Tensor& expected) {
       expected.abs().max().item<double>();
 }
 
+/// A layer of a bfloat16 base and a float32 adapter (the usual recipe),
+/// random, at strength 0.8.
+StyleInjectLinear bfloat16_base_layer() {
+  StyleInjectLinear layer(
+      torch::nn::LinearOptions(6, 5),
+      StyleInjectOptions(2).branches(3).dtype(torch::kFloat));
+  layer->to(torch::kBFloat16); // the base only
+  randomize_adapter(*layer);
+  layer->set_scale(0.8);
+  return layer;
+}
+
+/// The float64 reference of `layer` at strength 0.8 on the same
+/// (bfloat16 and float32) values, each a leaf that requires grad.
+styleinject_test::ReferenceLinear reference64(const StyleInjectLinear& layer) {
+  auto reference = reference_of(*layer, 0.8);
+  for (auto* t :
+       {&reference.weight,
+        &reference.bias,
+        &reference.lora_A,
+        &reference.lora_B,
+        &reference.router_weight,
+        &reference.router_bias,
+        &reference.gate,
+        &reference.style}) {
+    if (t->defined()) {
+      *t = t->detach().to(torch::kDouble).requires_grad_();
+    }
+  }
+  return reference;
+}
+
 } // namespace
 
 TEST_CASE(
@@ -1069,33 +1101,17 @@ TEST_CASE(
   torch::manual_seed(33);
   const bool autocast = GENERATE(false, true);
   CAPTURE(autocast);
-  StyleInjectLinear layer(
-      torch::nn::LinearOptions(6, 5),
-      StyleInjectOptions(2).branches(3).dtype(torch::kFloat));
-  layer->to(torch::kBFloat16); // the base only
+  auto layer = bfloat16_base_layer();
   CHECK(layer->weight.scalar_type() == torch::kBFloat16);
   for (const auto& p : layer->adapter_parameters()) {
     CHECK(p.scalar_type() == torch::kFloat);
   }
-  randomize_adapter(*layer);
-  layer->set_scale(0.8);
   const auto x = torch::randn({3, 7, 6}).to(torch::kBFloat16);
   const auto weights = torch::randn({3, 7, 5}, torch::kDouble);
   const auto out =
       styleinject_test::with_cpu_autocast(autocast, [&] { return layer(x); });
   CHECK(out.scalar_type() == torch::kBFloat16);
-  // The float64 reference on the same (bfloat16 and float32) values.
-  auto reference = reference_of(*layer, 0.8);
-  for (auto* t :
-       {&reference.weight,
-        &reference.bias,
-        &reference.lora_A,
-        &reference.lora_B,
-        &reference.router_weight,
-        &reference.router_bias,
-        &reference.gate}) {
-    *t = t->detach().to(torch::kDouble).requires_grad_();
-  }
+  const auto reference = reference64(layer);
   const auto x64 = x.to(torch::kDouble);
   const auto expected = styleinject_test::plain_linear(reference, x64);
   CHECK(relative_error(out, expected) < 0.02);
@@ -1131,40 +1147,19 @@ TEST_CASE(
   torch::manual_seed(35);
   const bool per_instance_router = GENERATE(true, false);
   CAPTURE(per_instance_router);
-  StyleInjectLinear layer(
-      torch::nn::LinearOptions(6, 5),
-      StyleInjectOptions(2).branches(3).dtype(torch::kFloat));
-  layer->to(torch::kBFloat16); // the base only
-  randomize_adapter(*layer);
-  layer->set_scale(0.8);
+  auto layer = bfloat16_base_layer();
   if (!per_instance_router) {
     layer->set_style(torch::tensor({0.2f, 0.5f, 0.3f}));
   }
-  const auto x =
-      torch::randn({3, 7, 6}).to(torch::kBFloat16).requires_grad_();
+  const auto x = torch::randn({3, 7, 6}).to(torch::kBFloat16).requires_grad_();
   const auto weights = torch::randn({3, 7, 5}).to(torch::kBFloat16);
   const auto out = layer(x);
   REQUIRE(out.grad_fn() != nullptr);
   CHECK_THAT(out.grad_fn()->name(), Catch::Matchers::Contains("FusedLinear"));
   auto inputs = layer->adapter_parameters();
   inputs.push_back(x);
-  const auto got =
-      styleinject_test::penalty_gradients(out, x, weights, inputs);
-  // The float64 reference on the same (bfloat16 and float32) values.
-  auto reference = reference_of(*layer, 0.8);
-  for (auto* t :
-       {&reference.weight,
-        &reference.bias,
-        &reference.lora_A,
-        &reference.lora_B,
-        &reference.router_weight,
-        &reference.router_bias,
-        &reference.gate,
-        &reference.style}) {
-    if (t->defined()) {
-      *t = t->detach().to(torch::kDouble).requires_grad_();
-    }
-  }
+  const auto got = styleinject_test::penalty_gradients(out, x, weights, inputs);
+  const auto reference = reference64(layer);
   const auto x64 = x.detach().to(torch::kDouble).requires_grad_();
   const std::vector<torch::Tensor> inputs64{
       reference.lora_A,

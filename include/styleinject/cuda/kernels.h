@@ -60,6 +60,38 @@ struct MixingGradients {
   torch::Tensor lora_A, gate, router_weight, router_bias, pooled;
 };
 
+/// One kernel, compiled and loaded once per device, at its first launch
+/// there. Modules stay loaded for the process's life, as ATen's own.
+class Kernel {
+ public:
+  explicit Kernel(KernelSource source) : source_(std::move(source)) {}
+
+  /// Launches on `device`'s current stream: grid and block as (x, y, z),
+  /// `args` by value, each exactly of the kernel's parameter type.
+  template <typename... Args>
+  void launch(
+      const torch::Device& device,
+      std::array<unsigned, 3> grid,
+      std::array<unsigned, 3> block,
+      Args... args) const {
+    void* values[] = {static_cast<void*>(&args)...};
+    launch_with(device, grid, block, values);
+    ++kernel_launches();
+  }
+
+ private:
+  void launch_with(
+      const torch::Device& device,
+      std::array<unsigned, 3> grid,
+      std::array<unsigned, 3> block,
+      void** values) const;
+  void* function(int index) const;
+
+  KernelSource source_;
+  mutable std::mutex mutex_;
+  mutable std::map<int, void*> functions_;
+};
+
 #ifdef STYLEINJECT_CUDA_KERNELS
 
 /// The CUDA driver's entry points that loading and launching a kernel
@@ -132,64 +164,75 @@ inline constexpr int kMultiprocessors = 16;
 inline constexpr int kMajor = 75;
 inline constexpr int kMinor = 76;
 
-/// One kernel, compiled and loaded once per device, at its first launch
-/// there. Modules stay loaded for the process's life, as ATen's own.
-class Kernel {
- public:
-  explicit Kernel(KernelSource source) : source_(std::move(source)) {}
+inline void Kernel::launch_with(
+    const torch::Device& device,
+    std::array<unsigned, 3> grid,
+    std::array<unsigned, 3> block,
+    void** values) const {
+  const c10::cuda::CUDAGuard guard(device);
+  const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+  Driver::get().check(
+      Driver::get().launch(
+          function(device.index()),
+          grid[0],
+          grid[1],
+          grid[2],
+          block[0],
+          block[1],
+          block[2],
+          0,
+          stream.stream(),
+          values,
+          nullptr),
+      "launch a kernel");
+}
 
-  /// Launches on `device`'s current stream: grid and block as (x, y, z),
-  /// `args` by value, each exactly of the kernel's parameter type.
-  template <typename... Args>
-  void launch(
-      const torch::Device& device,
-      std::array<unsigned, 3> grid,
-      std::array<unsigned, 3> block,
-      Args... args) const {
-    const c10::cuda::CUDAGuard guard(device);
-    void* values[] = {static_cast<void*>(&args)...};
-    const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
-    Driver::get().check(
-        Driver::get().launch(
-            function(device.index()),
-            grid[0],
-            grid[1],
-            grid[2],
-            block[0],
-            block[1],
-            block[2],
-            0,
-            stream.stream(),
-            values,
-            nullptr),
-        "launch a kernel");
-    ++kernel_launches();
+/// The kernel on device `index` (current): loaded at its first use.
+inline void* Kernel::function(int index) const {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  auto& function = functions_[index];
+  if (function == nullptr) {
+    const auto& driver = Driver::get();
+    const int arch =
+        10 * driver.attribute(index, kMajor) + driver.attribute(index, kMinor);
+    const auto code = compile(source_.source, source_.name, arch);
+    void* module = nullptr;
+    driver.check(
+        driver.load_module(&module, code.image.c_str()), "load a module");
+    driver.check(
+        driver.module_function(&function, module, source_.name.c_str()),
+        "find a kernel in its module");
   }
+  return function;
+}
 
- private:
-  /// The kernel on device `index` (current): loaded at its first use.
-  void* function(int index) const {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    auto& function = functions_[index];
-    if (function == nullptr) {
-      const auto& driver = Driver::get();
-      const int arch = 10 * driver.attribute(index, kMajor) +
-          driver.attribute(index, kMinor);
-      const auto code = compile(source_.source, source_.name, arch);
-      void* module = nullptr;
-      driver.check(
-          driver.load_module(&module, code.image.c_str()), "load a module");
-      driver.check(
-          driver.module_function(&function, module, source_.name.c_str()),
-          "find a kernel in its module");
-    }
-    return function;
-  }
+/// The number of multiprocessors of CUDA device `index`.
+inline int multiprocessors(int index) {
+  return Driver::get().attribute(index, kMultiprocessors);
+}
 
-  KernelSource source_;
-  mutable std::mutex mutex_;
-  mutable std::map<int, void*> functions_;
-};
+#else
+
+[[noreturn]] inline void refuse_without_cuda() {
+  TORCH_CHECK(
+      false,
+      "styleinject: the library's CUDA kernels need a LibTorch with CUDA, "
+      "but this one has none");
+}
+
+inline void Kernel::launch_with(
+    const torch::Device&,
+    std::array<unsigned, 3>,
+    std::array<unsigned, 3>,
+    void**) const {
+  refuse_without_cuda();
+}
+
+inline int multiprocessors(int) {
+  refuse_without_cuda();
+}
+
+#endif // STYLEINJECT_CUDA_KERNELS
 
 /// The preamble's name of a kernel input's dtype.
 inline std::string element_type(const torch::Tensor& t) {
@@ -254,8 +297,7 @@ inline std::pair<torch::Tensor, torch::Tensor> token_sums(
   const int64_t tiles = (channels + 31) / 32;
   // Enough blocks to fill the device a few times over, each with at least
   // 32 token rows (4 per thread row) to sum.
-  const int64_t wanted =
-      4 * Driver::get().attribute(t.get_device(), kMultiprocessors);
+  const int64_t wanted = 4 * multiprocessors(t.get_device());
   int64_t slice_tokens =
       std::max<int64_t>(32, (tokens * tiles * instances + wanted - 1) / wanted);
   const int64_t slices = (tokens + slice_tokens - 1) / slice_tokens;
@@ -454,49 +496,6 @@ inline MixingGradients route_and_mix_backward(
       static_cast<float>(scale));
   return grads;
 }
-
-#else
-
-[[noreturn]] inline void refuse_without_cuda() {
-  TORCH_CHECK(
-      false,
-      "styleinject: the library's CUDA kernels need a LibTorch with CUDA, "
-      "but this one has none");
-}
-
-inline std::pair<torch::Tensor, torch::Tensor> token_sums(
-    const torch::Tensor&,
-    const torch::Tensor&) {
-  refuse_without_cuda();
-}
-
-inline RoutedMixing route_and_mix(
-    const torch::Tensor&,
-    const torch::Tensor&,
-    const torch::Tensor&,
-    const torch::Tensor&,
-    const torch::Tensor&,
-    double,
-    double) {
-  refuse_without_cuda();
-}
-
-inline MixingGradients route_and_mix_backward(
-    const torch::Tensor&,
-    const torch::Tensor&,
-    const torch::Tensor&,
-    const torch::Tensor&,
-    const torch::Tensor&,
-    const torch::Tensor&,
-    const torch::Tensor&,
-    const torch::Tensor&,
-    double,
-    double,
-    const MixingGradients::Wanted&) {
-  refuse_without_cuda();
-}
-
-#endif // STYLEINJECT_CUDA_KERNELS
 
 /// Whether a layer whose input is `x` uses the library's kernels: a CUDA
 /// build, a CUDA input of a dtype they read (whose adapter then works in

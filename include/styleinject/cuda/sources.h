@@ -14,7 +14,7 @@ namespace detail {
 
 /// Loads of the element types, to float, without CUDA's headers (NVRTC
 /// compiles with none): bfloat16 is float's upper half, float16 converts
-/// by one PTX instruction.
+/// by one PTX instruction; and a warp's sum.
 inline const char* const kPreamble = R"(
 struct bfloat16 { unsigned short bits; };
 struct float16 { unsigned short bits; };
@@ -26,6 +26,13 @@ __device__ __forceinline__ float to_float(float16 v) {
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
   return f;
+}
+// The sum of v over a warp's 32 lanes, at lane 0.
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    v += __shfl_down_sync(0xffffffffu, v, offset);
+  }
+  return v;
 }
 )";
 
@@ -95,9 +102,7 @@ extern "C" __global__ void route_and_mix(
     for (long long k = lane; k < d_in; k += 32) {
       dot += router_weight[i * d_in + k] * p[k];
     }
-    for (int offset = 16; offset > 0; offset /= 2) {
-      dot += __shfl_down_sync(0xffffffffu, dot, offset);
-    }
+    dot = warp_sum(dot);
     if (lane == 0) {
       weights[i] = (dot + (router_bias ? router_bias[i] : 0.0f)) / temperature;
     }
@@ -170,9 +175,7 @@ extern "C" __global__ void route_backward(
             gate[i * d_out + k];
       }
     }
-    for (int offset = 16; offset > 0; offset /= 2) {
-      dot += __shfl_down_sync(0xffffffffu, dot, offset);
-    }
+    dot = warp_sum(dot);
     if (lane == 0) {
       grads[i] = dot;
     }
