@@ -65,16 +65,13 @@ void load_function(
 
 /// Where NVRTC may be, in the order tried.
 inline std::vector<std::string> nvrtc_paths() {
-  std::vector<std::string> paths;
   if (const char* chosen = std::getenv("STYLEINJECT_NVRTC")) {
     return {chosen};
   }
   const std::vector<std::string> names = {
       "libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"};
+  auto paths = names;
   const auto runtime_folder = folder_of("cudaRuntimeGetVersion");
-  for (const auto& name : names) {
-    paths.push_back(name);
-  }
   if (!runtime_folder.empty()) {
     for (const auto& name : names) {
       paths.push_back(runtime_folder + name);
