@@ -12,6 +12,7 @@
 #include <torch/torch.h>
 
 #ifdef STYLEINJECT_CUDA_KERNELS
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
@@ -114,6 +115,7 @@ struct Driver {
       void**,
       void**);
   int (*error_string)(int, const char**);
+  int (*current_context)(void**);
 
   static const Driver& get() {
     static const Driver driver = open();
@@ -155,6 +157,8 @@ struct Driver {
     load_function(handle, "cuLaunchKernel", d.launch, "the CUDA driver");
     load_function(
         handle, "cuGetErrorString", d.error_string, "the CUDA driver");
+    load_function(
+        handle, "cuCtxGetCurrent", d.current_context, "the CUDA driver");
     return d;
   }
 };
@@ -170,6 +174,15 @@ inline void Kernel::launch_with(
     std::array<unsigned, 3> block,
     void** values) const {
   const c10::cuda::CUDAGuard guard(device);
+  // The driver launches in the thread's current context: where the runtime
+  // has not yet made the device's primary context current on this thread,
+  // its no-op free does (as ATen's own compiled kernels do).
+  void* context = nullptr;
+  Driver::get().check(
+      Driver::get().current_context(&context), "read the current context");
+  if (context == nullptr) {
+    C10_CUDA_CHECK(cudaFree(nullptr));
+  }
   const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
   Driver::get().check(
       Driver::get().launch(
