@@ -219,9 +219,18 @@ inline void* Kernel::function(int index) const {
   return function;
 }
 
-/// The number of multiprocessors of CUDA device `index`.
+/// The number of multiprocessors of CUDA device `index`, asked of the
+/// driver once per device.
 inline int multiprocessors(int index) {
-  return Driver::get().attribute(index, kMultiprocessors);
+  static std::mutex mutex;
+  static std::map<int, int> counts;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto found = counts.find(index);
+  if (found == counts.end()) {
+    const int count = Driver::get().attribute(index, kMultiprocessors);
+    found = counts.emplace(index, count).first;
+  }
+  return found->second;
 }
 
 #else
@@ -271,14 +280,16 @@ inline void* pointer(const torch::Tensor& t) {
   return t.defined() ? t.data_ptr() : nullptr;
 }
 
-/// The kernel for `source`, one per distinct source in the process.
-inline const Kernel& kernel(const KernelSource& source) {
+/// The kernel called `key`, one per key in the process: `make_source`
+/// gives its source at the key's first use only.
+template <typename MakeSource>
+inline const Kernel& kernel(const std::string& key, MakeSource make_source) {
   static std::mutex mutex;
   static std::map<std::string, std::unique_ptr<Kernel>> kernels;
   const std::lock_guard<std::mutex> lock(mutex);
-  auto& kernel = kernels[source.source];
+  auto& kernel = kernels[key];
   if (kernel == nullptr) {
-    kernel = std::make_unique<Kernel>(source);
+    kernel = std::make_unique<Kernel>(make_source());
   }
   return *kernel;
 }
@@ -316,16 +327,19 @@ inline std::pair<torch::Tensor, torch::Tensor> token_sums(
   const int64_t slices = (tokens + slice_tokens - 1) / slice_tokens;
   auto partial = torch::empty(
       {slices, 2, instances, channels}, t.options().dtype(torch::kFloat));
-  kernel(token_sums_source(element_type(t), element_type(u)))
+  const auto t_type = element_type(t), u_type = element_type(u);
+  kernel(
+      "token_sums<" + t_type + ", " + u_type + ">",
+      [&] { return token_sums_source(t_type, u_type); })
       .launch(
           t.device(),
           {static_cast<unsigned>(tiles * instances),
            static_cast<unsigned>(slices),
            1},
           {32, 8, 1},
-          t_in.data_ptr(),
-          u_in.data_ptr(),
-          partial.data_ptr(),
+          pointer(t_in),
+          pointer(u_in),
+          pointer(partial),
           static_cast<long long>(instances),
           static_cast<long long>(tokens),
           static_cast<long long>(channels),
@@ -382,7 +396,7 @@ inline RoutedMixing route_and_mix(
   }
   const auto pooled_in = in(pooled), weight_in = in(router_weight),
              bias_in = in(router_bias), a_in = in(lora_A), gate_in = in(gate);
-  static const Kernel& compiled = kernel(route_and_mix_source());
+  static const Kernel& compiled = kernel("route_and_mix", route_and_mix_source);
   compiled.launch(
       pooled.device(),
       {static_cast<unsigned>(instances), 1, 1},
@@ -465,7 +479,8 @@ inline MixingGradients route_and_mix_backward(
              g_in = in(g), pooled_in = in(pooled), a_in = in(lora_A),
              gate_in = in(gate), router_in = in(router_weight);
   auto grad_logits = torch::empty({instances, branches}, options);
-  static const Kernel& route_backward = kernel(route_backward_source());
+  static const Kernel& route_backward =
+      kernel("route_backward", route_backward_source);
   route_backward.launch(
       s.device(),
       {static_cast<unsigned>(instances), 1, 1},
@@ -486,7 +501,8 @@ inline MixingGradients route_and_mix_backward(
       static_cast<float>(scale),
       static_cast<float>(temperature));
   const int64_t elements = branches * (a_size + d_out + d_in + 1);
-  static const Kernel& branch_gradients = kernel(branch_gradients_source());
+  static const Kernel& branch_gradients =
+      kernel("branch_gradients", branch_gradients_source);
   branch_gradients.launch(
       s.device(),
       {static_cast<unsigned>((elements + 255) / 256), 1, 1},

@@ -14,7 +14,8 @@ namespace detail {
 
 /// Loads of the element types, to float, without CUDA's headers (NVRTC
 /// compiles with none): bfloat16 is float's upper half, float16 converts
-/// by one PTX instruction; and a warp's sum.
+/// by one PTX instruction; a weighted sum of branches' rows and a warp's
+/// sum.
 inline const char* const kPreamble = R"(
 struct bfloat16 { unsigned short bits; };
 struct float16 { unsigned short bits; };
@@ -26,6 +27,17 @@ __device__ __forceinline__ float to_float(float16 v) {
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
   return f;
+}
+// Column j of weights · table, table (branches, width): the weighted sum
+// of the branches' rows.
+__device__ __forceinline__ float mix(
+    const float* weights, const float* table, long long branches,
+    long long width, long long j) {
+  float mixed = 0.0f;
+  for (long long i = 0; i < branches; ++i) {
+    mixed += weights[i] * table[i * width + j];
+  }
+  return mixed;
 }
 // The sum of v over a warp's 32 lanes, at lane 0.
 __device__ __forceinline__ float warp_sum(float v) {
@@ -125,21 +137,13 @@ extern "C" __global__ void route_and_mix(
   }
   __syncthreads();
   for (long long j = threadIdx.x; j < a_size; j += blockDim.x) {
-    float mixed = 0.0f;
-    for (long long i = 0; i < branches; ++i) {
-      mixed += weights[i] * lora_A[i * a_size + j];
-    }
-    a[n * a_size + j] = mixed;
+    a[n * a_size + j] = mix(weights, lora_A, branches, a_size, j);
   }
   if (gate == nullptr) {
     return;
   }
   for (long long j = threadIdx.x; j < d_out; j += blockDim.x) {
-    float mixed = 0.0f;
-    for (long long i = 0; i < branches; ++i) {
-      mixed += weights[i] * gate[i * d_out + j];
-    }
-    g[n * d_out + j] = tanhf(scale * mixed);
+    g[n * d_out + j] = tanhf(scale * mix(weights, gate, branches, d_out, j));
   }
 }
 )";
@@ -196,11 +200,7 @@ extern "C" __global__ void route_backward(
     return;
   }
   for (long long k = threadIdx.x; k < d_in; k += blockDim.x) {
-    float sum = 0.0f;
-    for (long long i = 0; i < branches; ++i) {
-      sum += grads[i] * router_weight[i * d_in + k];
-    }
-    grad_pooled[n * d_in + k] = sum;
+    grad_pooled[n * d_in + k] = mix(grads, router_weight, branches, d_in, k);
   }
 }
 )";
