@@ -176,6 +176,36 @@ TEST_CASE(
   }
 }
 
+TEST_CASE(
+    "gate=adain keeps float32's precision on channels of a large mean",
+    "[gate]") {
+  // Channels of mean 1e4 and spread about 10: the variance as E[h²] −
+  // E[h]² would lose about 3 of float32's 7 digits; centred first it keeps
+  // them.
+  torch::manual_seed(14);
+  auto p = random_adapter(GateMode::kAdain, /*router=*/true);
+  p.bias = torch::full({kOut}, 1e4, torch::kDouble);
+  for (auto* t :
+       {&p.weight,
+        &p.bias,
+        &p.lora_A,
+        &p.lora_B,
+        &p.router_weight,
+        &p.router_bias}) {
+    *t = t->to(torch::kFloat).to(torch::kDouble); // what float32 holds
+  }
+  const auto x = torch::randn({3, 64, kIn}).to(torch::kDouble);
+  const auto out = SF::style_inject_linear(
+      x.to(torch::kFloat),
+      p.weight.to(torch::kFloat),
+      p.bias.to(torch::kFloat),
+      adapter_of(p, torch::kFloat),
+      options_of(p));
+  const auto reference = reference_forward(p, x, /*has_tokens=*/true);
+  // float32's spacing near 1e4 is about 1e-3: within 20 of it.
+  CHECK((out.to(torch::kDouble) - reference).abs().max().item<double>() < 2e-2);
+}
+
 TEST_CASE("every gate variant starts as the identity", "[gate]") {
   torch::manual_seed(13);
   const auto mode = GENERATE(values(kModes));
