@@ -338,20 +338,24 @@ inline torch::Tensor parameter_free_gate(
         .to(h0.scalar_type());
   }
   TORCH_INTERNAL_ASSERT(mode == GateMode::kAdain);
-  const auto spread = [&](const torch::Tensor& t) {
-    // On the CPU, ATen's var over the tokens is a Welford loop 10-40x
-    // slower than two passes of mean (torch 2.x, one thread); on a GPU it
-    // is one kernel.
-    const auto variance = t.is_cpu()
-        ? (t - t.mean(token_dims, /*keepdim=*/true))
+  const auto mean = base.mean(token_dims, /*keepdim=*/true);
+  const auto centred = base - mean;
+  // The spread over the tokens of t, given t - mean(t) where at hand. On
+  // the CPU, ATen's var over the tokens is a Welford loop 10-40x slower
+  // than two passes of mean (torch 2.x, one thread); on a GPU it is one
+  // kernel.
+  const auto spread = [&](const torch::Tensor& t,
+                          const torch::Tensor& t_centred = {}) {
+    const auto variance = !t.is_cpu()
+        ? t.var(token_dims, /*unbiased=*/false, /*keepdim=*/true)
+        : (t_centred.defined() ? t_centred
+                               : t - t.mean(token_dims, /*keepdim=*/true))
               .square()
-              .mean(token_dims, /*keepdim=*/true)
-        : t.var(token_dims, /*unbiased=*/false, /*keepdim=*/true);
+              .mean(token_dims, /*keepdim=*/true);
     return variance.clamp_min(1e-30).sqrt() + kEps;
   };
-  const auto mean = base.mean(token_dims, /*keepdim=*/true);
-  const auto k = spread(base + update) / spread(base);
-  return torch::addcmul(mean, base - mean, k).to(h0.scalar_type());
+  const auto k = spread(base + update) / spread(base, centred);
+  return torch::addcmul(mean, centred, k).to(h0.scalar_type());
 }
 
 /// Applies the variance gate; see VarianceGate.

@@ -396,7 +396,7 @@ inline RoutedMixing route_and_mix(
   }
   const auto pooled_in = in(pooled), weight_in = in(router_weight),
              bias_in = in(router_bias), a_in = in(lora_A), gate_in = in(gate);
-  static const Kernel& compiled = kernel("route_and_mix", route_and_mix_source);
+  const Kernel& compiled = kernel("route_and_mix", route_and_mix_source);
   compiled.launch(
       pooled.device(),
       {static_cast<unsigned>(instances), 1, 1},
@@ -479,7 +479,7 @@ inline MixingGradients route_and_mix_backward(
              g_in = in(g), pooled_in = in(pooled), a_in = in(lora_A),
              gate_in = in(gate), router_in = in(router_weight);
   auto grad_logits = torch::empty({instances, branches}, options);
-  static const Kernel& route_backward =
+  const Kernel& route_backward =
       kernel("route_backward", route_backward_source);
   route_backward.launch(
       s.device(),
@@ -501,7 +501,7 @@ inline MixingGradients route_and_mix_backward(
       static_cast<float>(scale),
       static_cast<float>(temperature));
   const int64_t elements = branches * (a_size + d_out + d_in + 1);
-  static const Kernel& branch_gradients =
+  const Kernel& branch_gradients =
       kernel("branch_gradients", branch_gradients_source);
   branch_gradients.launch(
       s.device(),
