@@ -936,22 +936,25 @@ inline void write_frontier_report(
      << 2 * (arms.size() - 1) * 5 << " verdicts. Matched at " << arms[1].label
      << ", lr " << number_text(done.points[reference].lr)
      << ", c = " << number_text(done.points[reference].strength)
-     << ".\n\n| arm | adapter parameters | fine-tune time |\n"
+     << ".\n\n| arm | adapter parameters | fine-tune time (median) |\n"
      << separator(3) << "\n";
   for (size_t a = 0; a < arms.size(); ++a) {
-    double seconds = 0, count = 0;
+    // The median: a run stopped while something else had the machine
+    // counts its pause.
+    std::vector<double> seconds;
     for (size_t p = 0; p < done.points.size(); ++p) {
       for (const auto& style : done.runs[p]) {
         for (const auto& run : style) {
           if (done.points[p].arm == a) {
-            seconds += run.scores.at("seconds").get<double>();
-            ++count;
+            seconds.push_back(run.scores.at("seconds").get<double>());
           }
         }
       }
     }
+    const auto middle = seconds.begin() + seconds.size() / 2;
+    std::nth_element(seconds.begin(), middle, seconds.end());
     md << "| " << arms[a].label << " | " << arms[a].parameters << " | "
-       << fixed(seconds / count, 0) << " s |\n";
+       << fixed(*middle, 0) << " s |\n";
   }
   ordered_json verdicts[2];
   for (const bool agreed_only : {false, true}) {
@@ -996,7 +999,8 @@ inline void write_frontier_report(
      << "\nGrids: grids/real.png (the styles as rendered), and per arm "
         "grids/matched-<arm>.png, seed 0 at the arm's point nearest the "
         "matched font retention. Every run's per-prompt scores: "
-        "runs.json. Wall time: "
+        "runs.json. Wall time of this invocation (finished runs are read, "
+        "not made again): "
      << fixed(report["run_seconds"].get<double>(), 0) << " s.\n";
   write_text(options.results / "metrics.json", report.dump(1));
   write_text(options.results / "summary.md", md.str());
