@@ -943,11 +943,12 @@ inline void write_frontier_report(
     // counts its pause.
     std::vector<double> seconds;
     for (size_t p = 0; p < done.points.size(); ++p) {
+      if (done.points[p].arm != a) {
+        continue;
+      }
       for (const auto& style : done.runs[p]) {
         for (const auto& run : style) {
-          if (done.points[p].arm == a) {
-            seconds.push_back(run.scores.at("seconds").get<double>());
-          }
+          seconds.push_back(run.scores.at("seconds").get<double>());
         }
       }
     }
